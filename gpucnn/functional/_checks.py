@@ -1,0 +1,76 @@
+"""Argument checks and size rules shared by every functional op.
+
+Each check raises TypeError or ValueError naming the argument, what it got and
+what it needs, before any work is done.
+"""
+import numbers
+
+import numpy
+
+FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def pair(value, name, minimum=1):
+    """An int or a pair of ints -> (a, b), each >= minimum."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        out = (int(value), int(value))
+    elif (isinstance(value, (tuple, list)) and len(value) == 2
+          and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
+        out = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(out) < minimum:
+        need = "positive" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+    return out
+
+
+def output_size(size, kernel, stride, pad_total, dilation=1, ceil_mode=False, name="output"):
+    """PyTorch's rule: floor((size + pads - dilation*(kernel-1) - 1) / stride) + 1.
+
+    With ceil_mode the division rounds up, but the last window must start
+    inside the input or its left padding (PyTorch's pooling rule).
+    """
+    span = size + pad_total - dilation * (kernel - 1) - 1
+    if ceil_mode:
+        out = -(-span // stride) + 1
+        if (out - 1) * stride >= size + pad_total // 2:
+            out -= 1
+    else:
+        out = span // stride + 1
+    if out < 1 or span < 0:
+        raise ValueError(
+            f"{name} size would be {out if span >= 0 else 'below 1'}: input size {size} with "
+            f"padding {pad_total} is too small for kernel {kernel} (dilation {dilation}, "
+            f"stride {stride}); it needs an output size of at least 1")
+    return out
+
+
+def float_array(a, name, ndim=None, xp=None):
+    """Check that ``a`` is a float32/float64 array of the given ndim."""
+    if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+        raise TypeError(f"{name} must be an array (numpy or cupy), got {type(a).__name__}")
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
+    return a
+
+
+def same_dtype(ref_name, ref, **others):
+    for name, a in others.items():
+        if a is not None and a.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {a.dtype} but {ref_name} has dtype {ref.dtype}; "
+                            "they must match (cast one with .astype)")
+
+
+def shape_is(a, name, shape):
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+
+
+def nchw_shape(shape, name="input_shape"):
+    if (not isinstance(shape, (tuple, list)) or len(shape) != 4
+            or not all(isinstance(v, numbers.Integral) and v > 0 for v in shape)):
+        raise ValueError(f"{name} must be 4 positive ints (N, C, H, W), got {shape!r}")
+    return tuple(int(v) for v in shape)

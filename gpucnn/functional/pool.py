@@ -1,0 +1,148 @@
+"""Max and average pooling over (R, S) windows, forward and backward (PyTorch's rules).
+
+Shapes: x (N, C, H, W) -> y (N, C, P, Q). The window of output (p, q) starts at
+(p*sh - ph, q*sw - pw). ceil_mode rounds the output size up, as PyTorch does.
+
+    max:  y[n,c,p,q] = max over the window; indices[n,c,p,q] = h*W + w of the
+          first maximum in row-major order (a NaN wins); dx[h,w] = sum of dy over
+          the windows whose index points at (h,w).
+    avg:  y = (1/D) * sum over the window of the zero-padded x, D = the window's
+          positions inside the padded input (count_include_pad=True);
+          dx[h,w] = sum over the windows containing (h,w) of dy / D.
+"""
+from collections import namedtuple
+
+from .. import backend
+from . import _checks
+
+PoolGeometry = namedtuple("PoolGeometry", "N C H W R S P Q sh sw ph pw")
+
+
+def geometry(x_or_shape, kernel_size, stride=None, padding=0, ceil_mode=False, name="input"):
+    """Validate a pooling's arguments and return its PoolGeometry."""
+    if isinstance(x_or_shape, tuple):
+        N, C, H, W = _checks.nchw_shape(x_or_shape, name)
+    else:
+        _checks.float_array(x_or_shape, name, ndim=4)
+        N, C, H, W = x_or_shape.shape
+    R, S = _checks.pair(kernel_size, "kernel_size")
+    sh, sw = (R, S) if stride is None else _checks.pair(stride, "stride")
+    ph, pw = _checks.pair(padding, "padding", minimum=0)
+    if ph > R // 2 or pw > S // 2:
+        raise ValueError(f"padding {padding!r} must be at most half of kernel_size "
+                         f"{(R, S)} (PyTorch's rule), i.e. at most {(R // 2, S // 2)}")
+    if not isinstance(ceil_mode, bool):
+        raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
+    P = _checks.output_size(H, R, sh, 2 * ph, 1, ceil_mode, name="output height")
+    Q = _checks.output_size(W, S, sw, 2 * pw, 1, ceil_mode, name="output width")
+    return PoolGeometry(N, C, H, W, R, S, P, Q, sh, sw, ph, pw)
+
+
+def _padded(xp, x, g, value):
+    """x padded so that every window, ceil_mode's last one too, lies inside."""
+    bottom = max(0, (g.P - 1) * g.sh + g.R - g.H - g.ph)
+    right = max(0, (g.Q - 1) * g.sw + g.S - g.W - g.pw)
+    return xp.pad(x, ((0, 0), (0, 0), (g.ph, bottom), (g.pw, right)), constant_values=value)
+
+
+def _window_view(xp, xpad, g):
+    sN, sC, sH, sW = xpad.strides
+    return xp.lib.stride_tricks.as_strided(
+        xpad, shape=(g.N, g.C, g.P, g.Q, g.R, g.S),
+        strides=(sN, sC, g.sh * sH, g.sw * sW, sH, sW))
+
+
+def _check_grad(dy, g, name="grad_output"):
+    _checks.float_array(dy, name, ndim=4)
+    _checks.shape_is(dy, name, (g.N, g.C, g.P, g.Q))
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
+    """(y, indices): the window maxima and the flat position h*W + w of each winner."""
+    g = geometry(x, kernel_size, stride, padding, ceil_mode)
+    xp = backend.get_array_module(x)
+    if xp is not backend.numpy:
+        from .. import cuda
+        return cuda.kernels().max_pool2d_forward(x, g)
+    windows = _window_view(xp, _padded(xp, x, g, -xp.inf), g)
+    windows = windows.reshape(g.N, g.C, g.P, g.Q, g.R * g.S)
+    a = windows.argmax(axis=-1)  # first maximum; NaN counts as the maximum
+    y = xp.take_along_axis(windows, a[..., None], axis=-1)[..., 0]
+    h0 = (xp.arange(g.P) * g.sh - g.ph)[:, None]
+    w0 = (xp.arange(g.Q) * g.sw - g.pw)[None, :]
+    h, w = h0 + a // g.S, w0 + a % g.S
+    # Only an all -inf window can pick a padded cell; PyTorch then picks its
+    # first cell inside the input.
+    outside = (h < 0) | (h >= g.H) | (w < 0) | (w >= g.W)
+    first = xp.maximum(h0, 0) * g.W + xp.maximum(w0, 0)
+    indices = xp.where(outside, first, h * g.W + w).astype(xp.int64)
+    return xp.ascontiguousarray(y), indices
+
+
+def max_pool2d_backward(dy, indices, input_shape, kernel_size=None, stride=None, padding=0,
+                        ceil_mode=False):
+    """dx of shape input_shape: each dy[n,c,p,q] goes to the pixel indices[n,c,p,q].
+
+    Pass the forward's kernel_size/stride/padding/ceil_mode (as MaxPool2D does)
+    to let the GPU gather over the windows covering each pixel; without them
+    the CPU and GPU route through a histogram of the indices (on the GPU that
+    histogram uses atomics, so with overlapping windows its last bit may vary).
+    """
+    N, C, H, W = _checks.nchw_shape(input_shape)
+    _checks.float_array(dy, "grad_output", ndim=4)
+    if not hasattr(indices, "dtype") or indices.dtype.kind not in "iu":
+        raise TypeError(f"indices must be an integer array, got "
+                        f"{getattr(indices, 'dtype', type(indices).__name__)}")
+    _checks.shape_is(indices, "indices", dy.shape)
+    if dy.shape[:2] != (N, C):
+        raise ValueError(f"grad_output has shape {tuple(dy.shape)} but input_shape is "
+                         f"{(N, C, H, W)}; batch and channels must match")
+    xp = backend.get_array_module(dy, indices)
+    if kernel_size is not None:
+        g = geometry((N, C, H, W), kernel_size, stride, padding, ceil_mode)
+        _check_grad(dy, g)
+        if xp is not backend.numpy:
+            from .. import cuda
+            return cuda.kernels().max_pool2d_backward(dy, indices, g)
+    planes = xp.arange(N * C, dtype=xp.int64).reshape(N, C, 1, 1) * (H * W)
+    flat = (indices + planes).ravel()
+    dx = xp.bincount(flat, weights=dy.ravel(), minlength=N * C * H * W)
+    return dx.astype(dy.dtype, copy=False).reshape(N, C, H, W)
+
+
+def _divisors(xp, g, dtype):
+    """D[p, q]: window positions inside the padded input (PyTorch's pool_size)."""
+    hs = xp.arange(g.P) * g.sh - g.ph
+    ws = xp.arange(g.Q) * g.sw - g.pw
+    dh = xp.minimum(hs + g.R, g.H + g.ph) - hs
+    dw = xp.minimum(ws + g.S, g.W + g.pw) - ws
+    return (dh[:, None] * dw[None, :]).astype(dtype)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
+    """y[n,c,p,q] = mean of the window over the zero-padded input (count_include_pad=True)."""
+    g = geometry(x, kernel_size, stride, padding, ceil_mode)
+    xp = backend.get_array_module(x)
+    xpad = _padded(xp, x, g, 0)
+    y = xp.zeros((g.N, g.C, g.P, g.Q), dtype=x.dtype)
+    for r in range(g.R):  # loop over window offsets, not pixels
+        for s in range(g.S):
+            y += xpad[:, :, r:r + g.sh * (g.P - 1) + 1:g.sh, s:s + g.sw * (g.Q - 1) + 1:g.sw]
+    y /= _divisors(xp, g, x.dtype)
+    return y
+
+
+def avg_pool2d_backward(dy, input_shape, kernel_size, stride=None, padding=0, ceil_mode=False):
+    """dx of shape input_shape: each window's dy / D shared equally over its pixels."""
+    g = geometry(tuple(input_shape) if isinstance(input_shape, list) else input_shape,
+                 kernel_size, stride, padding, ceil_mode, name="input_shape")
+    _check_grad(dy, g)
+    xp = backend.get_array_module(dy)
+    share = dy / _divisors(xp, g, dy.dtype)
+    Hp = max(g.H + 2 * g.ph, (g.P - 1) * g.sh + g.R)
+    Wp = max(g.W + 2 * g.pw, (g.Q - 1) * g.sw + g.S)
+    dxp = xp.zeros((g.N, g.C, Hp, Wp), dtype=dy.dtype)
+    for r in range(g.R):
+        for s in range(g.S):
+            dxp[:, :, r:r + g.sh * (g.P - 1) + 1:g.sh, s:s + g.sw * (g.Q - 1) + 1:g.sw] += share
+    return xp.ascontiguousarray(dxp[:, :, g.ph:g.ph + g.H, g.pw:g.pw + g.W])

@@ -1,0 +1,196 @@
+"""The layers: each keeps what its backward needs and calls gpucnn.functional."""
+import math
+
+from .. import backend
+from .. import functional as F
+from .. import random
+from ..functional import _checks
+from .module import Module, Parameter
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class Conv2D(Module):
+    """2-D convolution, torch.nn.Conv2d's arguments and initialisation.
+
+    weight (out_channels, in_channels/groups, kH, kW) and bias (out_channels,)
+    are drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_channels/groups*kH*kW.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True):
+        super().__init__()
+        _positive_int(in_channels, "in_channels")
+        _positive_int(out_channels, "out_channels")
+        _positive_int(groups, "groups")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels ({in_channels}) and "
+                             f"out_channels ({out_channels})")
+        kh, kw = _checks.pair(kernel_size, "kernel_size")
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
+        bound = 1 / math.sqrt(in_channels // groups * kh * kw)
+        self.weight = Parameter(random.uniform((out_channels, in_channels // groups, kh, kw), bound))
+        self._params["weight"] = self.weight
+        self.bias = Parameter(random.uniform((out_channels,), bound)) if bias else None
+        if bias:
+            self._params["bias"] = self.bias
+        # stride, dilation and padding are checked here rather than at the first forward
+        F.conv.padding_amounts(padding, kh, kw, _checks.pair(stride, "stride"),
+                               _checks.pair(dilation, "dilation"))
+
+    def _args(self):
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    groups=self.groups)
+
+    def forward(self, x):
+        self._saved_x = x
+        return F.conv2d(x, self.weight.data, self.bias.data if self.bias else None, **self._args())
+
+    def backward(self, dy, need_input_grad=True):
+        dx, dw, db = F.conv2d_backward(dy, self._saved("_saved_x"), self.weight.data,
+                                       **self._args(), need_input_grad=need_input_grad)
+        self.weight.accumulate(dw)
+        if self.bias is not None:
+            self.bias.accumulate(db)
+        return dx
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None}")
+
+
+class _Pool(Module):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding, self.ceil_mode = (
+            kernel_size, stride, padding, ceil_mode)
+        _checks.pair(kernel_size, "kernel_size")
+        if stride is not None:
+            _checks.pair(stride, "stride")
+        _checks.pair(padding, "padding", minimum=0)
+
+    def _args(self):
+        return dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                    ceil_mode=self.ceil_mode)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self._args().items())
+
+
+class MaxPool2D(_Pool):
+    """Max pooling; the gradient goes to each window's first maximum (PyTorch's rule)."""
+
+    def forward(self, x):
+        y, self._saved_indices = F.max_pool2d(x, **self._args())
+        self._saved_shape = tuple(x.shape)
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        return F.max_pool2d_backward(dy, self._saved("_saved_indices"),
+                                     self._saved("_saved_shape"), **self._args())
+
+
+class AvgPool2D(_Pool):
+    """Average pooling with count_include_pad=True (PyTorch's default)."""
+
+    def forward(self, x):
+        self._saved_shape = tuple(x.shape)
+        return F.avg_pool2d(x, **self._args())
+
+    def backward(self, dy, need_input_grad=True):
+        return F.avg_pool2d_backward(dy, self._saved("_saved_shape"), **self._args())
+
+
+class ReLU(Module):
+    def forward(self, x):
+        self._saved_x = x
+        return F.relu(x)
+
+    def backward(self, dy, need_input_grad=True):
+        return F.relu_backward(dy, self._saved("_saved_x"))
+
+
+class Flatten(Module):
+    """(N, ...) -> (N, prod(...)), torch.nn.Flatten's default."""
+
+    def forward(self, x):
+        _checks.float_array(x, "input")
+        if x.ndim < 2:
+            raise ValueError(f"Flatten needs an input with a batch axis, got shape {x.shape}")
+        self._saved_shape = tuple(x.shape)
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy, need_input_grad=True):
+        return dy.reshape(self._saved("_saved_shape"))
+
+
+class Linear(Module):
+    """y = x W^T + b, torch.nn.Linear's initialisation: U(-1/sqrt(in), 1/sqrt(in))."""
+
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        _positive_int(in_features, "in_features")
+        _positive_int(out_features, "out_features")
+        self.in_features, self.out_features = in_features, out_features
+        bound = 1 / math.sqrt(in_features)
+        self.weight = Parameter(random.uniform((out_features, in_features), bound))
+        self._params["weight"] = self.weight
+        self.bias = Parameter(random.uniform((out_features,), bound)) if bias else None
+        if bias:
+            self._params["bias"] = self.bias
+
+    def forward(self, x):
+        self._saved_x = x
+        return F.linear(x, self.weight.data, self.bias.data if self.bias else None)
+
+    def backward(self, dy, need_input_grad=True):
+        dx, dw, db = F.linear_backward(dy, self._saved("_saved_x"), self.weight.data)
+        self.weight.accumulate(dw)
+        if self.bias is not None:
+            self.bias.accumulate(db)
+        return dx
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}"
+
+
+class Dropout(Module):
+    """Inverted dropout: in training, zero each element with probability p and
+    scale the rest by 1/(1-p); in eval, the identity."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+        self.p = float(p)
+        self.seed = int(random.host_rng().integers(2**63))
+        self._generators = {}
+
+    def _generator(self, xp):
+        if xp not in self._generators:
+            self._generators[xp] = xp.random.default_rng(self.seed)
+        return self._generators[xp]
+
+    def forward(self, x):
+        _checks.float_array(x, "input")
+        if not self.training or self.p == 0:
+            self._saved_mask = 1
+            return x
+        xp = backend.get_array_module(x)
+        keep = self._generator(xp).random(x.shape, dtype=x.dtype) >= self.p
+        scale = 0.0 if self.p == 1 else 1 / (1 - self.p)
+        self._saved_mask = keep.astype(x.dtype) * x.dtype.type(scale)
+        return x * self._saved_mask
+
+    def backward(self, dy, need_input_grad=True):
+        return dy * self._saved("_saved_mask")
+
+    def extra_repr(self):
+        return f"p={self.p}"
