@@ -4,7 +4,8 @@ Shapes: x (N, C, H, W) -> y (N, C, P, Q). The window of output (p, q) starts at
 (p*sh - ph, q*sw - pw). ceil_mode rounds the output size up, as PyTorch does.
 
     max:  y[n,c,p,q] = max over the window; indices[n,c,p,q] = h*W + w of the
-          first maximum in row-major order (a NaN wins); dx[h,w] = sum of dy over
+          first maximum in row-major order (a NaN wins, the last of several, as
+          in PyTorch); dx[h,w] = sum of dy over
           the windows whose index points at (h,w).
     avg:  y = (1/D) * sum over the window of the zero-padded x, D = the window's
           positions inside the padded input (count_include_pad=True);
@@ -66,7 +67,11 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
         return cuda.kernels().max_pool2d_forward(x, g)
     windows = _window_view(xp, _padded(xp, x, g, -xp.inf), g)
     windows = windows.reshape(g.N, g.C, g.P, g.Q, g.R * g.S)
-    a = windows.argmax(axis=-1)  # first maximum; NaN counts as the maximum
+    a = windows.argmax(axis=-1)  # the first maximum
+    nan = xp.isnan(windows)
+    if nan.any():  # PyTorch's rule: a NaN wins, the last one among several
+        last_nan = g.R * g.S - 1 - nan[..., ::-1].argmax(axis=-1)
+        a = xp.where(nan.any(axis=-1), last_nan, a)
     y = xp.take_along_axis(windows, a[..., None], axis=-1)[..., 0]
     h0 = (xp.arange(g.P) * g.sh - g.ph)[:, None]
     w0 = (xp.arange(g.Q) * g.sw - g.pw)[None, :]

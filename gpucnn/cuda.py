@@ -1,0 +1,139 @@
+"""The GPU kernels: the .cu sources in kernels/, their loader and their launchers.
+
+One RawModule per .cu file, compiled once per device with every template
+instantiation named up front (name_expressions), as in CuPy's examples/gemm.
+``Kernels`` holds the launch code (shapes, grids, typed scalars). It takes the
+array module and the module loader as arguments so that the tests can run the
+very same launchers on the CPU, through an emulator that compiles the same
+unedited .cu files with g++ (tests/emulator).
+"""
+import importlib.resources
+import pathlib
+
+import numpy
+
+TYPES = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float64): "double"}
+KERNELS = {
+    "conv2d_backward.cu": ("conv2d_backward_data", "conv2d_backward_filter",
+                           "conv2d_backward_bias"),
+    "max_pool2d.cu": ("max_pool2d_forward", "max_pool2d_backward"),
+}
+NVRTC_OPTIONS = ("--std=c++14",)
+THREADS = 256       # a power of two: the block reductions need one
+MAX_BLOCKS = 65536  # grid-stride loops cover the rest
+
+
+def name_expressions(filename):
+    """Every template instantiation of a file, e.g. 'conv2d_backward_data<float>'."""
+    return [f"{k}<{t}>" for k in KERNELS[filename] for t in TYPES.values()]
+
+
+def source(filename):
+    """The text of kernels/<filename>, from the installed package or the source tree."""
+    try:
+        path = importlib.resources.files("gpucnn.kernels").joinpath(filename)
+        if path.is_file():
+            return path.read_text()
+    except ModuleNotFoundError:
+        pass
+    path = pathlib.Path(__file__).resolve().parent.parent / "kernels" / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"CUDA source {filename} is missing: looked in the gpucnn.kernels "
+                                f"package data and in {path.parent}")
+    return path.read_text()
+
+
+def _blocks(total):
+    return max(1, min(MAX_BLOCKS, -(-total // THREADS)))
+
+
+def _i32(*values):
+    return [numpy.int32(v) for v in values]
+
+
+class Kernels:
+    """Launchers for the kernels, for one device.
+
+    xp: the array module the arrays live in (cupy, or numpy under the emulator).
+    load_module(code, name_expressions): returns an object with get_function(name).
+    """
+
+    def __init__(self, xp, load_module):
+        self.xp = xp
+        self._load_module = load_module
+        self._modules = {}
+
+    def _function(self, filename, kernel, dtype):
+        if filename not in self._modules:
+            self._modules[filename] = self._load_module(source(filename), name_expressions(filename))
+        name = f"{kernel}<{TYPES[numpy.dtype(dtype)]}>"
+        try:
+            return self._modules[filename].get_function(name)
+        except Exception as e:  # CuPy compiles lazily; its error holds the NVRTC log
+            raise RuntimeError(f"CUDA kernel {name} from kernels/{filename} failed to compile "
+                               f"or load:\n{e}") from e
+
+    def _c(self, a):
+        return self.xp.ascontiguousarray(a)
+
+    def conv2d_backward_data(self, dy, weight, g):
+        dy, weight = self._c(dy), self._c(weight)
+        dx = self.xp.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype)
+        f = self._function("conv2d_backward.cu", "conv2d_backward_data", dy.dtype)
+        f((_blocks(dx.size),), (THREADS,),
+          (dy, weight, dx, *_i32(g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q, g.sh, g.sw,
+                                 g.pt, g.pl, g.dh, g.dw, g.groups)))
+        return dx
+
+    def conv2d_backward_filter(self, dy, x, g):
+        dy, x = self._c(dy), self._c(x)
+        dweight = self.xp.empty((g.K, g.C // g.groups, g.R, g.S), dtype=dy.dtype)
+        f = self._function("conv2d_backward.cu", "conv2d_backward_filter", dy.dtype)
+        f((min(MAX_BLOCKS, dweight.size),), (THREADS,),
+          (dy, x, dweight, *_i32(g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q, g.sh, g.sw,
+                                 g.pt, g.pl, g.dh, g.dw, g.groups)),
+          shared_mem=THREADS * dy.itemsize)
+        return dweight
+
+    def conv2d_backward_bias(self, dy):
+        dy = self._c(dy)
+        N, K, P, Q = dy.shape
+        dbias = self.xp.empty((K,), dtype=dy.dtype)
+        f = self._function("conv2d_backward.cu", "conv2d_backward_bias", dy.dtype)
+        f((min(MAX_BLOCKS, K),), (THREADS,), (dy, dbias, *_i32(N, K, P * Q)),
+          shared_mem=THREADS * dy.itemsize)
+        return dbias
+
+    def max_pool2d_forward(self, x, g):
+        x = self._c(x)
+        y = self.xp.empty((g.N, g.C, g.P, g.Q), dtype=x.dtype)
+        indices = self.xp.empty((g.N, g.C, g.P, g.Q), dtype=self.xp.int64)
+        f = self._function("max_pool2d.cu", "max_pool2d_forward", x.dtype)
+        f((_blocks(y.size),), (THREADS,),
+          (x, y, indices, *_i32(g.N, g.C, g.H, g.W, g.R, g.S, g.P, g.Q, g.sh, g.sw, g.ph, g.pw)))
+        return y, indices
+
+    def max_pool2d_backward(self, dy, indices, g):
+        dy, indices = self._c(dy), self._c(indices.astype(self.xp.int64, copy=False))
+        dx = self.xp.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype)
+        f = self._function("max_pool2d.cu", "max_pool2d_backward", dy.dtype)
+        f((_blocks(dx.size),), (THREADS,),
+          (dy, indices, dx, *_i32(g.N, g.C, g.H, g.W, g.R, g.S, g.P, g.Q, g.sh, g.sw, g.ph, g.pw)))
+        return dx
+
+
+def _raw_module(code, names):
+    import cupy
+    return cupy.RawModule(code=code, options=NVRTC_OPTIONS, name_expressions=names)
+
+
+_per_device = {}
+
+
+def kernels():
+    """The Kernels of the current CUDA device, compiled on first use and cached."""
+    import cupy
+    device = cupy.cuda.runtime.getDevice()
+    if device not in _per_device:
+        _per_device[device] = Kernels(cupy, _raw_module)
+    return _per_device[device]
