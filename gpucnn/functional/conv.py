@@ -56,9 +56,9 @@ def geometry(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         raise ValueError(f"groups={groups} must divide both in_channels ({C}) and "
                          f"out_channels ({K})")
     if Cg * groups != C:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}: with groups={groups} it needs "
-                         f"C_in/groups = {C // groups} input channels, but input has {C} channels "
-                         f"(weight.shape[1]*groups = {Cg * groups})")
+        raise ValueError(f"weight of shape {tuple(weight.shape)} with groups={groups} expects "
+                         f"{Cg * groups} input channels (weight.shape[1] * groups), but input of "
+                         f"shape {tuple(x.shape)} has {C}")
     if bias is not None:
         _checks.float_array(bias, "bias", ndim=1)
         _checks.shape_is(bias, "bias", (K,))
@@ -130,29 +130,47 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
     _checks.float_array(dy, "grad_output", ndim=4)
     _checks.same_dtype("input", x, grad_output=dy)
     _checks.shape_is(dy, "grad_output", (g.N, g.K, g.P, g.Q))
-    xp = backend.get_array_module(dy, x, weight)
-    if xp is not backend.numpy:
-        return _backward_cuda(dy, x, weight, g, need_input_grad)
-    return _backward_matmul(xp, dy, x, weight, g, need_input_grad)
+    backend.get_array_module(dy, x, weight)
+    dx = backward_data(dy, weight, g) if need_input_grad else None
+    return dx, backward_filter(dy, x, g), backward_bias(dy)
 
 
-def _backward_matmul(xp, dy, x, weight, g, need_input_grad):
+# The three passes below take checked arguments and a ConvGeometry; each picks
+# the device's implementation: matrix products here, CUDA kernels on a GPU.
+
+def _grouped_dy(xp, dy, g):
+    """dy (N, K, P, Q) -> (groups, K/groups, N*P*Q), the layout of the im2col products."""
     G = g.groups
-    dy_g = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(G, g.K // G, -1)
+    return xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(G, g.K // G, -1)
+
+
+def backward_data(dy, weight, g):
+    """dx (N, C, H, W): dcols = w^T @ dy, added back onto the input (col2im)."""
+    xp = backend.get_array_module(dy, weight)
+    if xp is not backend.numpy:
+        return _cuda_kernels().conv2d_backward_data(dy, weight, g)
+    w2 = weight.reshape(g.groups, g.K // g.groups, -1)
+    return _col2im(xp, xp.matmul(w2.transpose(0, 2, 1), _grouped_dy(xp, dy, g)), g, dy.dtype)
+
+
+def backward_filter(dy, x, g):
+    """dweight (K, C/groups, R, S) = dy @ cols^T."""
+    xp = backend.get_array_module(dy, x)
+    if xp is not backend.numpy:
+        return _cuda_kernels().conv2d_backward_filter(dy, x, g)
     cols = _im2col(xp, x, g)
-    dweight = xp.matmul(dy_g, cols.transpose(0, 2, 1)).reshape(weight.shape)
-    dbias = dy.sum(axis=(0, 2, 3))
-    dx = None
-    if need_input_grad:
-        w2 = weight.reshape(G, g.K // G, -1)
-        dx = _col2im(xp, xp.matmul(w2.transpose(0, 2, 1), dy_g), g, x.dtype)
-    return dx, dweight, dbias
+    dweight = xp.matmul(_grouped_dy(xp, dy, g), cols.transpose(0, 2, 1))
+    return dweight.reshape(g.K, g.C // g.groups, g.R, g.S)
 
 
-def _backward_cuda(dy, x, weight, g, need_input_grad):
+def backward_bias(dy):
+    """dbias (K,) = dy summed over n, p, q."""
+    xp = backend.get_array_module(dy)
+    if xp is not backend.numpy:
+        return _cuda_kernels().conv2d_backward_bias(dy)
+    return dy.sum(axis=(0, 2, 3))
+
+
+def _cuda_kernels():
     from .. import cuda
-    k = cuda.kernels()
-    dx = k.conv2d_backward_data(dy, weight, g) if need_input_grad else None
-    dweight = k.conv2d_backward_filter(dy, x, g)
-    dbias = k.conv2d_backward_bias(dy)
-    return dx, dweight, dbias
+    return cuda.kernels()

@@ -1,0 +1,32 @@
+import numpy
+import pytest
+
+from gpucnn import backend
+
+CUDA_SKIP = pytest.mark.skipif(
+    not backend.cuda_available(),
+    reason=f"no CUDA device here: {backend.cuda_unavailable_reason()}")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_SKIP)]
+
+# Tolerances against float64 references (PyTorch or NumPy), per dtype.
+# float64: ops agree to rounding (sums of up to ~1e3 terms): 1e-10 relative.
+# float32: sums of up to ~1e3 products of O(1) values in a different order.
+TOL = {numpy.float64: dict(rtol=1e-10, atol=1e-10), numpy.float32: dict(rtol=2e-4, atol=2e-5)}
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch", reason="PyTorch is not installed; these tests compare "
+                                               "with it (CI installs torch==2.13.0)")
+
+
+@pytest.fixture
+def rng():
+    return numpy.random.default_rng(1234)
+
+
+def close(actual, expected, dtype, scale=1.0):
+    """assert_allclose with the dtype's tolerance, atol scaled by the data's size."""
+    tol = TOL[numpy.dtype(dtype).type]
+    numpy.testing.assert_allclose(backend.to_numpy(actual), backend.to_numpy(expected),
+                                  rtol=tol["rtol"], atol=tol["atol"] * scale)

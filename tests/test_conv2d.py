@@ -1,0 +1,120 @@
+import numpy
+import pytest
+
+from conftest import close
+from gpucnn import functional as F
+from gpucnn import gradcheck
+
+# (x shape, weight shape, kwargs): stride 2 and 3, padding 0/1/2/same/valid,
+# dilation 2, groups 2 and depthwise, non-square inputs and kernels, odd sizes, batch 1.
+GRID = [
+    ((2, 3, 8, 8), (4, 3, 3, 3), {}),
+    ((1, 3, 9, 7), (5, 3, 3, 2), dict(stride=2, padding=1)),
+    ((2, 2, 11, 10), (3, 2, 3, 3), dict(stride=3, padding=2)),
+    ((2, 4, 9, 8), (6, 2, 3, 3), dict(groups=2, padding=1)),
+    ((2, 4, 9, 8), (4, 1, 3, 3), dict(groups=4, padding="same")),
+    ((2, 4, 9, 8), (8, 1, 5, 3), dict(groups=4, stride=2)),
+    ((1, 3, 10, 9), (2, 3, 3, 3), dict(dilation=2, padding=2)),
+    ((2, 3, 12, 11), (4, 3, 3, 2), dict(dilation=(2, 1), stride=(2, 3), padding=(1, 0))),
+    ((2, 3, 8, 7), (4, 3, 4, 2), dict(padding="same")),
+    ((2, 3, 8, 7), (4, 3, 4, 3), dict(padding="same", dilation=2)),
+    ((2, 3, 7, 7), (4, 3, 7, 7), dict(padding="valid")),
+    ((3, 1, 5, 5), (2, 1, 1, 1), {}),
+    ((2, 6, 7, 9), (6, 3, 2, 4), dict(groups=2, stride=(1, 2), padding=(2, 1), dilation=(1, 2))),
+]
+
+
+def _torch_conv(torch, x, w, b, dy, kw):
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    y = torch.nn.functional.conv2d(tx, tw, tb, **kw)
+    y.backward(torch.tensor(dy))
+    return y.detach().numpy(), tx.grad.numpy(), tw.grad.numpy(), tb.grad.numpy()
+
+
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+@pytest.mark.parametrize("xs, ws, kw", GRID)
+def test_matches_torch(torch, rng, xs, ws, kw, dtype):
+    x, w = rng.standard_normal(xs), rng.standard_normal(ws)
+    b = rng.standard_normal(ws[0])
+    y = F.conv2d(x.astype(dtype), w.astype(dtype), b.astype(dtype), **kw)
+    dy = rng.standard_normal(y.shape)
+    ty, tdx, tdw, tdb = _torch_conv(torch, x, w, b, dy, kw)
+    dx, dw, db = F.conv2d_backward(dy.astype(dtype), x.astype(dtype), w.astype(dtype), **kw)
+    for got in (y, dx, dw, db):
+        assert got.dtype == dtype
+    assert y.shape == ty.shape and dx.shape == x.shape and dw.shape == w.shape
+    close(y, ty, dtype, scale=10)
+    close(dx, tdx, dtype, scale=10)
+    close(dw, tdw, dtype, scale=100)
+    close(db, tdb, dtype, scale=100)
+
+
+def test_no_bias_and_skipping_dx(rng):
+    x, w = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3))
+    y = F.conv2d(x, w)
+    dy = rng.standard_normal(y.shape)
+    dx, dw, db = F.conv2d_backward(dy, x, w)
+    dx2, dw2, db2 = F.conv2d_backward(dy, x, w, need_input_grad=False)
+    assert dx2 is None and numpy.array_equal(dw, dw2) and numpy.array_equal(db, db2)
+
+
+@pytest.mark.parametrize("name", [n for n in gradcheck.cases(numpy.random.default_rng(0))
+                                  if n.startswith("conv2d")])
+def test_finite_differences(name, rng):
+    inputs, fwd, bwd = gradcheck.cases(rng)[name]
+    assert gradcheck.check(inputs, fwd, bwd, rng) < gradcheck.TOLERANCE
+
+
+def test_finite_differences_large_directional(rng):
+    kw = dict(stride=2, padding=2, dilation=2, groups=2)
+    inputs = dict(x=rng.standard_normal((3, 4, 15, 13)), weight=rng.standard_normal((6, 2, 3, 3)),
+                  bias=rng.standard_normal(6))
+
+    def bwd(G, x, weight, bias):
+        dx, dw, db = F.conv2d_backward(G, x, weight, **kw)
+        return dict(x=dx, weight=dw, bias=db)
+    err = gradcheck.check(inputs, lambda **a: F.conv2d(**a, **kw), bwd, rng, elementwise_limit=0)
+    assert err < gradcheck.TOLERANCE
+
+
+def test_gradcheck_catches_a_wrong_gradient(rng):
+    inputs, fwd, bwd = gradcheck.cases(rng)["conv2d stride 2 pad 1"]
+
+    def off_by_a_bit(G, **a):
+        grads = bwd(G, **a)
+        grads["weight"] = grads["weight"] * (1 + 1e-3)
+        return grads
+    assert gradcheck.check(inputs, fwd, off_by_a_bit, rng) > 1e-4
+
+
+X = numpy.zeros((2, 4, 8, 8))
+Wt = numpy.zeros((6, 2, 3, 3))
+
+
+@pytest.mark.parametrize("args, kw, exc, words", [
+    ((X[0], Wt), {}, ValueError, "input must be 4-D"),
+    ((X, Wt[0]), {}, ValueError, "weight must be 4-D"),
+    ((X, Wt), {}, ValueError, "input channels"),
+    ((X, Wt), dict(groups=3), ValueError, "groups=3 must divide"),
+    ((X, Wt), dict(groups=0), ValueError, "groups must be a positive int"),
+    ((X, Wt), dict(groups=2, stride=0), ValueError, "stride must be positive"),
+    ((X, Wt), dict(groups=2, dilation=(1, -1)), ValueError, "dilation must be positive"),
+    ((X, Wt), dict(groups=2, padding=-1), ValueError, "padding must be >= 0"),
+    ((X, Wt), dict(groups=2, padding="same", stride=2), ValueError, "'same' needs stride 1"),
+    ((X, Wt), dict(groups=2, padding="full"), ValueError, "padding must be"),
+    ((X, Wt), dict(groups=2, dilation=5), ValueError, "output height size"),
+    ((X.astype(numpy.int64), Wt), dict(groups=2), TypeError, "input must be float32 or float64"),
+    ((X.astype(numpy.float16), Wt), dict(groups=2), TypeError, "got dtype float16"),
+    ((X.astype(numpy.float32), Wt), dict(groups=2), TypeError, "weight has dtype float64"),
+    ((X, Wt, numpy.zeros(5)), dict(groups=2), ValueError, "bias must have shape (6,)"),
+    (([[1.0]], Wt), {}, TypeError, "input must be an array"),
+])
+def test_bad_arguments(args, kw, exc, words):
+    with pytest.raises(exc) as info:
+        F.conv2d(*args, **kw)
+    assert words in str(info.value)
+
+
+def test_backward_checks_grad_shape():
+    with pytest.raises(ValueError, match=r"grad_output must have shape \(2, 6, 6, 6\)"):
+        F.conv2d_backward(numpy.zeros((2, 6, 5, 5)), X, Wt, groups=2)

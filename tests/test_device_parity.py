@@ -1,0 +1,73 @@
+"""Every functional op and a whole training step on each device, against the
+float64 CPU result, and the device against itself for bitwise determinism.
+The cuda cases skip where there is no GPU."""
+import numpy
+import pytest
+
+import gpucnn
+from conftest import DEVICES, close
+from gpucnn import backend, functional as F, models
+
+OPS = {
+    "conv2d": lambda x: F.conv2d(x, x[:5, :, :3, :3] * 0.5, None, stride=2, padding=1, groups=1),
+    "conv2d_backward": lambda x: F.conv2d_backward(
+        x[:, :6, :3, :3], x[:, :4], x[:6, :2, :3, :3], stride=2, padding=1, dilation=2, groups=2),
+    "max_pool2d": lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+    "max_pool2d_backward": lambda x: F.max_pool2d_backward(
+        x[:, :, :4, :4], F.max_pool2d(x, 3, 2, 1, ceil_mode=True)[1], x.shape, 3, 2, 1, True),
+    "avg_pool2d": lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True),
+    "avg_pool2d_backward": lambda x: F.avg_pool2d_backward(x[:, :, :4, :4], x.shape, 3, 2, 1,
+                                                           True),
+    "relu": F.relu,
+    "relu_backward": lambda x: F.relu_backward(x[::-1], x),
+    "linear": lambda x: F.linear(x.reshape(8, -1), x.reshape(8, -1)[:3]),
+    "linear_backward": lambda x: F.linear_backward(x.reshape(8, -1)[:, :3], x.reshape(8, -1),
+                                                   x.reshape(8, -1)[:3]),
+    "softmax_cross_entropy": lambda x: F.softmax_cross_entropy(
+        x.reshape(8, -1), backend.get_array_module(x).arange(8) % 5),
+}
+
+
+def _flat(result):
+    return [result] if not isinstance(result, tuple) else list(result)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("op", sorted(OPS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_matches_cpu_float64(device, op, dtype):
+    x = numpy.random.default_rng(5).standard_normal((8, 6, 7, 7))
+    reference = _flat(OPS[op](x))
+    xd = backend.to_device(x.astype(dtype), device)
+    got, again = _flat(OPS[op](xd)), _flat(OPS[op](xd))
+    for a, b, ref in zip(got, again, reference):
+        assert backend.device_of(a) == device
+        assert numpy.array_equal(backend.to_numpy(a), backend.to_numpy(b))
+        if ref.dtype.kind == "f":
+            assert a.dtype == dtype
+        close(a, ref, dtype, scale=10)
+
+
+def _train(device):
+    gpucnn.manual_seed(0)
+    net = models.lenet().to(device)
+    opt = gpucnn.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    rng = numpy.random.default_rng(0)
+    x = backend.to_device(rng.standard_normal((4, 1, 28, 28)).astype(numpy.float32), device)
+    y = backend.to_device(rng.integers(0, 10, 4), device)
+    for _ in range(2):
+        opt.zero_grad()
+        loss, dz = F.softmax_cross_entropy(net(x), y)
+        net.backward(dz, need_input_grad=False)
+        opt.step()
+    return {k: backend.to_numpy(v) for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_step(device):
+    first, second = _train(device), _train(device)
+    for k in first:
+        assert numpy.array_equal(first[k], second[k]), f"{k} differs between two runs on {device}"
+    cpu = first if device == "cpu" else _train("cpu")
+    for k in first:
+        numpy.testing.assert_allclose(first[k], cpu[k], rtol=1e-4, atol=1e-5)

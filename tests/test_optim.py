@@ -1,0 +1,67 @@
+import numpy
+import pytest
+
+from gpucnn import SGD, Adam, Parameter
+
+
+def _run(torch, make_ours, make_theirs, steps=5, seed=0):
+    rng = numpy.random.default_rng(seed)
+    w0 = rng.standard_normal((4, 3))
+    grads = [rng.standard_normal((4, 3)) for _ in range(steps)]
+    p = Parameter(w0.copy())
+    tp = torch.nn.Parameter(torch.tensor(w0.copy()))
+    ours, theirs = make_ours([p]), make_theirs([tp])
+    for g in grads:
+        p.grad = g.copy()
+        tp.grad = torch.tensor(g)
+        ours.step()
+        theirs.step()
+    numpy.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [dict(lr=0.1), dict(lr=0.1, momentum=0.9),
+                                dict(lr=0.05, momentum=0.9, nesterov=True),
+                                dict(lr=0.1, momentum=0.5, weight_decay=1e-2),
+                                dict(lr=0.1, momentum=0.5, dampening=0.3)])
+def test_sgd_matches_torch(torch, kw):
+    _run(torch, lambda ps: SGD(ps, **kw), lambda ps: torch.optim.SGD(ps, **kw))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6),
+                                dict(lr=0.01, weight_decay=0.1)])
+def test_adam_matches_torch(torch, kw):
+    _run(torch, lambda ps: Adam(ps, **kw), lambda ps: torch.optim.Adam(ps, **kw))
+
+
+def test_bad_arguments_and_no_half_update():
+    p = Parameter(numpy.zeros(3))
+    with pytest.raises(ValueError, match="lr must be in"):
+        SGD([p], lr=-1)
+    with pytest.raises(ValueError, match="nesterov=True needs momentum > 0"):
+        SGD([p], lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match=r"betas\[1\] must be in \[0.0, 1.0\)"):
+        Adam([p], betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="params is empty"):
+        SGD([], lr=0.1)
+    with pytest.raises(TypeError, match=r"params\[0\] must be a gpucnn Parameter"):
+        SGD([numpy.zeros(3)], lr=0.1)
+    a, b = Parameter(numpy.zeros(3)), Parameter(numpy.zeros(2))
+    a.grad, b.grad = numpy.ones(3), numpy.ones(3)
+    opt = SGD([a, b], lr=0.1)
+    with pytest.raises(ValueError, match=r"params\[1\].grad has shape \(3,\)"):
+        opt.step()
+    assert not a.data.any() and opt.steps == 0
+
+
+def test_state_dict_round_trip():
+    p = Parameter(numpy.ones(3))
+    opt = Adam([p], lr=0.1)
+    p.grad = numpy.ones(3)
+    opt.step()
+    q = Parameter(p.data.copy())
+    opt2 = Adam([q], lr=0.5)
+    opt2.load_state_dict(opt.state_dict())
+    for o, param in ((opt, p), (opt2, q)):
+        param.grad = numpy.full(3, 0.5)
+        o.step()
+    numpy.testing.assert_array_equal(p.data, q.data)
