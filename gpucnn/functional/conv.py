@@ -9,11 +9,12 @@ Shapes: x (N, C, H, W), weight (K, C/g, R, S), bias (K,), y (N, K, P, Q).
                     (a transposed convolution: dy spread out by the stride)
 
 On the CPU (and for the GPU forward) the sums are matrix products over an
-im2col matrix: cols[g, (c',r,s), (n,p,q)] = xp[n, g*C/g + c', p*sh + r*dh, q*sw + s*dw].
-Then y = w @ cols, dw = dy @ cols^T, and dcols = w^T @ dy, whose columns are
-added back onto the input positions they were read from (col2im); adding
-dcols[c',r,s] at xp[p*sh + r*dh, q*sw + s*dw] is exactly the flipped-filter
-convolution above, one kernel offset (r,s) at a time. On the GPU the two
+im2col matrix, per group: cols[(n,p,q), (r,s,c')] = xp[n, g*C/g + c', p*sh + r*dh, q*sw + s*dw]
+(channels last, so that the copy moves long contiguous runs), and the weight
+matrix wm[(r,s,c'), k] = w[k,c',r,s]. Then y = cols @ wm and dw = cols^T @ dy.
+dx is the flipped-filter convolution computed one kernel offset (r,s) at a
+time: dy @ w[:, :, r, s] is added back at the input positions that tap read
+(a col2im that never builds the whole column matrix). On the GPU the two
 backward passes are the gather kernels in kernels/conv2d_backward.cu.
 """
 from collections import namedtuple
@@ -70,35 +71,38 @@ def geometry(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return ConvGeometry(N, C, H, W, K, R, S, P, Q, sh, sw, pt, pb, pl, pr, dh, dw, groups)
 
 
-def _pad(xp, x, g):
-    if not (g.pt or g.pb or g.pl or g.pr):
-        return xp.ascontiguousarray(x)
-    return xp.pad(x, ((0, 0), (0, 0), (g.pt, g.pb), (g.pl, g.pr)))
+def _padded_nhwc(xp, x, g):
+    """x zero-padded and channels-last, (N, Hp, Wp, C): each (s, c) run of a
+    window row is then contiguous, which makes the im2col copy fast."""
+    xpad = xp.zeros((g.N, g.H + g.pt + g.pb, g.W + g.pl + g.pr, g.C), dtype=x.dtype)
+    xpad[:, g.pt:g.pt + g.H, g.pl:g.pl + g.W, :] = x.transpose(0, 2, 3, 1)
+    return xpad
 
 
 def _im2col(xp, x, g):
-    """cols of shape (groups, C/g*R*S, N*P*Q); see the module docstring."""
-    xpad = _pad(xp, x, g)
-    sN, sC, sH, sW = xpad.strides
+    """cols (groups, N*P*Q, R*S*C/g): row (n,p,q), column (r,s,c') holds
+    xp[n, group*C/g + c', p*sh + r*dh, q*sw + s*dw]."""
+    xpad = _padded_nhwc(xp, x, g)
+    G, Cg = g.groups, g.C // g.groups
+    sN, sH, sW, sC = xpad.strides
     view = xp.lib.stride_tricks.as_strided(
-        xpad, shape=(g.C, g.R, g.S, g.N, g.P, g.Q),
-        strides=(sC, g.dh * sH, g.dw * sW, sN, g.sh * sH, g.sw * sW))
-    cols = xp.ascontiguousarray(view)
-    return cols.reshape(g.groups, (g.C // g.groups) * g.R * g.S, g.N * g.P * g.Q)
+        xpad, shape=(G, g.N, g.P, g.Q, g.R, g.S, Cg),
+        strides=(Cg * sC, sN, g.sh * sH, g.sw * sW, g.dh * sH, g.dw * sW, sC))
+    return xp.ascontiguousarray(view).reshape(G, g.N * g.P * g.Q, g.R * g.S * Cg)
 
 
-def _col2im(xp, dcols, g, dtype):
-    """Add each column back onto the input pixel it came from; crop the padding."""
-    Hp, Wp = g.H + g.pt + g.pb, g.W + g.pl + g.pr
-    dcols = dcols.reshape(g.C, g.R, g.S, g.N, g.P, g.Q)
-    dxp = xp.zeros((g.N, g.C, Hp, Wp), dtype=dtype)
-    for r in range(g.R):  # a loop over kernel offsets, not pixels
-        h0 = r * g.dh
-        for s in range(g.S):
-            w0 = s * g.dw
-            dxp[:, :, h0:h0 + g.sh * (g.P - 1) + 1:g.sh, w0:w0 + g.sw * (g.Q - 1) + 1:g.sw] += \
-                dcols[:, r, s].transpose(1, 0, 2, 3)
-    return xp.ascontiguousarray(dxp[:, :, g.pt:g.pt + g.H, g.pl:g.pl + g.W])
+def _weight_matrix(weight, g):
+    """weight (K, C/g, R, S) -> (groups, R*S*C/g, K/g), matching the cols' columns."""
+    G = g.groups
+    w = weight.reshape(G, g.K // G, g.C // G, g.R, g.S).transpose(0, 3, 4, 2, 1)
+    return w.reshape(G, g.R * g.S * (g.C // G), g.K // G)
+
+
+def _grouped_dy(xp, dy, g):
+    """dy (N, K, P, Q) -> (groups, N*P*Q, K/g), the layout of the cols' rows."""
+    G = g.groups
+    dy = dy.reshape(g.N, G, g.K // G, g.P, g.Q).transpose(1, 0, 3, 4, 2)
+    return xp.ascontiguousarray(dy).reshape(G, g.N * g.P * g.Q, g.K // G)
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -108,16 +112,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     padding: int, pair, 'same' (stride 1) or 'valid'.
     """
     g = geometry(x, weight, bias, stride, padding, dilation, groups)
-    xp = backend.get_array_module(x, weight, bias)
-    cols = _im2col(xp, x, g)
-    w2 = weight.reshape(g.groups, g.K // g.groups, -1)
-    y = xp.matmul(w2, cols).reshape(g.K, g.N, g.P, g.Q).transpose(1, 0, 2, 3)
-    out = xp.empty((g.N, g.K, g.P, g.Q), dtype=x.dtype)
-    if bias is None:
-        out[...] = y
-    else:
-        xp.add(y, bias.reshape(1, g.K, 1, 1), out=out)
-    return out
+    return forward(x, weight, bias, g)[0]
 
 
 def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
@@ -127,40 +122,73 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
     need_input_grad=False skips dx (returned as None), as for a network's first layer.
     """
     g = geometry(x, weight, None, stride, padding, dilation, groups)
+    return backward(dy, x, weight, g, need_input_grad)
+
+
+def forward(x, weight, bias, g, keep_cols=False):
+    """(y, cols) for checked arguments; cols (the im2col matrix) only when asked
+    for, so that a layer can hand it to backward_filter instead of rebuilding it."""
+    xp = backend.get_array_module(x, weight, bias)
+    cols = _im2col(xp, x, g)
+    y = xp.matmul(cols, _weight_matrix(weight, g))  # (groups, N*P*Q, K/g)
+    y = y.reshape(g.groups, g.N, g.P, g.Q, g.K // g.groups).transpose(1, 0, 4, 2, 3)
+    y = y.reshape(g.N, g.K, g.P, g.Q)
+    out = xp.empty((g.N, g.K, g.P, g.Q), dtype=x.dtype)
+    if bias is None:
+        out[...] = y
+    else:
+        xp.add(y, bias.reshape(1, g.K, 1, 1), out=out)
+    return out, (cols if keep_cols else None)
+
+
+def backward(dy, x, weight, g, need_input_grad=True, cols=None):
+    """(dx, dweight, dbias) for a checked x and weight; dy is checked here."""
     _checks.float_array(dy, "grad_output", ndim=4)
     _checks.same_dtype("input", x, grad_output=dy)
     _checks.shape_is(dy, "grad_output", (g.N, g.K, g.P, g.Q))
     backend.get_array_module(dy, x, weight)
     dx = backward_data(dy, weight, g) if need_input_grad else None
-    return dx, backward_filter(dy, x, g), backward_bias(dy)
+    return dx, backward_filter(dy, x, g, cols), backward_bias(dy)
 
 
 # The three passes below take checked arguments and a ConvGeometry; each picks
 # the device's implementation: matrix products here, CUDA kernels on a GPU.
 
-def _grouped_dy(xp, dy, g):
-    """dy (N, K, P, Q) -> (groups, K/groups, N*P*Q), the layout of the im2col products."""
-    G = g.groups
-    return xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(G, g.K // G, -1)
-
-
 def backward_data(dy, weight, g):
-    """dx (N, C, H, W): dcols = w^T @ dy, added back onto the input (col2im)."""
+    """dx (N, C, H, W): the flipped-filter convolution, one kernel offset at a time.
+
+    For each tap (r,s), dy @ w[:, :, r, s] (rows (n,p,q), columns c') is what the
+    tap sends back to input pixel (p*sh + r*dh, q*sw + s*dw) of the padded input;
+    the taps' shares are added up there and the padding is cropped off.
+    """
     xp = backend.get_array_module(dy, weight)
     if xp is not backend.numpy:
         return _cuda_kernels().conv2d_backward_data(dy, weight, g)
-    w2 = weight.reshape(g.groups, g.K // g.groups, -1)
-    return _col2im(xp, xp.matmul(w2.transpose(0, 2, 1), _grouped_dy(xp, dy, g)), g, dy.dtype)
+    G, Cg = g.groups, g.C // g.groups
+    dyg = _grouped_dy(xp, dy, g)
+    taps = xp.ascontiguousarray(weight.reshape(G, g.K // G, Cg, g.R, g.S).transpose(3, 4, 0, 1, 2))
+    dxp = xp.zeros((g.N, g.H + g.pt + g.pb, g.W + g.pl + g.pr, G, Cg), dtype=dy.dtype)
+    for r in range(g.R):  # a loop over kernel offsets, not pixels
+        h0 = r * g.dh
+        for s in range(g.S):
+            w0 = s * g.dw
+            share = xp.matmul(dyg, taps[r, s]).reshape(G, g.N, g.P, g.Q, Cg)
+            dxp[:, h0:h0 + g.sh * (g.P - 1) + 1:g.sh, w0:w0 + g.sw * (g.Q - 1) + 1:g.sw] += \
+                share.transpose(1, 2, 3, 0, 4)
+    dx = dxp[:, g.pt:g.pt + g.H, g.pl:g.pl + g.W].reshape(g.N, g.H, g.W, g.C)
+    return xp.ascontiguousarray(dx.transpose(0, 3, 1, 2))
 
 
-def backward_filter(dy, x, g):
-    """dweight (K, C/groups, R, S) = dy @ cols^T."""
+def backward_filter(dy, x, g, cols=None):
+    """dweight (K, C/groups, R, S) = cols^T @ dy; cols is rebuilt unless given."""
     xp = backend.get_array_module(dy, x)
     if xp is not backend.numpy:
         return _cuda_kernels().conv2d_backward_filter(dy, x, g)
-    cols = _im2col(xp, x, g)
-    dweight = xp.matmul(_grouped_dy(xp, dy, g), cols.transpose(0, 2, 1))
-    return dweight.reshape(g.K, g.C // g.groups, g.R, g.S)
+    cols = _im2col(xp, x, g) if cols is None else cols
+    dweight = xp.matmul(cols.transpose(0, 2, 1), _grouped_dy(xp, dy, g))
+    dweight = dweight.reshape(g.groups, g.R, g.S, g.C // g.groups, g.K // g.groups)
+    return xp.ascontiguousarray(dweight.transpose(0, 4, 3, 1, 2)).reshape(
+        g.K, g.C // g.groups, g.R, g.S)
 
 
 def backward_bias(dy):

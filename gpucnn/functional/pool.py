@@ -46,11 +46,9 @@ def _padded(xp, x, g, value):
     return xp.pad(x, ((0, 0), (0, 0), (g.ph, bottom), (g.pw, right)), constant_values=value)
 
 
-def _window_view(xp, xpad, g):
-    sN, sC, sH, sW = xpad.strides
-    return xp.lib.stride_tricks.as_strided(
-        xpad, shape=(g.N, g.C, g.P, g.Q, g.R, g.S),
-        strides=(sN, sC, g.sh * sH, g.sw * sW, sH, sW))
+def _needs_padding(g):
+    """Whether some window reaches past the input (padding or ceil_mode)."""
+    return (g.ph or g.pw or (g.P - 1) * g.sh + g.R > g.H or (g.Q - 1) * g.sw + g.S > g.W)
 
 
 def _check_grad(dy, g, name="grad_output"):
@@ -65,23 +63,35 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
     if xp is not backend.numpy:
         from .. import cuda
         return cuda.kernels().max_pool2d_forward(x, g)
-    windows = _window_view(xp, _padded(xp, x, g, -xp.inf), g)
-    windows = windows.reshape(g.N, g.C, g.P, g.Q, g.R * g.S)
-    a = windows.argmax(axis=-1)  # the first maximum
-    nan = xp.isnan(windows)
-    if nan.any():  # PyTorch's rule: a NaN wins, the last one among several
-        last_nan = g.R * g.S - 1 - nan[..., ::-1].argmax(axis=-1)
-        a = xp.where(nan.any(axis=-1), last_nan, a)
-    y = xp.take_along_axis(windows, a[..., None], axis=-1)[..., 0]
-    h0 = (xp.arange(g.P) * g.sh - g.ph)[:, None]
-    w0 = (xp.arange(g.Q) * g.sw - g.pw)[None, :]
-    h, w = h0 + a // g.S, w0 + a % g.S
-    # Only an all -inf window can pick a padded cell; PyTorch then picks its
-    # first cell inside the input.
-    outside = (h < 0) | (h >= g.H) | (w < 0) | (w >= g.W)
-    first = xp.maximum(h0, 0) * g.W + xp.maximum(w0, 0)
-    indices = xp.where(outside, first, h * g.W + w).astype(xp.int64)
-    return xp.ascontiguousarray(y), indices
+    # PyTorch's scan, one window offset at a time over all windows at once: a
+    # cell wins when it beats the best so far (so the first maximum stays) or
+    # is NaN (so the last NaN wins); np.maximum keeps NaN. Padding is -inf.
+    xpad = _padded(xp, x, g, -xp.inf) if _needs_padding(g) else x
+    has_nan = bool(xp.isnan(x).any())
+    y = arg = None
+    for r in range(g.R):  # a loop over window offsets, not pixels
+        for s in range(g.S):
+            v = xpad[:, :, r:r + g.sh * (g.P - 1) + 1:g.sh, s:s + g.sw * (g.Q - 1) + 1:g.sw]
+            if y is None:
+                y, arg = v.copy(), xp.zeros(v.shape, dtype=xp.int32)
+                continue
+            better = v > y
+            if has_nan:
+                better |= xp.isnan(v)
+            xp.maximum(y, v, out=y)
+            arg += better * (r * g.W + s - arg)  # arg = offset where better
+    # arg is the winner's flat offset from its window's corner
+    corner = (xp.arange(g.P) * g.sh - g.ph)[:, None] * g.W + (xp.arange(g.Q) * g.sw - g.pw)
+    indices = arg + corner  # int64, like PyTorch's indices
+    if xpad is not x:
+        # Only a window of -inf can have kept a padded cell; PyTorch then
+        # points at the window's first cell inside the input.
+        lost = y == -xp.inf
+        if lost.any():
+            first = ((xp.maximum(xp.arange(g.P) * g.sh - g.ph, 0)[:, None] * g.W)
+                     + xp.maximum(xp.arange(g.Q) * g.sw - g.pw, 0))
+            indices = xp.where(lost, first, indices)
+    return y, indices
 
 
 def max_pool2d_backward(dy, indices, input_shape, kernel_size=None, stride=None, padding=0,
@@ -111,6 +121,11 @@ def max_pool2d_backward(dy, indices, input_shape, kernel_size=None, stride=None,
             return cuda.kernels().max_pool2d_backward(dy, indices, g)
     planes = xp.arange(N * C, dtype=xp.int64).reshape(N, C, 1, 1) * (H * W)
     flat = (indices + planes).ravel()
+    if kernel_size is not None and g.sh >= g.R and g.sw >= g.S:
+        # windows do not overlap: every pixel has at most one window to route from
+        dx = xp.zeros(N * C * H * W, dtype=dy.dtype)
+        dx[flat] = dy.ravel()
+        return dx.reshape(N, C, H, W)
     dx = xp.bincount(flat, weights=dy.ravel(), minlength=N * C * H * W)
     return dx.astype(dy.dtype, copy=False).reshape(N, C, H, W)
 
