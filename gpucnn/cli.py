@@ -1,0 +1,181 @@
+"""The ``gpucnn`` command: train, eval, info, gradcheck, bench."""
+import argparse
+import platform
+import sys
+
+import numpy
+
+import gpucnn
+from . import backend, checkpoint, data, train as training
+
+EPILOG = """examples:
+  gpucnn train                                   # 8x8 digits, under a minute on a CPU
+  gpucnn train --dataset fashion-mnist --epochs 3 --out runs/fashion
+  gpucnn train --resume runs/fashion/checkpoint.npz --epochs 5
+  gpucnn eval runs/fashion/checkpoint.npz
+  gpucnn info; gpucnn gradcheck --device cuda; gpucnn bench --device cpu
+
+Fashion-MNIST: apt-get install dataset-fashion-mnist (read from
+/usr/share/datasets/fashion-mnist), or --data-dir DIR holding the IDX files.
+MNIST: --data-dir DIR holding the four MNIST IDX files (gzipped or not).
+The device is --device, else $GPUCNN_DEVICE, else auto (cuda where CuPy sees a GPU)."""
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="gpucnn", description="Train and check convolutional networks whose "
+        "backpropagation is written out by hand, on an NVIDIA GPU (CuPy) or the CPU (NumPy).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"gpucnn {gpucnn.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    devices = ["auto", "cpu", "cuda"]
+
+    t = sub.add_parser("train", help="train a CNN (default: scikit-learn's 8x8 digits)",
+                       description="Train a CNN with a progress bar, per-epoch metrics "
+                       "(OUT/metrics.jsonl), a checkpoint (OUT/checkpoint.npz) and plots "
+                       "(OUT/curves.png, OUT/confusion.png). Unset options take the dataset's "
+                       "defaults: digits 20 epochs, batch 32, adam lr 2e-3; fashion-mnist and "
+                       "mnist 3 epochs, batch 64, adam lr 1e-3 with the LeNet.")
+    t.add_argument("--dataset", choices=data.DATASETS, help="what to train on (default digits)")
+    t.add_argument("--data-dir", help="directory with the IDX files (fashion-mnist, mnist)")
+    t.add_argument("--model", choices=sorted(training.MODELS), help="built-in network "
+                   "(default: lenet for 28x28 images, digits for 8x8)")
+    t.add_argument("--epochs", type=int, help="total number of epochs")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--optimizer", choices=["sgd", "adam"])
+    t.add_argument("--lr", type=float, help="learning rate")
+    t.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    t.add_argument("--weight-decay", type=float, help="L2 weight decay (default 0)")
+    t.add_argument("--device", choices=devices, help="default: $GPUCNN_DEVICE or auto")
+    t.add_argument("--seed", type=int, help="seed for initialisation and shuffling (default 0)")
+    t.add_argument("--out", help="output directory (default runs/<date-time>)")
+    t.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue a run from its checkpoint (its settings are kept)")
+    t.add_argument("--limit", type=int, metavar="N", help="train on the first N samples only")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test set")
+    e.add_argument("checkpoint")
+    e.add_argument("--data-dir")
+    e.add_argument("--device", choices=devices)
+    e.add_argument("--batch-size", type=int, default=256)
+
+    sub.add_parser("info", help="versions, the device found, whether the GPU kernels compile")
+
+    g = sub.add_parser("gradcheck", help="check every layer's backward against float64 "
+                       "finite differences on a device")
+    g.add_argument("--device", choices=devices)
+    g.add_argument("--seed", type=int, default=0)
+
+    b = sub.add_parser("bench", help="time gpucnn against PyTorch (python -m gpucnn.bench)")
+    b.add_argument("--device", choices=devices, default="auto")
+    b.add_argument("--repeat", type=int, default=10)
+    b.add_argument("--json")
+    return p
+
+
+def cmd_train(args):
+    fields = dict(dataset=args.dataset, data_dir=args.data_dir, model=args.model,
+                  epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+                  lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                  device=args.device, seed=args.seed, out=args.out, resume=args.resume,
+                  limit=args.limit)
+    explicit = {k for k, v in fields.items() if v is not None}
+    config = training.Config(**{k: v for k, v in fields.items() if v is not None})
+    if args.out is None:
+        config.out = training.default_out()
+    config.progress = not args.no_progress and sys.stderr.isatty()
+    try:
+        history, _ = training.train(config, explicit=explicit)
+    except training.TrainingDiverged as e:
+        print(f"gpucnn: error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+    print(f"gpucnn: done; metrics, checkpoint and plots are in {config.out}")
+    return 0
+
+
+def cmd_eval(args):
+    r = training.evaluate_checkpoint(args.checkpoint, args.data_dir, args.device,
+                                     args.batch_size)
+    print(f"{r['dataset']} test set after epoch {r['epoch']}: loss {r['test_loss']:.4f}, "
+          f"accuracy {100 * r['test_accuracy']:.2f}%")
+    for name, acc in zip(r["classes"], r["per_class"]):
+        print(f"  {name:<12} {100 * acc:6.2f}%")
+    return 0
+
+
+def cmd_info(args):
+    from . import cuda, nvrtc
+    print(f"gpucnn {gpucnn.__version__}, Python {platform.python_version()}, "
+          f"NumPy {numpy.__version__}")
+    try:
+        import cupy
+        print(f"CuPy {cupy.__version__}")
+    except ImportError:
+        print("CuPy: not installed (pip install 'gpucnn[cuda12]' or 'gpucnn[cuda13]')")
+    device, why = backend.resolve_device("auto")
+    print(f"device: {device} ({why})")
+    if device == "cuda":
+        import cupy
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
+        print(f"GPU: {props['name'].decode()}, compute capability "
+              f"{props['major']}.{props['minor']}")
+    ok = True
+    if nvrtc.library() is None:
+        print("NVRTC: not found, so the kernels were not compiled here "
+              "(pip install nvidia-cuda-nvrtc-cu12)")
+    else:
+        major, minor = nvrtc.version()
+        for filename in sorted(cuda.KERNELS):
+            good, log, _ = nvrtc.compile(cuda.source(filename), cuda.name_expressions(filename),
+                                         options=cuda.NVRTC_OPTIONS, filename=filename)
+            ok &= good
+            print(f"kernels/{filename}: {'compiles' if good else 'FAILS'} with NVRTC "
+                  f"{major}.{minor} (compute_90)" + ("" if good else f"\n{log}"))
+    if device == "cuda":
+        k = cuda.kernels()
+        for filename in sorted(cuda.KERNELS):
+            for name in cuda.KERNELS[filename]:
+                k._function(filename, name, numpy.float32)
+        print("kernels: loaded on the GPU through CuPy")
+    return 0 if ok else 1
+
+
+def cmd_gradcheck(args):
+    from . import gradcheck
+    device, why = backend.resolve_device(args.device)
+    print(f"float64 finite-difference check of every backward on {device} ({why})")
+    rows = gradcheck.run_all(device, args.seed)
+    print(f"{'case':<32}{'max rel. error':>16}  result")
+    for name, err, passed in rows:
+        print(f"{name:<32}{err:>16.2e}  {'pass' if passed else 'FAIL'}")
+    failed = sum(not p for _, _, p in rows)
+    print(f"{len(rows) - failed} passed, {failed} failed (tolerance {gradcheck.TOLERANCE:g})")
+    return 1 if failed else 0
+
+
+def cmd_bench(args):
+    from . import bench
+    return bench.main(["--device", args.device, "--repeat", str(args.repeat)] +
+                      (["--json", args.json] if args.json else [])) or 0
+
+
+def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info,
+               "gradcheck": cmd_gradcheck, "bench": cmd_bench}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, TypeError, RuntimeError, checkpoint.CheckpointError) as e:
+        print(f"gpucnn: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Datasets: scikit-learn's 8x8 digits (bundled) and MNIST-format IDX files
+(MNIST, Fashion-MNIST) from a directory. Nothing is downloaded.
+
+Every loader returns a Dataset of float32 images (N, 1, H, W), standardised
+with the training set's mean and standard deviation, and int64 labels.
+"""
+import gzip
+import os
+import pathlib
+from dataclasses import dataclass, field
+
+import numpy
+
+from . import backend
+
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot")
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
+DEFAULT_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist",
+                "mnist": "/usr/share/datasets/mnist"}
+HOW_TO_GET = {
+    "fashion-mnist": "install Debian's package (apt-get install dataset-fashion-mnist) or pass "
+                     "--data-dir DIR with the four Fashion-MNIST IDX files",
+    "mnist": "pass --data-dir DIR with the four MNIST IDX files (train-images-idx3-ubyte, "
+             "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, "
+             "gzipped or not)",
+}
+# Where torchvision and the original archives leave the files, under a data dir.
+SUBDIRS = {"fashion-mnist": ("", "raw", "FashionMNIST/raw", "fashion-mnist"),
+           "mnist": ("", "raw", "MNIST/raw", "mnist")}
+IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+             "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+DATASETS = ("digits", "fashion-mnist", "mnist")
+
+
+class DataError(ValueError):
+    """A data file is missing, truncated or corrupt; the message says which and why."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    train_x: numpy.ndarray
+    train_y: numpy.ndarray
+    test_x: numpy.ndarray
+    test_y: numpy.ndarray
+    classes: tuple
+    source: str = ""
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def image_shape(self):
+        return self.train_x.shape[1:]
+
+
+def _standardise(train, test):
+    mean, std = float(train.mean()), float(train.std())
+    return ((train - mean) / std).astype(numpy.float32), ((test - mean) / std).astype(
+        numpy.float32), dict(mean=mean, std=std)
+
+
+def load_digits(seed=0, test_fraction=0.2):
+    """scikit-learn's 1,797 8x8 digits, split by a seeded permutation."""
+    from sklearn.datasets import load_digits as sk_digits
+    bunch = sk_digits()
+    x = bunch.images.astype(numpy.float64)[:, None] / 16.0
+    y = bunch.target.astype(numpy.int64)
+    order = numpy.random.default_rng(seed).permutation(len(y))
+    n_test = int(round(len(y) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    train_x, test_x, stats = _standardise(x[train], x[test])
+    return Dataset("digits", train_x, y[train], test_x, y[test], DIGIT_CLASSES,
+                   "scikit-learn load_digits", stats)
+
+
+_IDX_TYPES = {0x08: numpy.uint8}
+
+
+def read_idx(path, kind):
+    """Read one IDX file (gzipped or not). kind 'images' needs 3 dims, 'labels' 1."""
+    path = pathlib.Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot be read or decompressed ({e}); the file is damaged") \
+            from None
+    want_dims = 3 if kind == "images" else 1
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
+    dtype_code, ndim = raw[2], raw[3]
+    if dtype_code not in _IDX_TYPES or ndim != want_dims:
+        raise DataError(f"{path}: magic number 0x{raw[:4].hex()} is not that of IDX {kind} "
+                        f"(needs unsigned bytes and {want_dims} dimension(s), 0x0000080{want_dims})")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated inside its header")
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(numpy.prod(dims))
+    if len(raw) != expected:
+        raise DataError(f"{path}: header declares shape {tuple(dims)} = {expected} bytes in all, "
+                        f"but the file has {len(raw)} bytes ("
+                        f"{'truncated' if len(raw) < expected else 'trailing data'})")
+    return numpy.frombuffer(raw, dtype=numpy.uint8, offset=header).reshape(dims)
+
+
+def find_idx_files(name, data_dir=None):
+    """Paths of the four IDX files of a dataset under data_dir (or its default)."""
+    base = pathlib.Path(data_dir or DEFAULT_DIRS[name])
+    if not base.is_dir():
+        raise DataError(f"{name}: data directory {base} does not exist; {HOW_TO_GET[name]}")
+    found = {}
+    for key, stem in IDX_FILES.items():
+        for sub in SUBDIRS[name]:
+            for suffix in ("", ".gz"):
+                candidate = base / sub / (stem + suffix)
+                if candidate.is_file():
+                    found[key] = candidate
+                    break
+            if key in found:
+                break
+        if key not in found:
+            raise DataError(f"{name}: {stem}[.gz] not found under {base} (looked in "
+                            f"{', '.join(str(base / s) or str(base) for s in SUBDIRS[name])}); "
+                            f"{HOW_TO_GET[name]}")
+    return found
+
+
+def load_idx_dataset(name, data_dir=None):
+    """MNIST or Fashion-MNIST from IDX files; every file is validated."""
+    paths = find_idx_files(name, data_dir)
+    arrays = {k: read_idx(p, "images" if k.endswith("x") else "labels") for k, p in paths.items()}
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if len(x) != len(y):
+            raise DataError(f"{paths[split + '_x']} holds {len(x)} images but "
+                            f"{paths[split + '_y']} holds {len(y)} labels")
+        if y.size and y.max() > 9:
+            raise DataError(f"{paths[split + '_y']}: label {int(y.max())} is out of range 0..9")
+    if arrays["train_x"].shape[1:] != arrays["test_x"].shape[1:]:
+        raise DataError(f"train images are {arrays['train_x'].shape[1:]} but test images are "
+                        f"{arrays['test_x'].shape[1:]}")
+    train_x, test_x, stats = _standardise(arrays["train_x"][:, None] / 255.0,
+                                          arrays["test_x"][:, None] / 255.0)
+    classes = FASHION_CLASSES if name == "fashion-mnist" else DIGIT_CLASSES
+    return Dataset(name, train_x, arrays["train_y"].astype(numpy.int64), test_x,
+                   arrays["test_y"].astype(numpy.int64), classes,
+                   str(paths["train_x"].parent), stats)
+
+
+def load(name, data_dir=None, seed=0):
+    if name == "digits":
+        return load_digits(seed)
+    if name in DEFAULT_DIRS:
+        return load_idx_dataset(name, data_dir)
+    raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+
+
+def batches(x, y, batch_size, device, order=None, start=0):
+    """Yield (x, y) batches moved to the device once each; `order` is the
+    epoch's permutation (None: in order); `start` skips the first batches."""
+    n = len(y)
+    for i in range(start * batch_size, n, batch_size):
+        idx = slice(i, i + batch_size) if order is None else order[i:i + batch_size]
+        yield backend.to_device(x[idx], device), backend.to_device(y[idx], device)
+
+
+def num_batches(n, batch_size):
+    return -(-n // batch_size)
+
+
+def write_idx(path, array):
+    """Write an IDX file of unsigned bytes (gzipped when path ends in .gz); for tests and users."""
+    array = numpy.asarray(array, dtype=numpy.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(data)
+    return os.fspath(path)
