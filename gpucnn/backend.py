@@ -62,7 +62,8 @@ def resolve_device(device=None):
         return "cpu", f"cpu requested ({source})"
     if device == "cuda":
         if not cuda_available():
-            raise RuntimeError(f"device 'cuda' requested ({source}) but {cuda_unavailable_reason()}")
+            raise RuntimeError(f"device 'cuda' requested ({source}) but "
+                               f"{cuda_unavailable_reason()}")
         return "cuda", f"cuda requested ({source})"
     if cuda_available():
         return "cuda", "auto: a CUDA device was found"

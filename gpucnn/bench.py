@@ -40,7 +40,8 @@ class Timer:
         if self.device == "cuda":
             if torch_cuda:
                 import torch
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
             else:
                 import cupy
                 start, end = cupy.cuda.Event(), cupy.cuda.Event()

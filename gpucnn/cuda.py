@@ -64,12 +64,13 @@ class Kernels:
         self._modules = {}
 
     def _function(self, filename, kernel, dtype):
-        if filename not in self._modules:
-            self._modules[filename] = self._load_module(source(filename), name_expressions(filename))
         name = f"{kernel}<{TYPES[numpy.dtype(dtype)]}>"
         try:
+            if filename not in self._modules:
+                self._modules[filename] = self._load_module(source(filename),
+                                                            name_expressions(filename))
             return self._modules[filename].get_function(name)
-        except Exception as e:  # CuPy compiles lazily; its error holds the NVRTC log
+        except Exception as e:  # CuPy's CompileException holds the NVRTC log
             raise RuntimeError(f"CUDA kernel {name} from kernels/{filename} failed to compile "
                                f"or load:\n{e}") from e
 

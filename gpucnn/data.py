@@ -95,7 +95,8 @@ def read_idx(path, kind):
     dtype_code, ndim = raw[2], raw[3]
     if dtype_code not in _IDX_TYPES or ndim != want_dims:
         raise DataError(f"{path}: magic number 0x{raw[:4].hex()} is not that of IDX {kind} "
-                        f"(needs unsigned bytes and {want_dims} dimension(s), 0x0000080{want_dims})")
+                        f"(needs unsigned bytes and {want_dims} dimension(s), "
+                        f"0x0000080{want_dims})")
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path}: truncated inside its header")

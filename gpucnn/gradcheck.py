@@ -96,7 +96,7 @@ def check(inputs, forward, backward, rng, xp=numpy, elementwise_limit=200, direc
     for name, a in inputs.items():
         analytic = backend.to_numpy(grads[name])
 
-        def L(value):
+        def L(value, name=name):
             return _scalar(forward(**{**inputs, name: value}), G)
         scale = max(float(numpy.abs(analytic).max()), 1e-3)
         if a.size <= elementwise_limit:

@@ -175,7 +175,7 @@ def train(config, model=None, log=print, explicit=()):
                 optimizer.step()
                 step += 1
                 loss_sum += value * len(yb)
-                correct += int((logits.argmax(axis=1) == yb).sum())
+                correct = correct + (logits.argmax(axis=1) == yb).sum()  # stays on the device
                 seen += len(yb)
                 now = time.perf_counter()
                 train_time += now - t0
@@ -184,13 +184,13 @@ def train(config, model=None, log=print, explicit=()):
                 bar.update(1)
         except KeyboardInterrupt:
             bar.close()
-            save(epoch, step, epoch_state, dict(loss_sum=loss_sum, correct=correct, seen=seen,
+            save(epoch, step, epoch_state, dict(loss_sum=loss_sum, correct=int(correct), seen=seen,
                                                 train_time=train_time))
             log(f"gpucnn: interrupted at epoch {epoch + 1}, step {step}; saved {ckpt_path} "
                 f"(continue with --resume {ckpt_path})")
             raise
         bar.close()
-        partial = None
+        partial, correct = None, int(correct)
         test_loss, test_acc, confusion = evaluate(model, ds.test_x, ds.test_y,
                                                   max(config.batch_size, 256), device,
                                                   len(ds.classes))

@@ -16,7 +16,7 @@ def test_resolve_device(monkeypatch):
     device, why = backend.resolve_device()
     assert device == "cpu" and "GPUCNN_DEVICE" in why
     monkeypatch.setenv("GPUCNN_DEVICE", "tpu")
-    with pytest.raises(ValueError, match=r"device must be one of .* got 'tpu' \(from GPUCNN_DEVICE\)"):
+    with pytest.raises(ValueError, match=r"got 'tpu' \(from GPUCNN_DEVICE\)"):
         backend.resolve_device()
 
 

@@ -36,7 +36,8 @@ class Conv2D(Module):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         bound = 1 / math.sqrt(in_channels // groups * kh * kw)
-        self.weight = Parameter(random.uniform((out_channels, in_channels // groups, kh, kw), bound))
+        shape = (out_channels, in_channels // groups, kh, kw)
+        self.weight = Parameter(random.uniform(shape, bound))
         self._params["weight"] = self.weight
         self.bias = Parameter(random.uniform((out_channels,), bound)) if bias else None
         if bias:

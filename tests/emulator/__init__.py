@@ -19,7 +19,8 @@ import numpy
 
 HERE = pathlib.Path(__file__).resolve().parent
 CACHE = pathlib.Path(os.environ.get("GPUCNN_EMU_CACHE", tempfile.gettempdir())) / "gpucnn-emu"
-_SCALARS = {numpy.dtype(numpy.bool_): ctypes.c_bool, numpy.dtype(numpy.int32): ctypes.c_int32, numpy.dtype(numpy.int64): ctypes.c_int64,
+_SCALARS = {numpy.dtype(numpy.bool_): ctypes.c_bool, numpy.dtype(numpy.int32): ctypes.c_int32,
+            numpy.dtype(numpy.int64): ctypes.c_int64,
             numpy.dtype(numpy.float32): ctypes.c_float, numpy.dtype(numpy.float64): ctypes.c_double}
 
 
