@@ -2,7 +2,7 @@
 import numpy
 import pytest
 
-from emulator import EmulatedModule
+from emulator import EmulatedModule, asan_enabled
 
 CODE = r"""
 template <typename T>
@@ -68,3 +68,25 @@ def test_arguments_must_be_typed(module):
         f((1,), (1,), (numpy.zeros((4, 4), numpy.int32)[:, ::2],))
     with pytest.raises(KeyError, match="name_expressions"):
         module.get_function("reverse_in_block<int>")
+
+
+OOB = """
+import sys
+sys.path.insert(0, {tests!r})
+import numpy
+from emulator import EmulatedModule, asan_enabled
+m = EmulatedModule("__global__ void k(float* a, int n) {{ a[threadIdx.x + n] = 1.0f; }}", ["k"])
+a = numpy.zeros(8, numpy.float32)
+m.get_function("k")((1,), (4,), (a, numpy.int32(6)))
+"""
+
+
+@pytest.mark.skipif(not asan_enabled(), reason="only in the AddressSanitizer run "
+                                               "(GPUCNN_EMU_ASAN=1, as .ci/run does)")
+def test_address_sanitizer_catches_an_out_of_bounds_write():
+    import pathlib
+    import subprocess
+    import sys
+    code = OOB.format(tests=str(pathlib.Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != 0 and "heap-buffer-overflow" in done.stderr

@@ -9,9 +9,11 @@ Shapes: x (N, C, H, W), weight (K, C/g, R, S), bias (K,), y (N, K, P, Q).
                     (a transposed convolution: dy spread out by the stride)
 
 On the CPU (and for the GPU forward) the sums are matrix products over an
-im2col matrix, per group: cols[(n,p,q), (r,s,c')] = xp[n, g*C/g + c', p*sh + r*dh, q*sw + s*dw]
-(channels last, so that the copy moves long contiguous runs), and the weight
-matrix wm[(r,s,c'), k] = w[k,c',r,s]. Then y = cols @ wm and dw = cols^T @ dy.
+im2col matrix, per group:
+    cols[(n,p,q), (r,s,c')] = xp[n, g*C/g + c', p*sh + r*dh, q*sw + s*dw]
+(channels last, so that the copy moves long contiguous runs) and the weight
+matrix wm[(r,s,c'), k] = w[k,c',r,s]. Then y = cols @ wm and dw = cols^T @ dy,
+with cols built and consumed a few samples at a time so that it stays in cache.
 dx is the flipped-filter convolution computed one kernel offset (r,s) at a
 time: dy @ w[:, :, r, s] is added back at the input positions that tap read
 (a col2im that never builds the whole column matrix). On the GPU the two
@@ -79,16 +81,30 @@ def _padded_nhwc(xp, x, g):
     return xpad
 
 
-def _im2col(xp, x, g):
-    """cols (groups, N*P*Q, R*S*C/g): row (n,p,q), column (r,s,c') holds
-    xp[n, group*C/g + c', p*sh + r*dh, q*sw + s*dw]."""
+CHUNK_BYTES = 4 << 20  # an im2col chunk on the CPU stays about cache-sized
+
+
+def _im2col_chunks(xp, x, g):
+    """Yield (n0, n1, cols) for batch chunks [n0, n1): cols (groups, (n1-n0)*P*Q, R*S*C/g),
+    row (n,p,q) and column (r,s,c') holding xp[n, group*C/g + c', p*sh + r*dh, q*sw + s*dw].
+
+    On the CPU the chunks are a few MB in one reused buffer, so the copy and the
+    matrix product that reads it stay in cache; on a GPU there is one chunk.
+    """
     xpad = _padded_nhwc(xp, x, g)
     G, Cg = g.groups, g.C // g.groups
+    per_sample = g.P * g.Q * g.R * g.S * g.C * x.itemsize
+    B = g.N if xp is not backend.numpy else max(1, min(g.N, CHUNK_BYTES // per_sample))
     sN, sH, sW, sC = xpad.strides
-    view = xp.lib.stride_tricks.as_strided(
-        xpad, shape=(G, g.N, g.P, g.Q, g.R, g.S, Cg),
-        strides=(Cg * sC, sN, g.sh * sH, g.sw * sW, g.dh * sH, g.dw * sW, sC))
-    return xp.ascontiguousarray(view).reshape(G, g.N * g.P * g.Q, g.R * g.S * Cg)
+    buf = xp.empty((G, B, g.P, g.Q, g.R, g.S, Cg), dtype=x.dtype)
+    for n0 in range(0, g.N, B):
+        b = min(B, g.N - n0)
+        view = xp.lib.stride_tricks.as_strided(
+            xpad[n0:], shape=(G, b, g.P, g.Q, g.R, g.S, Cg),
+            strides=(Cg * sC, sN, g.sh * sH, g.sw * sW, g.dh * sH, g.dw * sW, sC))
+        cols = buf[:, :b]
+        xp.copyto(cols, view)
+        yield n0, n0 + b, cols.reshape(G, b * g.P * g.Q, g.R * g.S * Cg)
 
 
 def _weight_matrix(weight, g):
@@ -112,7 +128,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     padding: int, pair, 'same' (stride 1) or 'valid'.
     """
     g = geometry(x, weight, bias, stride, padding, dilation, groups)
-    return forward(x, weight, bias, g)[0]
+    return forward(x, weight, bias, g)
 
 
 def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
@@ -125,12 +141,13 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
     return backward(dy, x, weight, g, need_input_grad)
 
 
-def forward(x, weight, bias, g, keep_cols=False):
-    """(y, cols) for checked arguments; cols (the im2col matrix) only when asked
-    for, so that a layer can hand it to backward_filter instead of rebuilding it."""
+def forward(x, weight, bias, g):
+    """y for checked arguments: cols @ wm, chunk by chunk."""
     xp = backend.get_array_module(x, weight, bias)
-    cols = _im2col(xp, x, g)
-    y = xp.matmul(cols, _weight_matrix(weight, g))  # (groups, N*P*Q, K/g)
+    wm, PQ = _weight_matrix(weight, g), g.P * g.Q
+    y = xp.empty((g.groups, g.N * PQ, g.K // g.groups), dtype=x.dtype)
+    for n0, n1, cols in _im2col_chunks(xp, x, g):
+        y[:, n0 * PQ:n1 * PQ] = xp.matmul(cols, wm)
     y = y.reshape(g.groups, g.N, g.P, g.Q, g.K // g.groups).transpose(1, 0, 4, 2, 3)
     y = y.reshape(g.N, g.K, g.P, g.Q)
     out = xp.empty((g.N, g.K, g.P, g.Q), dtype=x.dtype)
@@ -138,17 +155,17 @@ def forward(x, weight, bias, g, keep_cols=False):
         out[...] = y
     else:
         xp.add(y, bias.reshape(1, g.K, 1, 1), out=out)
-    return out, (cols if keep_cols else None)
+    return out
 
 
-def backward(dy, x, weight, g, need_input_grad=True, cols=None):
+def backward(dy, x, weight, g, need_input_grad=True):
     """(dx, dweight, dbias) for a checked x and weight; dy is checked here."""
     _checks.float_array(dy, "grad_output", ndim=4)
     _checks.same_dtype("input", x, grad_output=dy)
     _checks.shape_is(dy, "grad_output", (g.N, g.K, g.P, g.Q))
     backend.get_array_module(dy, x, weight)
     dx = backward_data(dy, weight, g) if need_input_grad else None
-    return dx, backward_filter(dy, x, g, cols), backward_bias(dy)
+    return dx, backward_filter(dy, x, g), backward_bias(dy)
 
 
 # The three passes below take checked arguments and a ConvGeometry; each picks
@@ -179,13 +196,15 @@ def backward_data(dy, weight, g):
     return xp.ascontiguousarray(dx.transpose(0, 3, 1, 2))
 
 
-def backward_filter(dy, x, g, cols=None):
-    """dweight (K, C/groups, R, S) = cols^T @ dy; cols is rebuilt unless given."""
+def backward_filter(dy, x, g):
+    """dweight (K, C/groups, R, S) = cols^T @ dy, summed over the chunks in order."""
     xp = backend.get_array_module(dy, x)
     if xp is not backend.numpy:
         return _cuda_kernels().conv2d_backward_filter(dy, x, g)
-    cols = _im2col(xp, x, g) if cols is None else cols
-    dweight = xp.matmul(cols.transpose(0, 2, 1), _grouped_dy(xp, dy, g))
+    dyg, PQ, dweight = _grouped_dy(xp, dy, g), g.P * g.Q, None
+    for n0, n1, cols in _im2col_chunks(xp, x, g):
+        part = xp.matmul(cols.transpose(0, 2, 1), dyg[:, n0 * PQ:n1 * PQ])
+        dweight = part if dweight is None else dweight + part
     dweight = dweight.reshape(g.groups, g.R, g.S, g.C // g.groups, g.K // g.groups)
     return xp.ascontiguousarray(dweight.transpose(0, 4, 3, 1, 2)).reshape(
         g.K, g.C // g.groups, g.R, g.S)

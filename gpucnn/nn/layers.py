@@ -1,8 +1,6 @@
 """The layers: each keeps what its backward needs and calls gpucnn.functional."""
 import math
 
-import numpy
-
 from .. import backend
 from .. import functional as F
 from .. import random
@@ -51,19 +49,12 @@ class Conv2D(Module):
                     groups=self.groups)
 
     def forward(self, x):
-        bias = self.bias.data if self.bias else None
-        g = F.conv.geometry(x, self.weight.data, bias, **self._args())
-        # In training the CPU keeps the im2col matrix for the weight gradient.
-        keep = self.training and backend.get_array_module(x) is numpy
-        y, self._saved_cols = F.conv.forward(x, self.weight.data, bias, g, keep_cols=keep)
-        self._saved_x, self._saved_geometry = x, g
-        return y
+        self._saved_x = x
+        return F.conv2d(x, self.weight.data, self.bias.data if self.bias else None, **self._args())
 
     def backward(self, dy, need_input_grad=True):
-        dx, dw, db = F.conv.backward(dy, self._saved("_saved_x"), self.weight.data,
-                                     self._saved("_saved_geometry"), need_input_grad,
-                                     cols=self._saved_cols)
-        self._saved_cols = None  # the largest buffer; one backward per forward
+        dx, dw, db = F.conv2d_backward(dy, self._saved("_saved_x"), self.weight.data,
+                                       **self._args(), need_input_grad=need_input_grad)
         self.weight.accumulate(dw)
         if self.bias is not None:
             self.bias.accumulate(db)

@@ -70,7 +70,7 @@ struct Fiber {
 };
 
 #ifdef EMU_ASAN
-constexpr std::size_t kStackBytes = 512 * 1024;
+constexpr std::size_t kStackBytes = 128 * 1024;
 #else
 constexpr std::size_t kStackBytes = 64 * 1024;
 #endif
