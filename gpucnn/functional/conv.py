@@ -181,17 +181,22 @@ def backward_data(dy, weight, g):
     xp = backend.get_array_module(dy, weight)
     if xp is not backend.numpy:
         return _cuda_kernels().conv2d_backward_data(dy, weight, g)
-    G, Cg = g.groups, g.C // g.groups
+    G, Cg, PQ = g.groups, g.C // g.groups, g.P * g.Q
     dyg = _grouped_dy(xp, dy, g)
     taps = xp.ascontiguousarray(weight.reshape(G, g.K // G, Cg, g.R, g.S).transpose(3, 4, 0, 1, 2))
     dxp = xp.zeros((g.N, g.H + g.pt + g.pb, g.W + g.pl + g.pr, G, Cg), dtype=dy.dtype)
-    for r in range(g.R):  # a loop over kernel offsets, not pixels
-        h0 = r * g.dh
-        for s in range(g.S):
-            w0 = s * g.dw
-            share = xp.matmul(dyg, taps[r, s]).reshape(G, g.N, g.P, g.Q, Cg)
-            dxp[:, h0:h0 + g.sh * (g.P - 1) + 1:g.sh, w0:w0 + g.sw * (g.Q - 1) + 1:g.sw] += \
-                share.transpose(1, 2, 3, 0, 4)
+    # a few samples at a time, so that each tap's share is added while in cache
+    B = max(1, min(g.N, CHUNK_BYTES // (4 * PQ * g.C * dy.itemsize)))
+    for n0 in range(0, g.N, B):
+        n1 = min(g.N, n0 + B)
+        for r in range(g.R):  # a loop over kernel offsets, not pixels
+            h0 = r * g.dh
+            for s in range(g.S):
+                w0 = s * g.dw
+                share = xp.matmul(dyg[:, n0 * PQ:n1 * PQ], taps[r, s])
+                dxp[n0:n1, h0:h0 + g.sh * (g.P - 1) + 1:g.sh,
+                    w0:w0 + g.sw * (g.Q - 1) + 1:g.sw] += \
+                    share.reshape(G, n1 - n0, g.P, g.Q, Cg).transpose(1, 2, 3, 0, 4)
     dx = dxp[:, g.pt:g.pt + g.H, g.pl:g.pl + g.W].reshape(g.N, g.H, g.W, g.C)
     return xp.ascontiguousarray(dx.transpose(0, 3, 1, 2))
 
