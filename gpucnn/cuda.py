@@ -15,12 +15,14 @@ import numpy
 TYPES = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float64): "double"}
 KERNELS = {
     "conv2d_backward.cu": ("conv2d_backward_data", "conv2d_backward_filter",
-                           "conv2d_backward_bias"),
+                           "conv2d_backward_filter_reduce", "conv2d_backward_bias"),
     "max_pool2d.cu": ("max_pool2d_forward", "max_pool2d_backward"),
 }
 NVRTC_OPTIONS = ("--std=c++14",)
 THREADS = 256       # a power of two: the block reductions need one
 MAX_BLOCKS = 65536  # grid-stride loops cover the rest
+FILTER_TILE, FILTER_STEP = 64, 16  # as in conv2d_backward.cu
+FILTER_BLOCKS = 2048  # enough blocks to fill a large GPU; the i range is split to get them
 
 
 def name_expressions(filename):
@@ -88,12 +90,28 @@ class Kernels:
 
     def conv2d_backward_filter(self, dy, x, g):
         dy, x = self._c(dy), self._c(x)
-        dweight = self.xp.empty((g.K, g.C // g.groups, g.R, g.S), dtype=dy.dtype)
+        J, Kg, NPQ = g.C // g.groups * g.R * g.S, g.K // g.groups, g.N * g.P * g.Q
+        grid_xy = (-(-J // FILTER_TILE), g.groups * -(-Kg // FILTER_TILE))
+        # Split the N*P*Q reduction into slices (a function of the shape alone, so
+        # the summation order, and the result, never change between runs).
+        slices = max(1, min(-(-FILTER_BLOCKS // (grid_xy[0] * grid_xy[1])),
+                            -(-NPQ // (4 * FILTER_STEP))))
+        slice_len = -(-NPQ // slices)
+        slice_len = -(-slice_len // FILTER_STEP) * FILTER_STEP
+        slices = -(-NPQ // slice_len)
+        partial = self.xp.empty((slices, g.K, J), dtype=dy.dtype)
         f = self._function("conv2d_backward.cu", "conv2d_backward_filter", dy.dtype)
-        f((min(MAX_BLOCKS, dweight.size),), (THREADS,),
-          (dy, x, dweight, *_i32(g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q, g.sh, g.sw,
-                                 g.pt, g.pl, g.dh, g.dw, g.groups)),
-          shared_mem=THREADS * dy.itemsize)
+        f((*grid_xy, slices), (THREADS,),
+          (dy, x, partial, *_i32(g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q, g.sh, g.sw,
+                                 g.pt, g.pl, g.dh, g.dw, g.groups), numpy.int64(slice_len)),
+          shared_mem=2 * FILTER_STEP * FILTER_TILE * dy.itemsize)
+        shape = (g.K, g.C // g.groups, g.R, g.S)
+        if slices == 1:
+            return partial.reshape(shape)
+        dweight = self.xp.empty(shape, dtype=dy.dtype)
+        f = self._function("conv2d_backward.cu", "conv2d_backward_filter_reduce", dy.dtype)
+        f((_blocks(dweight.size),), (THREADS,),
+          (partial, dweight, numpy.int64(dweight.size), numpy.int32(slices)))
         return dweight
 
     def conv2d_backward_bias(self, dy):

@@ -10,9 +10,14 @@ from gpucnn.functional import conv, pool
 from test_conv2d import GRID as CONV_GRID
 from test_max_pool2d import GRID as POOL_GRID
 
-# ragged sizes (not a multiple of the 256-thread block) and reductions longer than a block
+# ragged sizes (not a multiple of the 256-thread block), reductions longer than a
+# block, weight-gradient tiles past 64 rows and columns (also within a group),
+# one slice and many slices of the N*P*Q reduction
 CONV_GRID = CONV_GRID + [((3, 5, 13, 11), (7, 5, 3, 3), dict(padding=1)),
-                         ((1, 1, 3, 3), (1, 1, 3, 3), {})]
+                         ((1, 1, 3, 3), (1, 1, 3, 3), {}),
+                         ((2, 8, 6, 5), (70, 8, 3, 3), dict(padding=1)),
+                         ((2, 8, 5, 5), (130, 4, 3, 3), dict(groups=2, stride=2)),
+                         ((4, 2, 30, 30), (3, 2, 3, 3), {})]
 POOL_GRID = POOL_GRID + [((3, 5, 13, 11), dict(kernel_size=3, stride=2, ceil_mode=True))]
 DTYPES = [numpy.float64, numpy.float32]
 

@@ -1,0 +1,29 @@
+"""`pip install .` ships the CUDA sources inside the package."""
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from gpucnn import cuda
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_wheel_contains_the_kernels(tmp_path):
+    pytest.importorskip("setuptools", reason="building a wheel here needs setuptools")
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                           "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    wheel = next(tmp_path.glob("gpucnn-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for filename in cuda.KERNELS:
+        assert f"gpucnn/kernels/{filename}" in names
+    assert "gpucnn/functional/conv.py" in names and "gpucnn/nn/layers.py" in names
+
+
+def test_every_kernel_file_is_listed():
+    on_disk = sorted(p.name for p in (ROOT / "kernels").glob("*.cu"))
+    assert on_disk == sorted(cuda.KERNELS)
