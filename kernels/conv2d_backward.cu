@@ -67,10 +67,9 @@ __global__ void conv2d_backward_data(const T* __restrict__ dy, const T* __restri
 // A block owns a FILTER_TILE x FILTER_TILE tile of (k, j) for one slice of the i
 // range (blockIdx.z); its 256 threads (blockDim.x must be 256) hold 4x4 outputs
 // each and step through the slice FILTER_STEP values of i at a time through
-// shared memory. The slice's sum
-// goes to partial[slice][group*Kg + k][j]; conv2d_backward_filter_reduce then
-// adds the slices in order. Each output is summed in one fixed order: bitwise
-// repeatable, no atomics.
+// shared memory. The slice's sum goes to partial[slice][group*Kg + k][j];
+// conv2d_backward_filter_reduce then adds the slices in order. Each output is
+// summed in one fixed order: bitwise repeatable, no atomics.
 constexpr int FILTER_TILE = 64;
 constexpr int FILTER_STEP = 16;
 
