@@ -1,5 +1,5 @@
 """gpucnn: convolutional networks with hand-written backpropagation, on NumPy or CuPy."""
-from . import backend, functional
+from . import backend, checkpoint, functional
 from .backend import get_array_module
 from .nn import (AvgPool2D, Conv2D, Dropout, Flatten, Linear, MaxPool2D, Module, Parameter, ReLU,
                  Sequential)

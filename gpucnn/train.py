@@ -124,6 +124,7 @@ def train(config, model=None, log=print, explicit=()):
         f"{len(ds.test_y)} test images of shape {ds.image_shape}")
 
     manual_seed(config.seed)
+    custom_model = model is not None
     if model is None:
         model = MODELS[config.model](num_classes=len(ds.classes), in_channels=ds.image_shape[0])
     model.to(device).train()
@@ -145,7 +146,7 @@ def train(config, model=None, log=print, explicit=()):
         meta = dict(version=1, epoch=epoch, step=step, rng_state=rng_state, partial=part,
                     config=dataclasses.asdict(config), history=history, classes=list(ds.classes),
                     num_classes=len(ds.classes), in_channels=int(ds.image_shape[0]),
-                    data_stats=ds.stats)
+                    data_stats=ds.stats, custom_model=custom_model)
         checkpoint.save(ckpt_path, model, optimizer, meta)
 
     nb = data.num_batches(len(train_y), config.batch_size)
@@ -224,6 +225,10 @@ def _progress(total, initial, desc, enabled):
 def evaluate_checkpoint(path, data_dir=None, device=None, batch_size=256, log=print):
     """Load a checkpoint written by train() and evaluate it on its dataset's test set."""
     meta = checkpoint.read(path)[0]
+    if meta.get("custom_model"):
+        raise checkpoint.CheckpointError(
+            f"{path} holds a model passed in from Python, not a built-in one; rebuild that "
+            "model and load the weights with gpucnn.checkpoint.restore(path, model)")
     config = Config(**meta["config"])
     device, why = backend.resolve_device(device)
     log(f"gpucnn: evaluating on {device} ({why})")

@@ -138,3 +138,19 @@ def test_cli_errors_and_help(tmp_path, capsys):
     done = subprocess.run([sys.executable, "-m", "gpucnn", "train", "--help"],
                           capture_output=True, text=True)
     assert done.returncode == 0 and "--resume CHECKPOINT" in done.stdout
+
+
+def test_a_custom_model_trains_and_its_checkpoint_says_how_to_load_it(tmp_path):
+    gpucnn.manual_seed(0)
+    net = Sequential(gpucnn.Flatten(), gpucnn.Linear(64, 32), gpucnn.ReLU(),
+                     gpucnn.Linear(32, 10))
+    history, model = train.train(train.Config(epochs=4, out=str(tmp_path), **QUICK), model=net,
+                                 log=lambda *a: None)
+    assert model is net and history[-1]["test_accuracy"] > 0.3  # chance is 0.1
+    with pytest.raises(checkpoint.CheckpointError, match="model passed in from Python"):
+        train.evaluate_checkpoint(tmp_path / "checkpoint.npz")
+    again = Sequential(gpucnn.Flatten(), gpucnn.Linear(64, 32), gpucnn.ReLU(),
+                       gpucnn.Linear(32, 10))
+    checkpoint.restore(tmp_path / "checkpoint.npz", again)
+    for k, v in net.state_dict().items():
+        assert numpy.array_equal(v, again.state_dict()[k])
