@@ -12,7 +12,7 @@ On the CPU (and for the GPU forward) the sums are matrix products over an
 im2col matrix, per group:
     cols[(n,p,q), (r,s,c')] = xp[n, g*C/g + c', p*sh + r*dh, q*sw + s*dw]
 (channels last, so that the copy moves long contiguous runs) and the weight
-matrix wm[(r,s,c'), k] = w[k,c',r,s]. Then y = cols @ wm and dw = cols^T @ dy,
+matrix wm[k, (r,s,c')] = w[k,c',r,s]. Then y = wm @ cols^T and dw = dy @ cols,
 with cols built and consumed a few samples at a time so that it stays in cache.
 dx is the flipped-filter convolution computed one kernel offset (r,s) at a
 time: dy @ w[:, :, r, s] is added back at the input positions that tap read
@@ -107,11 +107,11 @@ def _im2col_chunks(xp, x, g):
         yield n0, n0 + b, cols.reshape(G, b * g.P * g.Q, g.R * g.S * Cg)
 
 
-def _weight_matrix(weight, g):
-    """weight (K, C/g, R, S) -> (groups, R*S*C/g, K/g), matching the cols' columns."""
+def _weight_matrix(xp, weight, g):
+    """weight (K, C/g, R, S) -> wm (groups, K/g, R*S*C/g), columns in the cols' order."""
     G = g.groups
-    w = weight.reshape(G, g.K // G, g.C // G, g.R, g.S).transpose(0, 3, 4, 2, 1)
-    return w.reshape(G, g.R * g.S * (g.C // G), g.K // G)
+    w = weight.reshape(G, g.K // G, g.C // G, g.R, g.S).transpose(0, 1, 3, 4, 2)
+    return xp.ascontiguousarray(w).reshape(G, g.K // G, g.R * g.S * (g.C // G))
 
 
 def _grouped_dy(xp, dy, g):
@@ -119,6 +119,13 @@ def _grouped_dy(xp, dy, g):
     G = g.groups
     dy = dy.reshape(g.N, G, g.K // G, g.P, g.Q).transpose(1, 0, 3, 4, 2)
     return xp.ascontiguousarray(dy).reshape(G, g.N * g.P * g.Q, g.K // G)
+
+
+def _channel_major_dy(xp, dy, g):
+    """dy (N, K, P, Q) -> (groups, K/g, N*P*Q): a cheap copy, whole (p,q) planes at a time."""
+    G = g.groups
+    dy = dy.reshape(g.N, G, g.K // G, g.P * g.Q).transpose(1, 2, 0, 3)
+    return xp.ascontiguousarray(dy).reshape(G, g.K // G, g.N * g.P * g.Q)
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -142,20 +149,22 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
 
 
 def forward(x, weight, bias, g):
-    """y for checked arguments: cols @ wm, chunk by chunk."""
+    """y for checked arguments: wm @ cols^T, chunk by chunk, into one reused buffer."""
     xp = backend.get_array_module(x, weight, bias)
-    wm, PQ = _weight_matrix(weight, g), g.P * g.Q
-    y = xp.empty((g.groups, g.N * PQ, g.K // g.groups), dtype=x.dtype)
+    wm, PQ = _weight_matrix(xp, weight, g), g.P * g.Q
+    out = xp.empty((g.N, g.K, PQ), dtype=x.dtype)
+    part = None
     for n0, n1, cols in _im2col_chunks(xp, x, g):
-        y[:, n0 * PQ:n1 * PQ] = xp.matmul(cols, wm)
-    y = y.reshape(g.groups, g.N, g.P, g.Q, g.K // g.groups).transpose(1, 0, 4, 2, 3)
-    y = y.reshape(g.N, g.K, g.P, g.Q)
-    out = xp.empty((g.N, g.K, g.P, g.Q), dtype=x.dtype)
-    if bias is None:
-        out[...] = y
-    else:
-        xp.add(y, bias.reshape(1, g.K, 1, 1), out=out)
-    return out
+        if part is None:
+            part = xp.empty((g.groups, g.K // g.groups, cols.shape[1]), dtype=x.dtype)
+        y = part[:, :, :cols.shape[1]]
+        xp.matmul(wm, cols.transpose(0, 2, 1), out=y)  # (groups, K/g, chunk*P*Q)
+        y = y.reshape(g.K, n1 - n0, PQ).transpose(1, 0, 2)
+        if bias is None:
+            out[n0:n1] = y
+        else:
+            xp.add(y, bias.reshape(1, g.K, 1), out=out[n0:n1])
+    return out.reshape(g.N, g.K, g.P, g.Q)
 
 
 def backward(dy, x, weight, g, need_input_grad=True):
@@ -182,7 +191,7 @@ def backward_data(dy, weight, g):
     if xp is not backend.numpy:
         return _cuda_kernels().conv2d_backward_data(dy, weight, g)
     G, Cg, PQ = g.groups, g.C // g.groups, g.P * g.Q
-    dyg = _grouped_dy(xp, dy, g)
+    dyg = _grouped_dy(xp, dy, g)  # rows (n,p,q): each tap's share comes out channels-last
     taps = xp.ascontiguousarray(weight.reshape(G, g.K // G, Cg, g.R, g.S).transpose(3, 4, 0, 1, 2))
     dxp = xp.zeros((g.N, g.H + g.pt + g.pb, g.W + g.pl + g.pr, G, Cg), dtype=dy.dtype)
     # a few samples at a time, so that each tap's share is added while in cache
@@ -202,17 +211,16 @@ def backward_data(dy, weight, g):
 
 
 def backward_filter(dy, x, g):
-    """dweight (K, C/groups, R, S) = cols^T @ dy, summed over the chunks in order."""
+    """dweight (K, C/groups, R, S) = dy @ cols, summed over the chunks in order."""
     xp = backend.get_array_module(dy, x)
     if xp is not backend.numpy:
         return _cuda_kernels().conv2d_backward_filter(dy, x, g)
-    dyg, PQ, dweight = _grouped_dy(xp, dy, g), g.P * g.Q, None
+    dyk, PQ, dweight = _channel_major_dy(xp, dy, g), g.P * g.Q, None
     for n0, n1, cols in _im2col_chunks(xp, x, g):
-        part = xp.matmul(cols.transpose(0, 2, 1), dyg[:, n0 * PQ:n1 * PQ])
+        part = xp.matmul(dyk[:, :, n0 * PQ:n1 * PQ], cols)  # (groups, K/g, R*S*C/g)
         dweight = part if dweight is None else dweight + part
-    dweight = dweight.reshape(g.groups, g.R, g.S, g.C // g.groups, g.K // g.groups)
-    return xp.ascontiguousarray(dweight.transpose(0, 4, 3, 1, 2)).reshape(
-        g.K, g.C // g.groups, g.R, g.S)
+    dweight = dweight.reshape(g.K, g.R, g.S, g.C // g.groups)
+    return xp.ascontiguousarray(dweight.transpose(0, 3, 1, 2))
 
 
 def backward_bias(dy):
