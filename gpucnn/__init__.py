@@ -7,6 +7,6 @@ from .optim import SGD, Adam
 from .random import manual_seed
 
 __version__ = "0.1.0"
-__all__ = ["backend", "functional", "get_array_module", "Module", "Parameter", "Sequential",
-           "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "Flatten", "Linear", "Dropout", "SGD",
-           "Adam", "manual_seed"]
+__all__ = ["backend", "checkpoint", "functional", "get_array_module", "Module", "Parameter",
+           "Sequential", "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "Flatten", "Linear", "Dropout",
+           "SGD", "Adam", "manual_seed"]

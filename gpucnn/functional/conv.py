@@ -188,7 +188,7 @@ def backward_data(dy, weight, g):
     the taps' shares are added up there and the padding is cropped off.
     """
     xp = backend.get_array_module(dy, weight)
-    if xp is not backend.numpy:
+    if backend.use_kernels(xp):
         return _cuda_kernels().conv2d_backward_data(dy, weight, g)
     G, Cg, PQ = g.groups, g.C // g.groups, g.P * g.Q
     dyg = _grouped_dy(xp, dy, g)  # rows (n,p,q): each tap's share comes out channels-last
@@ -213,7 +213,7 @@ def backward_data(dy, weight, g):
 def backward_filter(dy, x, g):
     """dweight (K, C/groups, R, S) = dy @ cols, summed over the chunks in order."""
     xp = backend.get_array_module(dy, x)
-    if xp is not backend.numpy:
+    if backend.use_kernels(xp):
         return _cuda_kernels().conv2d_backward_filter(dy, x, g)
     dyk, PQ, dweight = _channel_major_dy(xp, dy, g), g.P * g.Q, None
     for n0, n1, cols in _im2col_chunks(xp, x, g):
@@ -226,7 +226,7 @@ def backward_filter(dy, x, g):
 def backward_bias(dy):
     """dbias (K,) = dy summed over n, p, q."""
     xp = backend.get_array_module(dy)
-    if xp is not backend.numpy:
+    if backend.use_kernels(xp):
         return _cuda_kernels().conv2d_backward_bias(dy)
     return dy.sum(axis=(0, 2, 3))
 

@@ -60,7 +60,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
     """(y, indices): the window maxima and the flat position h*W + w of each winner."""
     g = geometry(x, kernel_size, stride, padding, ceil_mode)
     xp = backend.get_array_module(x)
-    if xp is not backend.numpy:
+    if backend.use_kernels(xp):
         from .. import cuda
         return cuda.kernels().max_pool2d_forward(x, g)
     # PyTorch's scan, one window offset at a time over all windows at once: a
@@ -116,7 +116,7 @@ def max_pool2d_backward(dy, indices, input_shape, kernel_size=None, stride=None,
     if kernel_size is not None:
         g = geometry((N, C, H, W), kernel_size, stride, padding, ceil_mode)
         _check_grad(dy, g)
-        if xp is not backend.numpy:
+        if backend.use_kernels(xp):
             from .. import cuda
             return cuda.kernels().max_pool2d_backward(dy, indices, g)
     planes = xp.arange(N * C, dtype=xp.int64).reshape(N, C, 1, 1) * (H * W)
