@@ -11,8 +11,9 @@ Shapes: x (N, C, H, W), weight (K, C/g, R, S), bias (K,), y (N, K, P, Q).
 On the CPU (and for the GPU forward) the sums are matrix products over an
 im2col matrix, per group:
     cols[(n,p,q), (r,s,c')] = xp[n, g*C/g + c', p*sh + r*dh, q*sw + s*dw]
-(channels last, so that the copy moves long contiguous runs) and the weight
-matrix wm[k, (r,s,c')] = w[k,c',r,s]. Then y = wm @ cols^T and dw = dy @ cols,
+(columns in (r,s,c') order from a channels-last copy of x, or in (c',r,s) order
+from x itself, whichever copies longer contiguous runs) and the weight matrix
+wm[k, (r,s,c')] = w[k,c',r,s], its columns in the same order. Then y = wm @ cols^T and dw = dy @ cols,
 with cols built and consumed a few samples at a time so that it stays in cache.
 dx is the flipped-filter convolution computed one kernel offset (r,s) at a
 time: dy @ w[:, :, r, s] is added back at the input positions that tap read
@@ -84,33 +85,58 @@ def _padded_nhwc(xp, x, g):
 CHUNK_BYTES = 4 << 20  # an im2col chunk on the CPU stays about cache-sized
 
 
+def _channels_last(g):
+    """Whether the im2col copy moves longer contiguous runs with the columns in
+    (r,s,c') order from a channels-last input (a run is a window row, S*C/g
+    values) than in (c',r,s) order from the NCHW input (a run is Q pixels)."""
+    run_nhwc = (g.S if g.dw == 1 else 1) * (g.C // g.groups)
+    run_nchw = g.Q if g.sw == 1 else 1
+    return run_nhwc >= run_nchw
+
+
 def _im2col_chunks(xp, x, g):
-    """Yield (n0, n1, cols) for batch chunks [n0, n1): cols (groups, (n1-n0)*P*Q, R*S*C/g),
-    row (n,p,q) and column (r,s,c') holding xp[n, group*C/g + c', p*sh + r*dh, q*sw + s*dw].
+    """Yield (n0, n1, cols) for batch chunks [n0, n1): cols (groups, (n1-n0)*P*Q, R*S*C/g)
+    has row (n,p,q) and, for column (c',r,s), xp[n, group*C/g + c', p*sh + r*dh, q*sw + s*dw];
+    the columns are in (r,s,c') order where _channels_last(g), else in (c',r,s) order
+    (then cols is the transpose of a row-major (c',r,s) x (n,p,q) matrix).
 
     On the CPU the chunks are a few MB in one reused buffer, so the copy and the
     matrix product that reads it stay in cache; on a GPU there is one chunk.
     """
-    xpad = _padded_nhwc(xp, x, g)
-    G, Cg = g.groups, g.C // g.groups
-    per_sample = g.P * g.Q * g.R * g.S * g.C * x.itemsize
+    G, Cg, J = g.groups, g.C // g.groups, g.C // g.groups * g.R * g.S
+    per_sample = g.P * g.Q * J * g.groups * x.itemsize
     B = g.N if xp is not backend.numpy else max(1, min(g.N, CHUNK_BYTES // per_sample))
-    sN, sH, sW, sC = xpad.strides
-    buf = xp.empty((G, B, g.P, g.Q, g.R, g.S, Cg), dtype=x.dtype)
+    if _channels_last(g):
+        xpad = _padded_nhwc(xp, x, g)
+        sN, sH, sW, sC = xpad.strides
+        window = (G, B, g.P, g.Q, g.R, g.S, Cg)
+        strides = (Cg * sC, sN, g.sh * sH, g.sw * sW, g.dh * sH, g.dw * sW, sC)
+        batch_axis = 1
+    else:
+        xpad = xp.pad(x, ((0, 0), (0, 0), (g.pt, g.pb), (g.pl, g.pr)))
+        sN, sC, sH, sW = xpad.strides
+        window = (G, Cg, g.R, g.S, B, g.P, g.Q)
+        strides = (Cg * sC, sC, g.dh * sH, g.dw * sW, sN, g.sh * sH, g.sw * sW)
+        batch_axis = 4
+    buf = xp.empty(window, dtype=x.dtype)
     for n0 in range(0, g.N, B):
         b = min(B, g.N - n0)
-        view = xp.lib.stride_tricks.as_strided(
-            xpad[n0:], shape=(G, b, g.P, g.Q, g.R, g.S, Cg),
-            strides=(Cg * sC, sN, g.sh * sH, g.sw * sW, g.dh * sH, g.dw * sW, sC))
-        cols = buf[:, :b]
-        xp.copyto(cols, view)
-        yield n0, n0 + b, cols.reshape(G, b * g.P * g.Q, g.R * g.S * Cg)
+        shape = window[:batch_axis] + (b,) + window[batch_axis + 1:]
+        view = xp.lib.stride_tricks.as_strided(xpad[n0:], shape=shape, strides=strides)
+        part = buf[(slice(None),) * batch_axis + (slice(0, b),)]
+        xp.copyto(part, view)
+        if batch_axis == 1:
+            yield n0, n0 + b, part.reshape(G, b * g.P * g.Q, J)
+        else:
+            yield n0, n0 + b, part.reshape(G, J, b * g.P * g.Q).transpose(0, 2, 1)
 
 
 def _weight_matrix(xp, weight, g):
-    """weight (K, C/g, R, S) -> wm (groups, K/g, R*S*C/g), columns in the cols' order."""
+    """weight (K, C/g, R, S) -> wm (groups, K/g, R*S*C/g), its columns in the cols' order."""
     G = g.groups
-    w = weight.reshape(G, g.K // G, g.C // G, g.R, g.S).transpose(0, 1, 3, 4, 2)
+    w = weight.reshape(G, g.K // G, g.C // G, g.R, g.S)
+    if _channels_last(g):
+        w = w.transpose(0, 1, 3, 4, 2)
     return xp.ascontiguousarray(w).reshape(G, g.K // G, g.R * g.S * (g.C // G))
 
 
@@ -219,6 +245,8 @@ def backward_filter(dy, x, g):
     for n0, n1, cols in _im2col_chunks(xp, x, g):
         part = xp.matmul(dyk[:, :, n0 * PQ:n1 * PQ], cols)  # (groups, K/g, R*S*C/g)
         dweight = part if dweight is None else dweight + part
+    if not _channels_last(g):
+        return dweight.reshape(g.K, g.C // g.groups, g.R, g.S)
     dweight = dweight.reshape(g.K, g.R, g.S, g.C // g.groups)
     return xp.ascontiguousarray(dweight.transpose(0, 3, 1, 2))
 
