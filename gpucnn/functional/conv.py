@@ -13,8 +13,9 @@ im2col matrix, per group:
     cols[(n,p,q), (r,s,c')] = xp[n, g*C/g + c', p*sh + r*dh, q*sw + s*dw]
 (columns in (r,s,c') order from a channels-last copy of x, or in (c',r,s) order
 from x itself, whichever copies longer contiguous runs) and the weight matrix
-wm[k, (r,s,c')] = w[k,c',r,s], its columns in the same order. Then y = wm @ cols^T and dw = dy @ cols,
-with cols built and consumed a few samples at a time so that it stays in cache.
+wm[k, (r,s,c')] = w[k,c',r,s], its columns in the same order. Then
+y = wm @ cols^T and dw = dy @ cols, with cols built and consumed a few samples
+at a time so that it stays in cache.
 dx is the flipped-filter convolution computed one kernel offset (r,s) at a
 time: dy @ w[:, :, r, s] is added back at the input positions that tap read
 (a col2im that never builds the whole column matrix). On the GPU the two
