@@ -82,7 +82,7 @@ def cmd_train(args):
                   limit=args.limit)
     explicit = {k for k, v in fields.items() if v is not None}
     config = training.Config(**{k: v for k, v in fields.items() if v is not None})
-    if args.out is None:
+    if args.out is None and args.resume is None:
         config.out = training.default_out()
     config.progress = not args.no_progress and sys.stderr.isatty()
     try:

@@ -93,18 +93,28 @@ def evaluate(model, x, y, batch_size, device, num_classes):
 
 
 def _merge_resume(config, meta, explicit):
-    """The checkpoint's run settings, with a clear error where the command differs."""
-    saved = meta["config"]
+    """The checkpoint's run settings, with a clear error where the command differs.
+    Unless given, the number of epochs is the checkpoint's and the output goes
+    next to the checkpoint."""
+    saved = meta.get("config")
+    if not isinstance(saved, dict) or any(k not in saved for k in RUN_KEYS + ("epochs",)):
+        raise checkpoint.CheckpointError(f"{config.resume} was not written by gpucnn train "
+                                         "(its run settings are missing)")
     clashes = [k for k in RUN_KEYS if k in explicit and getattr(config, k) != saved[k]]
     if clashes:
         raise ValueError("--resume continues the checkpoint's run, but these settings differ "
                          "from it: " + ", ".join(f"{k}={getattr(config, k)!r} (checkpoint: "
                                                  f"{saved[k]!r})" for k in clashes))
-    return dataclasses.replace(config, **{k: saved[k] for k in RUN_KEYS})
+    keep = {k: saved[k] for k in RUN_KEYS}
+    if "epochs" not in explicit:
+        keep["epochs"] = saved["epochs"]
+    if "out" not in explicit:
+        keep["out"] = str(pathlib.Path(config.resume).parent)
+    return dataclasses.replace(config, **keep)
 
 
 def train(config, model=None, log=print, explicit=()):
-    """Run a training job; returns the per-epoch history (a list of dicts).
+    """Run a training job; returns (history, model), history a list of per-epoch dicts.
 
     model: a Sequential to train instead of the config's built-in one.
     explicit: the Config fields the user set by hand (a resume checks them).

@@ -154,3 +154,20 @@ def test_a_custom_model_trains_and_its_checkpoint_says_how_to_load_it(tmp_path):
     checkpoint.restore(tmp_path / "checkpoint.npz", again)
     for k, v in net.state_dict().items():
         assert numpy.array_equal(v, again.state_dict()[k])
+
+
+def test_resume_keeps_the_runs_epochs_and_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--limit", "96", "--epochs", "3", "--out", str(out), "--no-progress",
+                 "--device", "cpu"]) == 0
+    ckpt = out / "checkpoint.npz"
+    assert checkpoint.read(ckpt)[0]["epoch"] == 3
+    assert main(["train", "--resume", str(ckpt), "--epochs", "4", "--no-progress"]) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+    assert main(["train", "--resume", str(ckpt), "--lr", "0.5"]) == 2
+    assert "lr=0.5 (checkpoint: 0.002)" in capsys.readouterr().err
+    bogus = tmp_path / "bogus.npz"
+    numpy.savez(bogus, meta=numpy.frombuffer(b'{"epoch": 1}', dtype=numpy.uint8))
+    assert main(["train", "--resume", str(bogus)]) == 2
+    assert "was not written by gpucnn train" in capsys.readouterr().err
