@@ -59,13 +59,17 @@ def _check_grad(dy, g, name="grad_output"):
 def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
     """(y, indices): the window maxima and the flat position h*W + w of each winner."""
     g = geometry(x, kernel_size, stride, padding, ceil_mode)
+    if g.R * g.S > 32767:
+        raise ValueError(f"kernel_size {kernel_size!r} has {g.R * g.S} cells; at most 32767 "
+                         "are supported")
     xp = backend.get_array_module(x)
     if backend.use_kernels(xp):
         from .. import cuda
         return cuda.kernels().max_pool2d_forward(x, g)
-    # PyTorch's scan, one window offset at a time over all windows at once: a
-    # cell wins when it beats the best so far (so the first maximum stays) or
-    # is NaN (so the last NaN wins); np.maximum keeps NaN. Padding is -inf.
+    # PyTorch's scan, one window offset o = r*S + s at a time over all windows at
+    # once: a cell wins when it beats the best so far (so the first maximum
+    # stays) or is NaN (so the last NaN wins); np.maximum keeps NaN. Padding is
+    # -inf. Wins come at increasing o, so the winner is the largest o that won.
     xpad = _padded(xp, x, g, -xp.inf) if _needs_padding(g) else x
     has_nan = bool(xp.isnan(x).any())
     y = arg = None
@@ -73,16 +77,17 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
         for s in range(g.S):
             v = xpad[:, :, r:r + g.sh * (g.P - 1) + 1:g.sh, s:s + g.sw * (g.Q - 1) + 1:g.sw]
             if y is None:
-                y, arg = v.copy(), xp.zeros(v.shape, dtype=xp.int32)
+                y, arg = v.copy(), xp.zeros(v.shape, dtype=xp.int16)
                 continue
             better = v > y
             if has_nan:
                 better |= xp.isnan(v)
             xp.maximum(y, v, out=y)
-            arg += better * (r * g.W + s - arg)  # arg = offset where better
-    # arg is the winner's flat offset from its window's corner
+            xp.maximum(arg, better * xp.int16(r * g.S + s), out=arg)
+    # the winner's flat position: its offset within the window plus the window's corner
+    offset = (xp.arange(g.R)[:, None] * g.W + xp.arange(g.S)).ravel()
     corner = (xp.arange(g.P) * g.sh - g.ph)[:, None] * g.W + (xp.arange(g.Q) * g.sw - g.pw)
-    indices = arg + corner  # int64, like PyTorch's indices
+    indices = offset[arg] + corner  # int64, like PyTorch's indices
     if xpad is not x:
         # Only a window of -inf can have kept a padded cell; PyTorch then
         # points at the window's first cell inside the input.
@@ -120,14 +125,19 @@ def max_pool2d_backward(dy, indices, input_shape, kernel_size=None, stride=None,
             from .. import cuda
             return cuda.kernels().max_pool2d_backward(dy, indices, g)
     planes = xp.arange(N * C, dtype=xp.int64).reshape(N, C, 1, 1) * (H * W)
-    flat = (indices + planes).ravel()
-    if kernel_size is not None and g.sh >= g.R and g.sw >= g.S:
-        # windows do not overlap: every pixel has at most one window to route from
-        dx = xp.zeros(N * C * H * W, dtype=dy.dtype)
-        dx[flat] = dy.ravel()
-        return dx.reshape(N, C, H, W)
-    dx = xp.bincount(flat, weights=dy.ravel(), minlength=N * C * H * W)
-    return dx.astype(dy.dtype, copy=False).reshape(N, C, H, W)
+    flat = indices + planes
+    if kernel_size is None:
+        dx = xp.bincount(flat.ravel(), weights=dy.ravel(), minlength=N * C * H * W)
+        return dx.astype(dy.dtype, copy=False).reshape(N, C, H, W)
+    # Windows mh = ceil(R/sh) rows (and mw columns) apart never overlap, so within
+    # each of the mh*mw phases of (p mod mh, q mod mw) the winners are distinct
+    # pixels and a plain indexed add is exact; the phases add up in a fixed order.
+    mh, mw = -(-g.R // g.sh), -(-g.S // g.sw)
+    dx = xp.zeros(N * C * H * W, dtype=dy.dtype)
+    for a in range(mh):
+        for b in range(mw):
+            dx[flat[:, :, a::mh, b::mw].ravel()] += dy[:, :, a::mh, b::mw].ravel()
+    return dx.reshape(N, C, H, W)
 
 
 def _divisors(xp, g, dtype):
