@@ -42,16 +42,17 @@ class Timer:
                 import torch
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
+                elapsed = start.elapsed_time
             else:
                 import cupy
                 start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                elapsed = lambda e: cupy.cuda.get_elapsed_time(start, e)  # noqa: E731
             for _ in range(self.repeat):
                 start.record()
                 fn()
                 end.record()
                 end.synchronize()
-                times.append(start.elapsed_time(end) if torch_cuda else
-                             __import__("cupy").cuda.get_elapsed_time(start, end))
+                times.append(elapsed(end))
         else:
             for _ in range(self.repeat):
                 t0 = time.perf_counter()
