@@ -135,11 +135,8 @@ def cmd_info(args):
             print(f"kernels/{filename}: {'compiles' if good else 'FAILS'} with NVRTC "
                   f"{major}.{minor} (compute_90)" + ("" if good else f"\n{log}"))
     if device == "cuda":
-        k = cuda.kernels()
-        for filename in sorted(cuda.KERNELS):
-            for name in cuda.KERNELS[filename]:
-                k._function(filename, name, numpy.float32)
-        print("kernels: loaded on the GPU through CuPy")
+        loaded = cuda.kernels().load_all()
+        print(f"kernels: all {len(loaded)} instantiations loaded on the GPU through CuPy")
     return 0 if ok else 1
 
 

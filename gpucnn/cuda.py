@@ -76,6 +76,16 @@ class Kernels:
             raise RuntimeError(f"CUDA kernel {name} from kernels/{filename} failed to compile "
                                f"or load:\n{e}") from e
 
+    def load_all(self):
+        """Compile and load every kernel for float and double now; returns their names."""
+        names = []
+        for filename, kernels in KERNELS.items():
+            for kernel in kernels:
+                for dtype in TYPES:
+                    self._function(filename, kernel, dtype)
+                    names.append(f"{kernel}<{TYPES[dtype]}>")
+        return names
+
     def _c(self, a):
         return self.xp.ascontiguousarray(a)
 

@@ -72,3 +72,8 @@ def test_non_contiguous_inputs_are_made_contiguous(kernels, rng):
     g = pool.geometry(x, 2)
     y, idx = kernels.max_pool2d_forward(x, g)
     numpy.testing.assert_array_equal(y, F.max_pool2d(x, 2)[0])
+
+
+def test_every_instantiation_loads(kernels):
+    names = kernels.load_all()
+    assert len(names) == 2 * sum(len(k) for k in cuda.KERNELS.values())
