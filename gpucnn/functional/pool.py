@@ -39,16 +39,22 @@ def geometry(x_or_shape, kernel_size, stride=None, padding=0, ceil_mode=False, n
     return PoolGeometry(N, C, H, W, R, S, P, Q, sh, sw, ph, pw)
 
 
+def _padded_size(g):
+    """(Hp, Wp): the padded input that holds every window, ceil_mode's last one too."""
+    return (max(g.H + 2 * g.ph, (g.P - 1) * g.sh + g.R),
+            max(g.W + 2 * g.pw, (g.Q - 1) * g.sw + g.S))
+
+
 def _padded(xp, x, g, value):
-    """x padded so that every window, ceil_mode's last one too, lies inside."""
-    bottom = max(0, (g.P - 1) * g.sh + g.R - g.H - g.ph)
-    right = max(0, (g.Q - 1) * g.sw + g.S - g.W - g.pw)
-    return xp.pad(x, ((0, 0), (0, 0), (g.ph, bottom), (g.pw, right)), constant_values=value)
+    """x padded (top/left by the padding, bottom/right to _padded_size)."""
+    Hp, Wp = _padded_size(g)
+    return xp.pad(x, ((0, 0), (0, 0), (g.ph, Hp - g.H - g.ph), (g.pw, Wp - g.W - g.pw)),
+                  constant_values=value)
 
 
-def _needs_padding(g):
-    """Whether some window reaches past the input (padding or ceil_mode)."""
-    return (g.ph or g.pw or (g.P - 1) * g.sh + g.R > g.H or (g.Q - 1) * g.sw + g.S > g.W)
+def _cells(a, g, r, s):
+    """The cell at offset (r, s) of every window: a strided (N, C, P, Q) view of padded a."""
+    return a[:, :, r:r + g.sh * (g.P - 1) + 1:g.sh, s:s + g.sw * (g.Q - 1) + 1:g.sw]
 
 
 def _check_grad(dy, g, name="grad_output"):
@@ -70,12 +76,12 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
     # once: a cell wins when it beats the best so far (so the first maximum
     # stays) or is NaN (so the last NaN wins); np.maximum keeps NaN. Padding is
     # -inf. Wins come at increasing o, so the winner is the largest o that won.
-    xpad = _padded(xp, x, g, -xp.inf) if _needs_padding(g) else x
+    xpad = _padded(xp, x, g, -xp.inf) if _padded_size(g) != (g.H, g.W) else x
     has_nan = bool(xp.isnan(x).any())
     y = arg = None
     for r in range(g.R):  # a loop over window offsets, not pixels
         for s in range(g.S):
-            v = xpad[:, :, r:r + g.sh * (g.P - 1) + 1:g.sh, s:s + g.sw * (g.Q - 1) + 1:g.sw]
+            v = _cells(xpad, g, r, s)
             if y is None:
                 y, arg = v.copy(), xp.zeros(v.shape, dtype=xp.int16)
                 continue
@@ -157,7 +163,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
     y = xp.zeros((g.N, g.C, g.P, g.Q), dtype=x.dtype)
     for r in range(g.R):  # loop over window offsets, not pixels
         for s in range(g.S):
-            y += xpad[:, :, r:r + g.sh * (g.P - 1) + 1:g.sh, s:s + g.sw * (g.Q - 1) + 1:g.sw]
+            y += _cells(xpad, g, r, s)
     y /= _divisors(xp, g, x.dtype)
     return y
 
@@ -169,10 +175,8 @@ def avg_pool2d_backward(dy, input_shape, kernel_size, stride=None, padding=0, ce
     _check_grad(dy, g)
     xp = backend.get_array_module(dy)
     share = dy / _divisors(xp, g, dy.dtype)
-    Hp = max(g.H + 2 * g.ph, (g.P - 1) * g.sh + g.R)
-    Wp = max(g.W + 2 * g.pw, (g.Q - 1) * g.sw + g.S)
-    dxp = xp.zeros((g.N, g.C, Hp, Wp), dtype=dy.dtype)
+    dxp = xp.zeros((g.N, g.C, *_padded_size(g)), dtype=dy.dtype)
     for r in range(g.R):
         for s in range(g.S):
-            dxp[:, :, r:r + g.sh * (g.P - 1) + 1:g.sh, s:s + g.sw * (g.Q - 1) + 1:g.sw] += share
+            _cells(dxp, g, r, s)[...] += share
     return xp.ascontiguousarray(dxp[:, :, g.ph:g.ph + g.H, g.pw:g.pw + g.W])
