@@ -88,12 +88,6 @@ def get_array_module(*arrays):
     return _cupy if devices == {"cuda"} else numpy
 
 
-def use_kernels(xp):
-    """Whether the hand-written CUDA kernels (gpucnn.cuda) do the work for arrays of
-    this module: CuPy's. The one switch between the device-specific paths."""
-    return xp is not numpy
-
-
 def xp_for(device):
     """The array module of a resolved device name."""
     if device == "cuda":

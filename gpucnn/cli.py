@@ -135,7 +135,8 @@ def cmd_info(args):
             print(f"kernels/{filename}: {'compiles' if good else 'FAILS'} with NVRTC "
                   f"{major}.{minor} (compute_90)" + ("" if good else f"\n{log}"))
     if device == "cuda":
-        loaded = cuda.kernels().load_all()
+        import cupy
+        loaded = cuda.kernels_for(cupy).load_all()
         print(f"kernels: all {len(loaded)} instantiations loaded on the GPU through CuPy")
     return 0 if ok else 1
 

@@ -151,18 +151,20 @@ class Kernels:
         return dx
 
 
-def _raw_module(code, names):
-    import cupy
-    return cupy.RawModule(code=code, options=NVRTC_OPTIONS, name_expressions=names)
-
-
 _per_device = {}
 
 
-def kernels():
-    """The Kernels of the current CUDA device, compiled on first use and cached."""
-    import cupy
-    device = cupy.cuda.runtime.getDevice()
-    if device not in _per_device:
-        _per_device[device] = Kernels(cupy, _raw_module)
-    return _per_device[device]
+def kernels_for(xp):
+    """The Kernels serving arrays of the array module xp on its current device, or
+    None where xp is NumPy (the CPU path). The one way an op asks for the kernels.
+
+    Any CuPy-like module serves: the kernels are loaded through xp.RawModule
+    (CuPy's, or a stand-in's), compiled on first use and cached per device.
+    """
+    if xp is numpy:
+        return None
+    key = (xp, xp.cuda.runtime.getDevice())
+    if key not in _per_device:
+        _per_device[key] = Kernels(xp, lambda code, names: xp.RawModule(
+            code=code, options=NVRTC_OPTIONS, name_expressions=names))
+    return _per_device[key]

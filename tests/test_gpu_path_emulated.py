@@ -6,7 +6,7 @@ import pytest
 
 import gpucnn
 from emulator import EmulatedModule
-from gpucnn import backend, cuda, functional as F, models
+from gpucnn import cuda, functional as F, models
 from test_device_parity import OPS, _flat
 
 
@@ -26,8 +26,7 @@ _EMULATED = _CountingKernels(numpy, EmulatedModule)
 
 def _kernels_on_cpu(monkeypatch):
     """Route every kernel call to the emulator: numpy arrays take the GPU branches."""
-    monkeypatch.setattr(backend, "use_kernels", lambda xp: True)
-    monkeypatch.setattr(cuda, "kernels", lambda: _EMULATED)
+    monkeypatch.setattr(cuda, "kernels_for", lambda xp: _EMULATED)
 
 
 @pytest.mark.parametrize("op", sorted(OPS))

@@ -23,7 +23,7 @@ backward passes are the gather kernels in kernels/conv2d_backward.cu.
 """
 from collections import namedtuple
 
-from .. import backend
+from .. import backend, cuda
 from . import _checks
 
 ConvGeometry = namedtuple(
@@ -215,8 +215,9 @@ def backward_data(dy, weight, g):
     the taps' shares are added up there and the padding is cropped off.
     """
     xp = backend.get_array_module(dy, weight)
-    if backend.use_kernels(xp):
-        return _cuda_kernels().conv2d_backward_data(dy, weight, g)
+    kernels = cuda.kernels_for(xp)
+    if kernels is not None:
+        return kernels.conv2d_backward_data(dy, weight, g)
     G, Cg, PQ = g.groups, g.C // g.groups, g.P * g.Q
     dyg = _grouped_dy(xp, dy, g)  # rows (n,p,q): each tap's share comes out channels-last
     taps = xp.ascontiguousarray(weight.reshape(G, g.K // G, Cg, g.R, g.S).transpose(3, 4, 0, 1, 2))
@@ -240,8 +241,9 @@ def backward_data(dy, weight, g):
 def backward_filter(dy, x, g):
     """dweight (K, C/groups, R, S) = dy @ cols, summed over the chunks in order."""
     xp = backend.get_array_module(dy, x)
-    if backend.use_kernels(xp):
-        return _cuda_kernels().conv2d_backward_filter(dy, x, g)
+    kernels = cuda.kernels_for(xp)
+    if kernels is not None:
+        return kernels.conv2d_backward_filter(dy, x, g)
     dyk, PQ, dweight = _channel_major_dy(xp, dy, g), g.P * g.Q, None
     for n0, n1, cols in _im2col_chunks(xp, x, g):
         part = xp.matmul(dyk[:, :, n0 * PQ:n1 * PQ], cols)  # (groups, K/g, R*S*C/g)
@@ -255,11 +257,8 @@ def backward_filter(dy, x, g):
 def backward_bias(dy):
     """dbias (K,) = dy summed over n, p, q."""
     xp = backend.get_array_module(dy)
-    if backend.use_kernels(xp):
-        return _cuda_kernels().conv2d_backward_bias(dy)
+    kernels = cuda.kernels_for(xp)
+    if kernels is not None:
+        return kernels.conv2d_backward_bias(dy)
     return dy.sum(axis=(0, 2, 3))
 
-
-def _cuda_kernels():
-    from .. import cuda
-    return cuda.kernels()

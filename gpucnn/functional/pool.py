@@ -13,7 +13,7 @@ Shapes: x (N, C, H, W) -> y (N, C, P, Q). The window of output (p, q) starts at
 """
 from collections import namedtuple
 
-from .. import backend
+from .. import backend, cuda
 from . import _checks
 
 PoolGeometry = namedtuple("PoolGeometry", "N C H W R S P Q sh sw ph pw")
@@ -69,9 +69,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
         raise ValueError(f"kernel_size {kernel_size!r} has {g.R * g.S} cells; at most 32767 "
                          "are supported")
     xp = backend.get_array_module(x)
-    if backend.use_kernels(xp):
-        from .. import cuda
-        return cuda.kernels().max_pool2d_forward(x, g)
+    kernels = cuda.kernels_for(xp)
+    if kernels is not None:
+        return kernels.max_pool2d_forward(x, g)
     # PyTorch's scan, one window offset o = r*S + s at a time over all windows at
     # once: a cell wins when it beats the best so far (so the first maximum
     # stays) or is NaN (so the last NaN wins); np.maximum keeps NaN. Padding is
@@ -127,9 +127,9 @@ def max_pool2d_backward(dy, indices, input_shape, kernel_size=None, stride=None,
     if kernel_size is not None:
         g = geometry((N, C, H, W), kernel_size, stride, padding, ceil_mode)
         _check_grad(dy, g)
-        if backend.use_kernels(xp):
-            from .. import cuda
-            return cuda.kernels().max_pool2d_backward(dy, indices, g)
+        kernels = cuda.kernels_for(xp)
+        if kernels is not None:
+            return kernels.max_pool2d_backward(dy, indices, g)
     planes = xp.arange(N * C, dtype=xp.int64).reshape(N, C, 1, 1) * (H * W)
     flat = indices + planes
     if kernel_size is None:
