@@ -11,8 +11,10 @@ import numpy
 
 from . import backend, checkpoint, data, plots
 from . import functional as F
+from .augment import Augment
 from .models import MODELS
 from .optim import SGD, Adam
+from .schedules import SCHEDULES
 from .random import manual_seed
 
 DEFAULTS = {  # per dataset: what reaches the README's accuracy targets
@@ -20,9 +22,21 @@ DEFAULTS = {  # per dataset: what reaches the README's accuracy targets
     "fashion-mnist": dict(model="lenet", epochs=3, batch_size=64, optimizer="adam", lr=1e-3),
     "mnist": dict(model="lenet", epochs=3, batch_size=64, optimizer="adam", lr=1e-3),
 }
+# Per built-in model, its recipe (issue 11's ResNet recipe); it overrides the
+# dataset's defaults, and whatever the user sets overrides both.
+MODEL_DEFAULTS = {
+    "resnet": dict(epochs=10, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9,
+                   nesterov=True, weight_decay=5e-4, schedule="cosine", augment="crop+flip"),
+}
+# Unset after both: plain training.
+FALLBACKS = dict(nesterov=False, weight_decay=0.0, schedule="none", augment="none",
+                 label_smoothing=0.0, warmup=0)
+AUGMENTS = ("none", "crop", "flip", "crop+flip")
+CROP_PADDING = 2
+NO_FLIP = ("digits", "mnist")  # a flipped digit is another symbol
 # Settings that define a run: a resumed run takes them from its checkpoint.
 RUN_KEYS = ("dataset", "model", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-            "seed", "limit")
+            "seed", "limit", "nesterov", "schedule", "augment", "label_smoothing", "warmup")
 
 
 @dataclasses.dataclass
@@ -35,7 +49,12 @@ class Config:
     optimizer: str = None
     lr: float = None
     momentum: float = 0.9
-    weight_decay: float = 0.0
+    weight_decay: float = None
+    nesterov: bool = None
+    schedule: str = None
+    augment: str = None
+    label_smoothing: float = None
+    warmup: int = None
     device: str = None
     seed: int = 0
     out: str = "runs/latest"
@@ -49,6 +68,7 @@ class Config:
             raise ValueError(f"dataset must be one of {tuple(DEFAULTS)}, got {self.dataset!r}")
         c = dataclasses.replace(self, **{k: v for k, v in DEFAULTS[self.dataset].items()
                                         if getattr(self, k) is None})
+        c = _fill_recipe(c, self)
         for name in ("epochs", "batch_size"):
             if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(c, name)!r}")
@@ -63,6 +83,56 @@ class Config:
         return c
 
 
+def _fill_recipe(c, given):
+    """The model's recipe, then FALLBACKS, in place of the fields the user left unset
+    (the dataset's defaults give way to the recipe); checks the new settings."""
+    recipe = dict(MODEL_DEFAULTS.get(c.model, {}))
+    if recipe.get("augment") == "crop+flip" and c.dataset in NO_FLIP:
+        recipe["augment"] = "crop"
+    fields = {k: v for k, v in recipe.items() if getattr(given, k) is None}
+    fields.update({k: v for k, v in FALLBACKS.items()
+                   if getattr(given, k) is None and k not in recipe})
+    c = dataclasses.replace(c, **fields)
+    if c.schedule not in ("none",) + tuple(SCHEDULES):
+        raise ValueError(f"schedule must be one of {('none',) + tuple(SCHEDULES)}, "
+                         f"got {c.schedule!r}")
+    if c.augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {c.augment!r}")
+    if not 0 <= c.label_smoothing <= 1:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {c.label_smoothing}")
+    if not isinstance(c.warmup, int) or c.warmup < 0:
+        raise ValueError(f"warmup must be a number of steps >= 0, got {c.warmup!r}")
+    if c.nesterov and c.optimizer != "sgd":
+        raise ValueError(f"nesterov applies to --optimizer sgd, got {c.optimizer!r}")
+    return c
+
+
+def make_schedule(config, optimizer, steps_per_epoch):
+    """The config's lr schedule, stepped once per batch (None for 'none').
+    cosine: from lr to 0 over all the run's batches after the warmup; step: x0.1
+    every third of the run (at least every epoch)."""
+    if config.schedule == "none":
+        if config.warmup:
+            return SCHEDULES["step"](optimizer, step_size=2**62, gamma=1.0,
+                                     warmup_steps=config.warmup)
+        return None
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "cosine":
+        return SCHEDULES["cosine"](optimizer, T_max=max(1, total - config.warmup), eta_min=0.0,
+                                   warmup_steps=config.warmup)
+    return SCHEDULES["step"](optimizer, step_size=max(1, config.epochs // 3) * steps_per_epoch,
+                             gamma=0.1, warmup_steps=config.warmup)
+
+
+def make_augment(config, stats, seed):
+    """The batch transform of --augment; pads with the standardised value of a black pixel."""
+    if config.augment == "none":
+        return None
+    fill = (0.0 - stats["mean"]) / stats["std"] if stats else 0.0
+    return Augment(padding=CROP_PADDING if "crop" in config.augment else 0,
+                   flip="flip" in config.augment, fill=fill, seed=seed)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -70,7 +140,7 @@ class TrainingDiverged(RuntimeError):
 def make_optimizer(config, params):
     if config.optimizer == "sgd":
         return SGD(params, lr=config.lr, momentum=config.momentum,
-                   weight_decay=config.weight_decay)
+                   weight_decay=config.weight_decay, nesterov=bool(config.nesterov))
     return Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -139,6 +209,9 @@ def train(config, model=None, log=print, explicit=()):
         model = MODELS[config.model](num_classes=len(ds.classes), in_channels=ds.image_shape[0])
     model.to(device).train()
     optimizer = make_optimizer(config, model.parameters())
+    nb = data.num_batches(len(train_y), config.batch_size)
+    schedule = make_schedule(config, optimizer, nb)
+    augment = make_augment(config, ds.stats, config.seed + 1)
     rng = numpy.random.default_rng(config.seed)
     out = pathlib.Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,17 +222,19 @@ def train(config, model=None, log=print, explicit=()):
         history, start_epoch, start_step = (resume_meta["history"], resume_meta["epoch"],
                                             resume_meta["step"])
         rng.bit_generator.state = resume_meta["rng_state"]
+        _restore_extras(resume_meta, schedule, augment)
         partial = resume_meta.get("partial")
         log(f"gpucnn: resumed from {config.resume} at epoch {start_epoch + 1}, step {start_step}")
+
+    extras = _extras(model, schedule, augment)  # random and lr state after the last full step
 
     def save(epoch, step, rng_state, part=None):
         meta = dict(version=1, epoch=epoch, step=step, rng_state=rng_state, partial=part,
                     config=dataclasses.asdict(config), history=history, classes=list(ds.classes),
                     num_classes=len(ds.classes), in_channels=int(ds.image_shape[0]),
-                    data_stats=ds.stats, custom_model=custom_model)
+                    data_stats=ds.stats, custom_model=custom_model, **extras)
         checkpoint.save(ckpt_path, model, optimizer, meta)
 
-    nb = data.num_batches(len(train_y), config.batch_size)
     for epoch in range(start_epoch, config.epochs):
         epoch_state = rng.bit_generator.state
         order = rng.permutation(len(train_y))
@@ -173,8 +248,10 @@ def train(config, model=None, log=print, explicit=()):
             t0 = time.perf_counter()
             for xb, yb in data.batches(train_x, train_y, config.batch_size, device, order, skip):
                 optimizer.zero_grad()
+                if augment is not None:
+                    xb = augment(xb)
                 logits = model.forward(xb)
-                loss, dlogits = F.softmax_cross_entropy(logits, yb)
+                loss, dlogits = F.softmax_cross_entropy(logits, yb, config.label_smoothing)
                 value = float(loss)
                 if not math.isfinite(value):
                     raise TrainingDiverged(
@@ -184,7 +261,10 @@ def train(config, model=None, log=print, explicit=()):
                         f"learning rate, e.g. --lr {config.lr / 10:g}")
                 model.backward(dlogits, need_input_grad=False)
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
                 step += 1
+                extras = _extras(model, schedule, augment)
                 loss_sum += value * len(yb)
                 correct = correct + (logits.argmax(axis=1) == yb).sum()  # stays on the device
                 seen += len(yb)
@@ -224,6 +304,24 @@ def train(config, model=None, log=print, explicit=()):
                         f"{config.dataset} test set, epoch {epoch + 1}: "
                         f"{100 * test_acc:.2f}% correct")
     return history, model
+
+
+def _extras(model, schedule, augment):
+    """The random layers', schedule's and augmentation's state for the checkpoint's meta."""
+    return dict(model_rng=model.rng_state(),
+                schedule=schedule.state_dict() if schedule is not None else None,
+                augment=augment.get_rng_state() if augment is not None else None)
+
+
+def _restore_extras(meta, schedule, augment):
+    for name, obj, restore in (("schedule", schedule, "load_state_dict"),
+                               ("augment", augment, "set_rng_state")):
+        state = meta.get(name)
+        if (state is None) != (obj is None):
+            raise checkpoint.CheckpointError(f"the checkpoint's {name} state ({state}) does "
+                                             f"not fit this run's ({obj!r})")
+        if state is not None:
+            getattr(obj, restore)(state)
 
 
 def _progress(total, initial, desc, enabled):
