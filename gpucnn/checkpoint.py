@@ -25,7 +25,7 @@ def save(path, model, optimizer, meta):
             if hasattr(v, "shape"):
                 arrays[f"optim/{i}/{k}"] = backend.to_numpy(v)
     # the random layers' state (Dropout), unless the caller took it at a step boundary
-    meta = dict(meta, model_rng=meta.get("model_rng", model.rng_state()))
+    meta = dict(meta, model_rng=meta.get("model_rng", model.random_state()))
     record = dict(meta, optimizer=dict(type=type(optimizer).__name__, steps=opt_state["steps"],
                                        hyper=opt_state["hyper"], scalars=scalars),
                   params={k: list(v.shape) for k, v in model.state_dict().items()})
@@ -78,5 +78,5 @@ def restore(path, model, optimizer=None):
         optimizer.load_state_dict(dict(steps=info["steps"], hyper=info["hyper"], state=state))
     model.load_state_dict(model_state)
     if meta.get("model_rng") is not None:
-        model.set_rng_state(meta["model_rng"])
+        model.load_random_state(meta["model_rng"])
     return meta

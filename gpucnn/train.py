@@ -308,7 +308,7 @@ def train(config, model=None, log=print, explicit=()):
 
 def _extras(model, schedule, augment):
     """The random layers', schedule's and augmentation's state for the checkpoint's meta."""
-    return dict(model_rng=model.rng_state(),
+    return dict(model_rng=model.random_state(),
                 schedule=schedule.state_dict() if schedule is not None else None,
                 augment=augment.get_rng_state() if augment is not None else None)
 

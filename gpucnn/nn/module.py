@@ -95,13 +95,13 @@ class Module:
                 for key, item in store.items():
                     yield prefix + key, item
 
-    def rng_state(self):
+    def random_state(self):
         """{module name: state} of every module that draws random numbers (Dropout);
         JSON-serialisable, stored in checkpoints so that a resume is bit-exact."""
         return {name: m.get_rng_state() for name, m in self.named_modules()
                 if hasattr(m, "get_rng_state")}
 
-    def set_rng_state(self, states):
+    def load_random_state(self, states):
         own = {name: m for name, m in self.named_modules() if hasattr(m, "set_rng_state")}
         if set(own) != set(states):
             raise ValueError(f"random state is for modules {sorted(states)}, this model's "
