@@ -227,6 +227,7 @@ def train(config, model=None, log=print, explicit=()):
         log(f"gpucnn: resumed from {config.resume} at epoch {start_epoch + 1}, step {start_step}")
 
     extras = _extras(model, schedule, augment)  # random and lr state after the last full step
+    buffers = _buffers(model)  # running statistics after the last full step
 
     def save(epoch, step, rng_state, part=None):
         meta = dict(version=1, epoch=epoch, step=step, rng_state=rng_state, partial=part,
@@ -264,7 +265,7 @@ def train(config, model=None, log=print, explicit=()):
                 if schedule is not None:
                     schedule.step()
                 step += 1
-                extras = _extras(model, schedule, augment)
+                extras, buffers = _extras(model, schedule, augment), _buffers(model)
                 loss_sum += value * len(yb)
                 correct = correct + (logits.argmax(axis=1) == yb).sum()  # stays on the device
                 seen += len(yb)
@@ -275,6 +276,7 @@ def train(config, model=None, log=print, explicit=()):
                 bar.update(1)
         except KeyboardInterrupt:
             bar.close()
+            _restore_buffers(model, buffers)  # undo a forward cut short (BN statistics)
             save(epoch, step, epoch_state, dict(loss_sum=loss_sum, correct=int(correct), seen=seen,
                                                 train_time=train_time))
             log(f"gpucnn: interrupted at epoch {epoch + 1}, step {step}; saved {ckpt_path} "
@@ -311,6 +313,16 @@ def _extras(model, schedule, augment):
     return dict(model_rng=model.random_state(),
                 schedule=schedule.state_dict() if schedule is not None else None,
                 augment=augment.get_rng_state() if augment is not None else None)
+
+
+def _buffers(model):
+    """Copies of the model's buffers (device-side, a few KB for BN statistics)."""
+    return {name: b.data.copy() for name, b in model.named_buffers()}
+
+
+def _restore_buffers(model, saved):
+    for name, b in model.named_buffers():
+        b.data = saved[name]
 
 
 def _restore_extras(meta, schedule, augment):
