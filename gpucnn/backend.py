@@ -8,7 +8,7 @@ import os
 
 import numpy
 
-from .errors import DeviceError
+from .errors import ConfigError, DeviceError
 
 DEVICES = ("cpu", "cuda", "auto")
 _cupy = None
@@ -62,7 +62,7 @@ def resolve_device(device=None):
         device = os.environ.get("GPUCNN_DEVICE", "auto")
         source = "GPUCNN_DEVICE" if "GPUCNN_DEVICE" in os.environ else "default"
     if not isinstance(device, str) or device.lower() not in DEVICES:
-        raise DeviceError(f"device must be one of {DEVICES}, got {device!r} (from {source})")
+        raise ConfigError(f"device must be one of {DEVICES}, got {device!r} (from {source})")
     device = device.lower()
     if device == "cpu":
         return "cpu", f"cpu requested ({source})"

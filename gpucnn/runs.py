@@ -60,7 +60,8 @@ def check_writable(path, what="--out"):
         probe.unlink()
     except OSError as e:
         if e.errno in DISK_FULL:
-            raise DiskFullError(f"{what} {path}: the disk is full ({e.strerror})") from None
+            raise DiskFullError(f"{what} {path}: no space left to write there "
+                                f"({e.strerror})") from None
         raise RunFolderError(f"{what} {path} is not writable ({e.strerror}); pass --out with a "
                              "folder you can write to") from None
     return path
@@ -167,8 +168,8 @@ def disk_full(error, what, survivor):
     checkpoint survives; None when the error is not a full disk."""
     if not isinstance(error, OSError) or error.errno not in DISK_FULL:
         return None
-    return DiskFullError(f"the disk is full: writing {what} failed ({error.strerror}). "
-                         f"{survivor}")
+    return DiskFullError(f"no space left to write {what} ({error.strerror}); free some space "
+                         f"and run again. {survivor}")
 
 
 def blas_threads():
