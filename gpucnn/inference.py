@@ -76,8 +76,10 @@ def read_image(path, input_shape):
                                 pixels[:, -1].ravel()])
     if numpy.median(border) > 0.5:
         pixels = 1.0 - pixels
-    resized = Image.fromarray(numpy.round(pixels * 255).astype(numpy.uint8)).resize(
-        (W, H), Image.Resampling.LANCZOS)
+    image = Image.fromarray(numpy.round(pixels * 255).astype(numpy.uint8))
+    # shrinking: each pixel the mean of the area it covers (no ringing at strokes' edges)
+    shrink = image.width >= W and image.height >= H
+    resized = image.resize((W, H), Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC)
     out = numpy.asarray(resized, dtype=numpy.float64) / 255.0
     return out[None] if C == 1 else out.transpose(2, 0, 1)
 
