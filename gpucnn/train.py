@@ -1,5 +1,6 @@
 """The training loop behind ``gpucnn train``: progress, metrics, checkpoints,
 resume, plots, and a clean stop on NaN/inf or Ctrl-C."""
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -175,18 +176,24 @@ def train(config, model=None, log=print):
     config = config.filled()
     if config.progress is None:
         config = dataclasses.replace(config, progress=sys.stderr.isatty())
-    if config.out is None:
-        out = runs.default_folder()
-        config = dataclasses.replace(config, out=str(out))
+    default_out = config.out is None
+    if default_out:
+        config = dataclasses.replace(config, out=str(runs.default_folder()))
     out = pathlib.Path(config.out)
+    created = default_out or not out.exists()
     here = bool(config.resume) and out.resolve() == pathlib.Path(config.resume).parent.resolve()
     lock = runs.claim(out, resuming_here=here, overwrite=config.overwrite)
     try:
         with runs.sigterm_as_interrupt():
-            history = _run(config, model, log, out, resume_meta)
+            return _run(config, model, log, out, resume_meta)
+    except UserError:
+        lock.release()
+        if created:  # e.g. a dataset error: leave no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     finally:
         lock.release()
-    return history
 
 
 def _run(config, model, log, out, resume_meta):

@@ -128,6 +128,7 @@ def test_empty_training_set(tmp_path, capsys):
     assert main(["train", "--dataset", "mnist", "--data-dir", str(root), "--out",
                  str(tmp_path / "run")] + FAST) == 2
     one_line_error(capsys, "train-images-idx3-ubyte holds no images")
+    assert not (tmp_path / "run").exists()  # no empty run folder left behind
 
 
 @pytest.mark.parametrize("flag, value, needle", [
