@@ -182,16 +182,24 @@ def _straight(tmp_path, epochs=2):
 def test_sigterm_and_ctrl_c_in_evaluation_keep_the_epoch_and_resume_exactly(tmp_path, trap):
     straight = _straight(tmp_path)
     out = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt) as stop:
-        train.train(train.Config(epochs=2, out=str(out), **QUICK), model=_trapped(*trap),
-                    log=quiet)
+
+    def unhandled(signum, frame):  # were train's handler missing, fail instead of dying
+        raise AssertionError("SIGTERM reached the test's handler, not train's")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(KeyboardInterrupt) as stop:
+            train.train(train.Config(epochs=2, out=str(out), **QUICK), model=_trapped(*trap),
+                        log=quiet)
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # train's handler is removed
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     meta = checkpoint.read(out / "checkpoint.npz")[0]
     if trap[1] == "sigterm":
         assert isinstance(stop.value, runs.Terminated)
         assert (meta["epoch"], meta["step"]) == (1, 1)  # epoch 2, one of its 3 steps done
     else:  # all 3 steps of epoch 1 done, its evaluation interrupted
         assert (meta["epoch"], meta["step"], meta["history"]) == (0, 3, [])
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed
     history, _ = train.train(train.Config(resume=str(out / "checkpoint.npz"), **QUICK),
                              log=quiet)
     assert _same_weights(straight / "checkpoint.npz", out / "checkpoint.npz")
