@@ -140,7 +140,7 @@ def claim(path, *, resuming_here=False, overwrite=False):
             for name in RUN_FILES:
                 with contextlib.suppress(FileNotFoundError):
                     (path / name).unlink()
-        for stale in path.glob(CHECKPOINT + ".tmp-*"):
+        for stale in [*path.glob(CHECKPOINT + ".tmp-*"), *path.glob(METRICS + ".tmp-*")]:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
     except BaseException:

@@ -106,6 +106,7 @@ def test_metrics_are_rebuilt_from_the_checkpoint_and_stale_temporaries_removed(t
     rows = (out / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text(rows[0] + "\n" + rows[0] + "\n")
     (out / "checkpoint.npz.tmp-999999").write_bytes(b"x" * 1000)
+    (out / "metrics.jsonl.tmp-999999").write_text("{")
     for name in runs.PLOTS:
         (out / name).unlink()
     train.train(train.Config(epochs=3, resume=str(out / "checkpoint.npz"), **QUICK), log=quiet)
