@@ -178,6 +178,8 @@ def cmd_info(args):
 
 def cmd_gradcheck(args):
     from . import gradcheck
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be an int >= 0, got {args.seed}")
     device, why = backend.resolve_device(args.device)
     print(f"float64 finite-difference check of every backward on {device} ({why})")
     rows = gradcheck.run_all(device, args.seed)

@@ -153,9 +153,11 @@ def test_eval_bad_batch_size(run, capsys, size):
     one_line_error(capsys, f"batch_size must be a positive int, got {size}")
 
 
-def test_bench_repeat_zero(capsys):
+def test_bench_repeat_zero_and_gradcheck_negative_seed(capsys):
     assert main(["bench", "--repeat", "0", "--device", "cpu"]) == 2
     one_line_error(capsys, "--repeat must be a positive int, got 0")
+    assert main(["gradcheck", "--seed", "-1", "--device", "cpu"]) == 2
+    one_line_error(capsys, "--seed must be an int >= 0, got -1")
 
 
 def test_cuda_without_a_gpu(capsys):
