@@ -58,8 +58,9 @@ def read(path):
         # would run code from the file: say what is wrong instead.
         why = ("not a .npz archive" if not _is_zip(path) else
                "no gpucnn record in the archive" if isinstance(e, KeyError) else
+               "it holds Python objects, which gpucnn never writes" if "pickle" in str(e) else
                "its record is not valid JSON" if isinstance(e, (ValueError, UnicodeDecodeError))
-               else f"the archive is damaged: {e}")
+               else f"the archive is damaged or truncated: {e}")
         raise CheckpointError(f"{path} is not a readable gpucnn checkpoint ({why}); pass a "
                               "checkpoint.npz written by gpucnn train") from None
     if not isinstance(meta, dict):
@@ -69,8 +70,10 @@ def read(path):
 
 
 def _is_zip(path):
+    """Whether a file starts like a zip archive (.npz), even a damaged one."""
     try:
-        return zipfile.is_zipfile(path)
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
     except OSError:
         return False
 
