@@ -83,8 +83,9 @@ def test_a_sequential_names_the_layer_whose_shapes_do_not_chain():
     outer = Sequential(Sequential(Flatten(), Linear(36, 4)), Linear(5, 2))
     with pytest.raises(ValueError, match=r"^layer 1 \(Linear\), input of shape \(2, 4\)"):
         outer(x)
-    inner = Sequential(Sequential(Flatten(), Linear(7, 4)))
-    with pytest.raises(ValueError, match=r"^layer 1 \(Linear\), input of shape \(2, 36\)"):
+    inner = Sequential(ReLU(), Sequential(Flatten(), Linear(7, 4)))
+    with pytest.raises(ValueError, match=r"^layer 1.1 \(Linear\), input of shape \(2, 36\): "
+                                         r"input has 36 features"):
         inner(x)
     good = Sequential(Flatten(), Linear(36, 3))
     good(x)

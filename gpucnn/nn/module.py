@@ -226,16 +226,24 @@ def _check_state_entry(name, value, current, allow_nonfinite):
 
 @contextlib.contextmanager
 def _naming_layer(i, layer, a, what):
-    """Prefix a layer's ValueError/TypeError with its index, type and the shape it
-    got, so that a network whose shapes do not chain says where."""
+    """Prefix a layer's ValueError/TypeError with its index (dotted through nested
+    Sequentials), its type and the shape it got, so that a network whose shapes do
+    not chain says where."""
     try:
         yield
     except (ValueError, TypeError) as e:
-        if e.args and isinstance(e.args[0], str) and not getattr(e, "_gpucnn_named", False):
+        named = getattr(e, "_gpucnn_layer", None)
+        if named is not None:  # from a Sequential inside this one: extend its index
+            index, rest = named
+            e._gpucnn_layer = (f"{i}.{index}", rest)
+        elif e.args and isinstance(e.args[0], str):
             shape = tuple(getattr(a, "shape", ()))
-            e.args = (f"layer {i} ({type(layer).__name__}), {what} of shape {shape}: "
-                      f"{e.args[0]}",) + e.args[1:]
-            e._gpucnn_named = True  # the innermost Sequential names it, not every outer one
+            e._gpucnn_layer = (str(i), f" ({type(layer).__name__}), {what} of shape {shape}: "
+                                       f"{e.args[0]}")
+        else:
+            raise
+        index, rest = e._gpucnn_layer
+        e.args = (f"layer {index}{rest}",) + e.args[1:]
         raise
 
 
