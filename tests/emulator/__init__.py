@@ -1,17 +1,26 @@
 """Run kernels/*.cu on the CPU: g++ compiles the unedited source against
 cuda_emu.h, and EmulatedModule answers like cupy.RawModule.
 
-    module = EmulatedModule(code, name_expressions)
+    module = EmulatedModule(code, name_expressions, order=0)
     module.get_function("conv2d_backward_data<float>")(grid, block, args, shared_mem=0)
 
 args are NumPy arrays (passed as device pointers) and NumPy scalars (typed
-like the kernel's parameters, as CuPy needs too). Set GPUCNN_EMU_ASAN=1 to
-build with AddressSanitizer (python must then run with libasan preloaded).
+like the kernel's parameters, as CuPy needs too). `order` picks the order the
+threads of a block (and the blocks) run in between barriers: 0 index order,
+1 reverse, n >= 2 a seeded shuffle (cuda_emu.h); ORDERS are the ones the kernel
+tests run. Launches the driver would refuse raise LaunchError. Set
+GPUCNN_EMU_ASAN=1 to build with AddressSanitizer (python must then run with
+libasan preloaded).
+
+kernels(order) gives gpucnn's own launchers (cuda.Kernels) on the emulator, with
+every output they allocate poisoned (poisoned.numpy), as the tests use them.
 """
 import ctypes
+import functools
 import hashlib
 import os
 import pathlib
+import re
 import subprocess
 import tempfile
 
@@ -36,12 +45,54 @@ def _flags():
     return flags
 
 
+ORDERS = (0, 1, 2)  # index order, reverse, one shuffle: what the kernel tests run
+DEFAULT_MAX_DYNAMIC_SHARED = 48 * 1024  # the driver's, until a launcher opts in
+MAX_SHARED_SM90 = 227 * 1024
+
+
+class LaunchError(RuntimeError):
+    """A launch that cuLaunchKernel or cuFuncSetAttribute would refuse."""
+
+
+# `extern __shared__ T name[];` (dynamic) and `__shared__ T name[dims];` (static),
+# one declaration per line, outside // comments.
+_DYNAMIC = re.compile(r"\bextern\s+__shared__\s+([^;{}=\n]*?)\s*\b([A-Za-z_]\w*)\s*\[\s*\]\s*;")
+_STATIC = re.compile(r"\b__shared__\s+([^;{}=\n]*?)\b([A-Za-z_]\w*)\s*((?:\[[^\];\n]*\]\s*)*);")
+_ALIGN = re.compile(r"\b(__align__|alignas)\s*\(\s*\d+\s*\)|__attribute__\s*\(\(.*?\)\)")
+
+
+def _shared_declarations(code):
+    """Rewrite the kernels' __shared__ declarations for cuda_emu.h, line for line:
+    the dynamic array becomes a pointer to the arena emu::dynamic_shared, and a
+    static array a function-local static that its block's first thread fills
+    with 0xFF (emu::shared_static)."""
+    def dynamic(m):
+        t = _ALIGN.sub("", m[1]).strip()
+        return f"{t}* const {m[2]} = reinterpret_cast<{t}*>(emu::dynamic_shared);"
+
+    def static(m):
+        if "," in _ALIGN.sub("", m[1]):
+            raise ValueError(f"the emulator takes one variable per __shared__ declaration: "
+                             f"{m[0]!r}")
+        return f"{m[0]} emu::shared_static(&{m[2]}, sizeof({m[2]}));"
+
+    lines = []
+    for line in code.split("\n"):
+        text, comment = (line.split("//", 1) + [None])[:2]
+        text = _STATIC.sub(static, _DYNAMIC.sub(dynamic, text))
+        lines.append(text if comment is None else f"{text}//{comment}")
+    return "\n".join(lines)
+
+
 def _build(code, name_expressions):
     """Compile code + one launcher per name expression into a shared library."""
+    code = _shared_declarations(code)
     launchers = "\n".join(
-        f'extern "C" void emu_launch_{i}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, '
-        f'unsigned by, unsigned bz, size_t shared, void** args) {{\n'
-        f'    emu::launch(&{name}, dim3(gx, gy, gz), dim3(bx, by, bz), shared, args);\n}}'
+        f'extern "C" const char* emu_launch_{i}(unsigned gx, unsigned gy, unsigned gz, '
+        f'unsigned bx, unsigned by, unsigned bz, size_t shared, size_t max_dynamic, '
+        f'unsigned order, void** args) {{\n'
+        f'    return emu::launch(&{name}, dim3(gx, gy, gz), dim3(bx, by, bz), shared, '
+        f'max_dynamic, order, args);\n}}'
         for i, name in enumerate(name_expressions))
     flags = _flags()
     header = (HERE / "cuda_emu.h").read_text()
@@ -62,15 +113,35 @@ def _build(code, name_expressions):
 
 
 class EmulatedFunction:
-    def __init__(self, name, entry):
+    """cupy's Function: call it to launch; max_dynamic_shared_size_bytes is the
+    kernel's attribute (shared by every Function of that name in the module, as
+    the driver keeps it per kernel)."""
+
+    def __init__(self, name, entry, module):
         self.name = name
         self._entry = entry
-        entry.restype = None
-        entry.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_size_t, ctypes.c_void_p]
+        self._module = module
+        entry.restype = ctypes.c_char_p
+        entry.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_size_t] * 2 + [ctypes.c_uint,
+                                                                        ctypes.c_void_p]
+
+    @property
+    def max_dynamic_shared_size_bytes(self):
+        return self._module._max_dynamic.get(self.name, DEFAULT_MAX_DYNAMIC_SHARED)
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value):
+        if not 0 <= int(value) <= MAX_SHARED_SM90:
+            raise LaunchError(f"{self.name}: max_dynamic_shared_size_bytes must be 0..{MAX_SHARED_SM90} "
+                              f"(227 KiB on sm_90), got {value}")
+        self._module._max_dynamic[self.name] = int(value)
 
     def __call__(self, grid, block, args, shared_mem=0):
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
+        for what, dims in (("grid", grid), ("block", block)):
+            if len(dims) != 3 or not all(0 <= int(d) < 2 ** 32 for d in dims):
+                raise LaunchError(f"{self.name}: {what} {dims} is not three 32-bit sizes")
         values = []
         for i, a in enumerate(args):
             if isinstance(a, numpy.ndarray):
@@ -84,17 +155,32 @@ class EmulatedFunction:
                                 f"scalar, got {type(a).__name__}")
         argv = (ctypes.c_void_p * max(1, len(values)))(
             *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
-        self._entry(*grid, *block, shared_mem, argv)
+        error = self._entry(*grid, *block, shared_mem, self.max_dynamic_shared_size_bytes,
+                            self._module.order, argv)
+        if error is not None:
+            raise LaunchError(f"{self.name}: {error.decode()}")
 
 
 class EmulatedModule:
-    """The cupy.RawModule(code=..., name_expressions=...) interface, on the CPU."""
+    """The cupy.RawModule(code=..., name_expressions=...) interface, on the CPU;
+    order: the thread and block order of its launches (see cuda_emu.h)."""
 
-    def __init__(self, code, name_expressions):
+    def __init__(self, code, name_expressions, *, order=0):
         self._names = list(name_expressions)
         self._lib = _build(code, self._names)
+        self._max_dynamic = {}
+        self.order = int(order)
 
     def get_function(self, name):
         if name not in self._names:
             raise KeyError(f"{name} was not among the name_expressions {self._names}")
-        return EmulatedFunction(name, getattr(self._lib, f"emu_launch_{self._names.index(name)}"))
+        return EmulatedFunction(name, getattr(self._lib, f"emu_launch_{self._names.index(name)}"),
+                                self)
+
+
+def kernels(order=0, cls=None):
+    """gpucnn's launchers (cuda.Kernels, or the subclass cls) running on the CPU
+    through the emulator: threads in the given order, outputs poisoned."""
+    from gpucnn import cuda
+    from .poisoned import numpy as poisoned_numpy
+    return (cls or cuda.Kernels)(poisoned_numpy, functools.partial(EmulatedModule, order=order))
