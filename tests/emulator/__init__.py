@@ -26,6 +26,8 @@ import tempfile
 
 import numpy
 
+from . import poisoned
+
 HERE = pathlib.Path(__file__).resolve().parent
 CACHE = pathlib.Path(os.environ.get("GPUCNN_EMU_CACHE", tempfile.gettempdir())) / "gpucnn-emu"
 _SCALARS = {numpy.dtype(numpy.bool_): ctypes.c_bool, numpy.dtype(numpy.int32): ctypes.c_int32,
@@ -182,5 +184,4 @@ def kernels(order=0, cls=None):
     """gpucnn's launchers (cuda.Kernels, or the subclass cls) running on the CPU
     through the emulator: threads in the given order, outputs poisoned."""
     from gpucnn import cuda
-    from .poisoned import numpy as poisoned_numpy
-    return (cls or cuda.Kernels)(poisoned_numpy, functools.partial(EmulatedModule, order=order))
+    return (cls or cuda.Kernels)(poisoned.numpy, functools.partial(EmulatedModule, order=order))
