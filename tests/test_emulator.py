@@ -244,19 +244,26 @@ OOB = """
 import sys
 sys.path.insert(0, {tests!r})
 import numpy
-from emulator import EmulatedModule, asan_enabled
-m = EmulatedModule("__global__ void k(float* a, int n) {{ a[threadIdx.x + n] = 1.0f; }}", ["k"])
+from emulator import EmulatedModule
+m = EmulatedModule({code!r}, ["k"])
 a = numpy.zeros(8, numpy.float32)
-m.get_function("k")((1,), (4,), (a, numpy.int32(6)))
+m.get_function("k")((1,), (4,), (a, numpy.int32(6)), shared_mem=16)
 """
+GLOBAL_OOB = "__global__ void k(float* a, int n) { a[threadIdx.x + n] = 1.0f; }"
+SHARED_OOB = """__global__ void k(float* a, int n) {
+    extern __shared__ unsigned char smem[];
+    a[threadIdx.x] = reinterpret_cast<float*>(smem)[threadIdx.x + n];  // past the 16 bytes
+}"""
 
 
 @pytest.mark.skipif(not asan_enabled(), reason="only in the AddressSanitizer run "
                                                "(GPUCNN_EMU_ASAN=1, as .ci/run does)")
-def test_address_sanitizer_catches_an_out_of_bounds_write():
+@pytest.mark.parametrize("code, report", [(GLOBAL_OOB, "heap-buffer-overflow"),
+                                          (SHARED_OOB, "use-after-poison")])
+def test_address_sanitizer_catches_out_of_bounds_accesses(code, report):
     import pathlib
     import subprocess
     import sys
-    code = OOB.format(tests=str(pathlib.Path(__file__).parent))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode != 0 and "heap-buffer-overflow" in done.stderr
+    script = OOB.format(tests=str(pathlib.Path(__file__).parent), code=code)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode != 0 and report in done.stderr, done.stderr[-2000:]
