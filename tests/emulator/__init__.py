@@ -134,8 +134,8 @@ class EmulatedFunction:
     @max_dynamic_shared_size_bytes.setter
     def max_dynamic_shared_size_bytes(self, value):
         if not 0 <= int(value) <= MAX_SHARED_SM90:
-            raise LaunchError(f"{self.name}: max_dynamic_shared_size_bytes must be 0..{MAX_SHARED_SM90} "
-                              f"(227 KiB on sm_90), got {value}")
+            raise LaunchError(f"{self.name}: max_dynamic_shared_size_bytes must be "
+                              f"0..{MAX_SHARED_SM90} (227 KiB on sm_90), got {value}")
         self._module._max_dynamic[self.name] = int(value)
 
     def __call__(self, grid, block, args, shared_mem=0):
