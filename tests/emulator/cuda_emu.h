@@ -9,7 +9,10 @@
 // order, 1 in reverse index order, n >= 2 in a seeded shuffle drawn anew for
 // every block and every barrier interval. A kernel without a race gives the same
 // bits under every order; one that reads what another thread writes without a
-// barrier between them gets a different answer (or NaN) under some order.
+// barrier between them gets a different answer (or NaN) under some order. What
+// orders cannot show: a thread's run between two barriers is never interleaved
+// with another's, so two threads updating one address in the same interval (a
+// lost update on a GPU) look atomic here; compute-sanitizer's racecheck covers it.
 //
 // Shared memory, as the driver has it: dynamic shared memory is the kernel's
 // `extern __shared__ T name[];` (the loader in __init__.py turns it into a
@@ -19,7 +22,9 @@
 // before every block, so a missing barrier or a read of shared memory nobody
 // wrote shows up as NaN; under AddressSanitizer the arena past the launch's
 // dynamic size is poisoned too. Launches are checked against the limits the
-// driver enforces on sm_90 (see check_launch).
+// driver enforces on sm_90 (see check_launch); a static array's size is known
+// only once a thread reaches it, so static + dynamic shared memory over the
+// limit is reported when the launch ends.
 #pragma once
 #include <ucontext.h>
 
