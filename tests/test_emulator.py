@@ -100,6 +100,19 @@ __global__ void static_and_dynamic(float* out) {
     out[threadIdx.x] = big[threadIdx.x] + smem[threadIdx.x];
 }
 
+// Every thread adds into one shared total in the same barrier interval: on a GPU
+// a lost-update race; here each addition is whole, but their order follows the
+// schedule, and float addition does not commute in its rounding.
+__global__ void racy_sum(const float* x, float* out) {
+    extern __shared__ unsigned char smem[];
+    float* total = reinterpret_cast<float*>(smem);
+    if (threadIdx.x == 0) *total = 0.0f;
+    __syncthreads();
+    *total += x[threadIdx.x];
+    __syncthreads();
+    if (threadIdx.x == 0) out[0] = *total;
+}
+
 __global__ void touch(int* out) {
     if (blockIdx.x + blockIdx.y + blockIdx.z + threadIdx.x + threadIdx.y + threadIdx.z == 0)
         out[0] += 1;
@@ -114,10 +127,11 @@ __global__ void all_but_last(float* out, long long* idx, int n) {
 }
 """
 RACE_NAMES = ["shift_in_block", "chain_across_blocks", "reverse_static<float>",
-              "reverse_static<double>", "static_and_dynamic", "touch", "all_but_last"]
+              "reverse_static<double>", "static_and_dynamic", "racy_sum", "touch",
+              "all_but_last"]
 
 
-@pytest.fixture(scope="module", params=emulator.ORDERS, ids=lambda o: f"order{o}")
+@pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda o: f"order{o}")
 def races(request):
     return EmulatedModule(RACES, RACE_NAMES, order=request.param)
 
@@ -142,6 +156,26 @@ def test_blocks_run_in_the_order_too(races):
     races.get_function("chain_across_blocks")((64,), (32,), (data,))
     chained = numpy.array_equal(data, numpy.arange(1, 65, dtype=numpy.float32))
     assert chained == (races.order == 0)  # only index order makes the planted bug look right
+
+
+def test_a_result_that_follows_the_schedule_fails_the_bitwise_comparison():
+    x = (numpy.random.default_rng(0).standard_normal(256) * 10.0 ** (numpy.arange(256) % 5)
+         ).astype(numpy.float32)  # magnitudes 1..1e4: the rounding depends on the order
+    out = numpy.zeros(1, numpy.float32)
+    alone = EmulatedModule(RACES, RACE_NAMES, order=1).get_function("racy_sum")
+    alone((1,), (256,), (x, out), shared_mem=4)
+    assert out[0] == numpy.cumsum(x[::-1])[-1]  # one order alone: a plausible total
+    checked = EmulatedModule(RACES, RACE_NAMES, order=1, compare_order=0)
+    with pytest.raises(emulator.OrderError, match="argument 1 differs between thread orders"):
+        checked.get_function("racy_sum")((1,), (256,), (x, out), shared_mem=4)
+    data = numpy.ones(64, dtype=numpy.float32)
+    with pytest.raises(emulator.OrderError, match="62 of 64 elements"):
+        checked.get_function("chain_across_blocks")((64,), (32,), (data,))
+    x = numpy.arange(128, dtype=numpy.float32)  # a kernel without a race passes, in place too
+    out = numpy.zeros_like(x)
+    checked.get_function("shift_in_block")((2,), (64,), (x, out, numpy.bool_(True)),
+                                           shared_mem=256)
+    assert out[1] == 0 and out[2] == 1
 
 
 @pytest.mark.parametrize("ctype, dtype", [("float", numpy.float32), ("double", numpy.float64)])

@@ -21,7 +21,7 @@ class _CountingKernels(cuda.Kernels):
         return super()._function(filename, kernel, dtype)
 
 
-_EMULATED = emulator.kernels(order=2, cls=_CountingKernels)
+_EMULATED = emulator.kernels(order=2, compare_order=1, cls=_CountingKernels)
 
 
 def _kernels_on_cpu(monkeypatch):

@@ -22,10 +22,13 @@ POOL_GRID = POOL_GRID + [((3, 5, 13, 11), dict(kernel_size=3, stride=2, ceil_mod
 DTYPES = [numpy.float64, numpy.float32]
 
 
-@pytest.fixture(scope="module", params=emulator.ORDERS, ids=lambda o: f"order{o}")
+@pytest.fixture(scope="module", params=emulator.ORDERS,
+                ids=lambda o: f"order{o[0]}" + (f"-vs-{o[1]}" if o[1] is not None else ""))
 def kernels(request):
-    """The launchers on the emulator, under each thread order, outputs poisoned."""
-    return emulator.kernels(order=request.param)
+    """The launchers on the emulator, outputs poisoned: in index order, then in
+    a shuffled order checked bitwise against the reverse order."""
+    order, compare_order = request.param
+    return emulator.kernels(order, compare_order)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

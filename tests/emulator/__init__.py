@@ -7,12 +7,13 @@ cuda_emu.h, and EmulatedModule answers like cupy.RawModule.
 args are NumPy arrays (passed as device pointers) and NumPy scalars (typed
 like the kernel's parameters, as CuPy needs too). `order` picks the order the
 threads of a block (and the blocks) run in between barriers: 0 index order,
-1 reverse, n >= 2 a seeded shuffle (cuda_emu.h); ORDERS are the ones the kernel
-tests run. Launches the driver would refuse raise LaunchError. Set
+1 reverse, n >= 2 a seeded shuffle (cuda_emu.h); with compare_order every launch
+runs under both orders and must give the same bits (else OrderError); ORDERS are
+what the kernel tests run. Launches the driver would refuse raise LaunchError. Set
 GPUCNN_EMU_ASAN=1 to build with AddressSanitizer (python must then run with
 libasan preloaded).
 
-kernels(order) gives gpucnn's own launchers (cuda.Kernels) on the emulator, with
+kernels(order, compare_order) gives gpucnn's own launchers (cuda.Kernels) on the emulator, with
 every output they allocate poisoned (poisoned.numpy), as the tests use them.
 """
 import ctypes
@@ -47,13 +48,19 @@ def _flags():
     return flags
 
 
-ORDERS = (0, 1, 2)  # index order, reverse, one shuffle: what the kernel tests run
+# What the kernel tests run: index order alone, then a shuffle checked bitwise
+# against reverse order, as (order, compare_order).
+ORDERS = ((0, None), (2, 1))
 DEFAULT_MAX_DYNAMIC_SHARED = 48 * 1024  # the driver's, until a launcher opts in
 MAX_SHARED_SM90 = 227 * 1024
 
 
 class LaunchError(RuntimeError):
     """A launch that cuLaunchKernel or cuFuncSetAttribute would refuse."""
+
+
+class OrderError(AssertionError):
+    """A launch whose result changed with the order threads and blocks ran in."""
 
 
 # `extern __shared__ T name[];` (dynamic) and `__shared__ T name[dims];` (static),
@@ -157,21 +164,48 @@ class EmulatedFunction:
                                 f"scalar, got {type(a).__name__}")
         argv = (ctypes.c_void_p * max(1, len(values)))(
             *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+        arrays = [a for a in args if isinstance(a, numpy.ndarray)]
+        compare = self._module.compare_order
+        if compare is not None:  # run under the other order first, from the same inputs
+            before = [a.copy() for a in arrays]
+            self._launch(grid, block, shared_mem, compare, argv)
+            other = [a.copy() for a in arrays]
+            for a, b in zip(arrays, before):
+                a[...] = b
+        self._launch(grid, block, shared_mem, self._module.order, argv)
+        if compare is not None:
+            for i, (a, b) in enumerate(zip(arrays, other)):
+                differ = a.view(numpy.uint8).reshape(-1, a.itemsize) != \
+                    b.view(numpy.uint8).reshape(-1, b.itemsize)
+                if differ.any():
+                    raise OrderError(
+                        f"{self.name}: array argument {i} differs between thread orders "
+                        f"{compare} and {self._module.order} in {differ.any(axis=1).sum()} of "
+                        f"{a.size} elements: the result depends on how threads or blocks are "
+                        f"scheduled (a race, or a summation order that follows the schedule)")
+
+    def _launch(self, grid, block, shared_mem, order, argv):
         error = self._entry(*grid, *block, shared_mem, self.max_dynamic_shared_size_bytes,
-                            self._module.order, argv)
+                            order, argv)
         if error is not None:
             raise LaunchError(f"{self.name}: {error.decode()}")
 
 
 class EmulatedModule:
-    """The cupy.RawModule(code=..., name_expressions=...) interface, on the CPU;
-    order: the thread and block order of its launches (see cuda_emu.h)."""
+    """The cupy.RawModule(code=..., name_expressions=...) interface, on the CPU.
 
-    def __init__(self, code, name_expressions, *, order=0):
+    order: the thread and block order of its launches (see cuda_emu.h).
+    compare_order: if given, every launch runs first under this order, then
+    again from the same inputs under `order`, and any array argument whose bits
+    differ between the two raises OrderError (costs a second run).
+    """
+
+    def __init__(self, code, name_expressions, *, order=0, compare_order=None):
         self._names = list(name_expressions)
         self._lib = _build(code, self._names)
         self._max_dynamic = {}
         self.order = int(order)
+        self.compare_order = None if compare_order is None else int(compare_order)
 
     def get_function(self, name):
         if name not in self._names:
@@ -180,8 +214,10 @@ class EmulatedModule:
                                 self)
 
 
-def kernels(order=0, cls=None):
+def kernels(order=0, compare_order=None, cls=None):
     """gpucnn's launchers (cuda.Kernels, or the subclass cls) running on the CPU
-    through the emulator: threads in the given order, outputs poisoned."""
+    through the emulator: threads in the given order (every launch checked
+    bitwise against compare_order where given), outputs poisoned."""
     from gpucnn import cuda
-    return (cls or cuda.Kernels)(poisoned.numpy, functools.partial(EmulatedModule, order=order))
+    return (cls or cuda.Kernels)(poisoned.numpy, functools.partial(
+        EmulatedModule, order=order, compare_order=compare_order))

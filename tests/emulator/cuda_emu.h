@@ -12,7 +12,10 @@
 // barrier between them gets a different answer (or NaN) under some order. What
 // orders cannot show: a thread's run between two barriers is never interleaved
 // with another's, so two threads updating one address in the same interval (a
-// lost update on a GPU) look atomic here; compute-sanitizer's racecheck covers it.
+// lost update on a GPU) look atomic here. Running a launch under two orders and
+// comparing the bits (EmulatedModule's compare_order) catches such updates where
+// their floating-point sum depends on the order; compute-sanitizer's racecheck
+// on a GPU catches them all.
 //
 // Shared memory, as the driver has it: dynamic shared memory is the kernel's
 // `extern __shared__ T name[];` (the loader in __init__.py turns it into a
