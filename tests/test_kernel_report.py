@@ -1,5 +1,10 @@
 """The static report (gpucnn info --kernels): every kernel compiled for sm_90,
 its resources read from ptxas and its SASS, without a GPU. No kernel spills."""
+import glob
+import os
+import shutil
+import subprocess
+
 import pytest
 
 from gpucnn import cli, cuda, kernel_report as kr, nvrtc
@@ -103,6 +108,66 @@ def test_a_kernel_that_does_not_compile_fails_with_its_log():
 ])
 def test_occupancy_follows_the_calculator(registers, shared, threads, expected, limiter):
     assert kr.occupancy(registers, shared, threads) == (expected, limiter)
+
+
+OCCUPANCY_H = r"""
+#include <cstdio>
+#include "cuda_occupancy.h"
+// An H100 (sm_90) as cudaGetDeviceProperties reports it; reads lines of
+// "registers shared_bytes threads", prints the active blocks per SM (-1: error).
+int main() {
+    cudaOccDeviceProp p;
+    p.computeMajor = 9; p.computeMinor = 0; p.maxThreadsPerBlock = 1024;
+    p.maxThreadsPerMultiprocessor = 2048; p.regsPerBlock = 65536;
+    p.regsPerMultiprocessor = 65536; p.warpSize = 32; p.sharedMemPerBlock = 49152;
+    p.sharedMemPerMultiprocessor = 233472; p.numSms = 132;
+    p.sharedMemPerBlockOptin = 232448; p.reservedSharedMemPerBlock = 1024;
+    cudaOccDeviceState state;
+    int regs, threads;
+    size_t shared;
+    while (scanf("%d %zu %d", &regs, &shared, &threads) == 3) {
+        cudaOccFuncAttributes a;  // opted in to the largest dynamic shared memory
+        a.maxThreadsPerBlock = 1024; a.numRegs = regs; a.sharedSizeBytes = 0;
+        a.maxDynamicSharedSizeBytes = 232448; a.shmemLimitConfig = FUNC_SHMEM_LIMIT_OPTIN;
+        a.numBlockBarriers = 1;
+        cudaOccResult r;
+        int err = cudaOccMaxActiveBlocksPerMultiprocessor(&r, &p, &a, &state, threads, shared);
+        printf("%d\n", err ? -1 : r.activeBlocksPerMultiprocessor);
+    }
+}
+"""
+
+
+def _occupancy_header():
+    roots = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH")] + \
+        sorted(glob.glob("/usr/local/cuda*"))
+    try:
+        import nvidia
+        roots += [os.path.join(b, d) for b in nvidia.__path__ for d in ("cuda_runtime", "cu13")]
+    except ImportError:
+        pass
+    return next((os.path.join(r, "include") for r in roots
+                 if r and os.path.isfile(os.path.join(r, "include", "cuda_occupancy.h"))), None)
+
+
+def test_occupancy_matches_cuda_occupancy_h(tmp_path):
+    """The CUDA toolkit's own calculator (cuda_occupancy.h), on a grid of cases."""
+    include = _occupancy_header()
+    if include is None or shutil.which("g++") is None:
+        pytest.skip("needs cuda_occupancy.h (a CUDA toolkit or the nvidia-cuda-runtime wheel) "
+                    "and g++")
+    (tmp_path / "occ.cpp").write_text(OCCUPANCY_H)
+    subprocess.run(["g++", "-O1", f"-I{include}", "-o", str(tmp_path / "occ"),
+                    str(tmp_path / "occ.cpp")], check=True)
+    cases = [(r, s, t) for r in (16, 24, 32, 40, 48, 56, 64, 72, 80, 96, 128, 168, 200, 255)
+             for s in (0, 1, 1024, 8192, 16384, 40000, 49152, 65536, 100000, 116736, 232448)
+             for t in (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)]
+    done = subprocess.run([str(tmp_path / "occ")], capture_output=True, text=True, check=True,
+                          input="\n".join(f"{r} {s} {t}" for r, s, t in cases))
+    blocks = [int(line) for line in done.stdout.split()]
+    assert len(blocks) == len(cases) and min(blocks) >= 0
+    for (r, s, t), b in zip(cases, blocks):
+        assert kr.occupancy(r, s, t)[0] == b * -(-t // 32) / 64, (r, s, t, b)
 
 
 PTXAS = """ptxas info    : 8 bytes gmem
