@@ -33,7 +33,7 @@ def test_every_kernel_is_reported_with_real_numbers(kernels):
 def test_no_kernel_spills_or_uses_local_memory(kernels):
     local = [(k.config, k.name, k.stack, k.spill_stores, k.spill_loads) for k in kernels
              if k.stack or k.spill_stores or k.spill_loads]
-    assert not local, f"kernels using local memory (stack frame, spill stores, spill loads): {local}"
+    assert not local, f"local memory (stack frame, spill stores, spill loads) in: {local}"
 
 
 @needs_nvrtc

@@ -13,8 +13,10 @@ what the kernel tests run. Launches the driver would refuse raise LaunchError. S
 GPUCNN_EMU_ASAN=1 to build with AddressSanitizer (python must then run with
 libasan preloaded).
 
-kernels(order, compare_order) gives gpucnn's own launchers (cuda.Kernels) on the emulator, with
-every output they allocate poisoned (poisoned.numpy), as the tests use them.
+kernels(order, compare_order) gives gpucnn's own launchers (cuda.Kernels) on the
+emulator, with every output they allocate poisoned (poisoned.numpy), as the tests
+use them. The loader rewrites each `__shared__` declaration in place (same lines)
+for the emulator's shared memory; the rest of the source is compiled as it is.
 """
 import ctypes
 import functools
