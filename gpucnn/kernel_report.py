@@ -308,6 +308,9 @@ def main(out=print):
     note = missing_tools_note(found)
     if note:
         out(note)
+    elif any(k.instructions is None for k in kernels):
+        out(f"SASS columns n/a where {sass_tool} could not disassemble the cubin "
+            f"(an older tool than NVRTC {major}.{minor}?)")
     spilling = [k.name for k in kernels if k.spill_stores or k.spill_loads or k.stack]
     if spilling:
         out(f"local memory (spills or stack) in: {', '.join(spilling)}")
