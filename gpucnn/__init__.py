@@ -2,6 +2,8 @@
 from . import backend, checkpoint, functional, init, schedules
 from .augment import Augment
 from .backend import get_array_module
+from .errors import UserError
+from .inference import load
 from .nn import (AvgPool2D, BatchNorm2D, Conv2D, Dropout, Flatten, GlobalAvgPool2D, Identity,
                  Linear, MaxPool2D, Module, Parameter, ReLU, Residual, Sequential)
 from .optim import SGD, Adam
@@ -11,5 +13,6 @@ from .schedules import CosineAnnealingLR, StepLR
 __version__ = "0.1.0"
 __all__ = ["backend", "checkpoint", "functional", "get_array_module", "Module", "Parameter",
            "Sequential", "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "Flatten", "Linear", "Dropout",
-           "SGD", "Adam", "manual_seed", "BatchNorm2D", "Residual", "GlobalAvgPool2D", "Identity",
-           "init", "schedules", "StepLR", "CosineAnnealingLR", "Augment"]
+           "SGD", "Adam", "manual_seed", "load", "UserError", "BatchNorm2D", "Residual",
+           "GlobalAvgPool2D", "Identity", "init", "schedules", "StepLR", "CosineAnnealingLR",
+           "Augment"]
