@@ -152,3 +152,15 @@ def test_deterministic(rng):
         runs.append((y, bn.backward(y * 0.5), bn.running_var.copy()))
     for a, b in zip(*runs):
         assert numpy.array_equal(a, b)
+
+
+def test_empty_batch_like_torch(torch):
+    bn = BatchNorm2D(3)
+    x = numpy.zeros((0, 3, 4, 4), numpy.float32)
+    y = bn(x)
+    assert y.shape == x.shape
+    dx = bn.backward(numpy.zeros_like(x))
+    assert dx.shape == x.shape and not bn.weight.grad.any() and not bn.bias.grad.any()
+    assert numpy.array_equal(bn.running_mean, numpy.zeros(3))
+    assert numpy.array_equal(bn.running_var, numpy.ones(3))
+    assert int(bn.num_batches_tracked) == 1  # torch counts the empty batch too

@@ -35,3 +35,9 @@ def test_errors():
         F.global_avg_pool2d(numpy.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"grad_output must have shape \(2, 3\)"):
         F.global_avg_pool2d_backward(numpy.zeros((2, 4)), (2, 3, 4, 4))
+
+
+def test_empty_batch():
+    layer = GlobalAvgPool2D()
+    assert layer(numpy.zeros((0, 3, 4, 4), numpy.float32)).shape == (0, 3)
+    assert layer.backward(numpy.zeros((0, 3), numpy.float32)).shape == (0, 3, 4, 4)

@@ -54,7 +54,10 @@ def test_matches_torch(torch, rng, shortcut):
     grads = {n: p.grad for n, p in theirs.named_parameters()}
     for name, p in ours.named_parameters():
         close(p.grad, grads[name].numpy(), numpy.float64)
+    ours(x)
     assert ours.backward(dy, need_input_grad=False) is None
+    with pytest.raises(RuntimeError, match="called a second time"):
+        ours.backward(dy)
 
 
 def test_tree_walks(torch):

@@ -4,7 +4,8 @@ Shapes: x (N, C, *spatial) (N, C) or (N, C, H, W); weight, bias, running_mean,
 running_var (C,). Every statistic is per channel c over the M = N * prod(spatial)
 values of that channel (axes 0 and 2...).
 
-Training (batch statistics):
+Training (batch statistics; an empty batch gives an empty output and leaves the
+running statistics as they are, as in PyTorch):
     mu_c    = (1/M) sum x                       var_c = (1/M) sum (x - mu_c)^2   (biased)
     x_hat   = (x - mu_c) / sqrt(var_c + eps)    y     = weight_c * x_hat + bias_c
     running_mean <- (1 - momentum) running_mean + momentum mu_c
@@ -55,7 +56,7 @@ def _checks_all(x, running_mean, running_var, weight, bias, training):
         raise ValueError("batch_norm with training=False needs running_mean and running_var")
     if training:
         M = x.size // C if C else 0
-        if M <= 1:
+        if M == 1:  # an empty batch passes through unchanged, as in PyTorch
             raise ValueError(f"batch_norm in training needs more than 1 value per channel, got "
                              f"input of shape {tuple(x.shape)}")
     return backend.get_array_module(x, running_mean, running_var, weight, bias)
@@ -71,6 +72,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     """
     xp = _checks_all(x, running_mean, running_var, weight, bias, training)
     axes = _axes(x)
+    if training and x.size == 0:  # PyTorch: an empty output, the statistics unchanged
+        C = x.shape[1]
+        saved = BatchNormSaved(x * 1, xp.ones(C, x.dtype), True)
+        return x * 1, saved
     if training:
         mean = x.mean(axis=axes)
         centred = x - _per_channel(mean, x)
@@ -107,7 +112,7 @@ def batch_norm_backward(dy, saved, weight=None):
     dweight = (dy * x_hat).sum(axis=axes)
     scale = inv_std if weight is None else inv_std * weight
     if training:
-        M = dy.size // dy.shape[1]
+        M = max(dy.size // dy.shape[1], 1)
         dx = dy - _per_channel(dbias / M, dy) - x_hat * _per_channel(dweight / M, dy)
         dx *= _per_channel(scale, dy)
     else:

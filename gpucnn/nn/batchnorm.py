@@ -53,7 +53,7 @@ class BatchNorm2D(Module):
         if not hasattr(x, "shape") or x.ndim != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"{self!r} got input of shape {tuple(getattr(x, 'shape', ()))}; "
                              f"it needs (N, {self.num_features}, H, W)")
-        if self.training and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
             raise ValueError(f"{self!r} in training needs more than 1 value per channel, got "
                              f"input of shape {tuple(x.shape)}; use a batch of 2 or more, or "
                              f"eval()")
