@@ -254,8 +254,8 @@ class Module:
 def _named_modules(module, prefix=""):
     """(dotted name, module) for a module and everything inside it, in order."""
     yield prefix or type(module).__name__, module
-    for i, child in enumerate(module.children()):
-        yield from _named_modules(child, f"{prefix}{i}" if not prefix else f"{prefix}.{i}")
+    for name, child in module.named_children():
+        yield from _named_modules(child, f"{prefix}.{name}" if prefix else name)
 
 
 def _check_state_entry(name, value, current, allow_nonfinite):
