@@ -14,10 +14,23 @@ OPS = {
         x[:, :6, :3, :3], x[:, :4], x[:6, :2, :3, :3], stride=2, padding=1, dilation=2, groups=2),
     "max_pool2d": lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True),
     "max_pool2d_backward": lambda x: F.max_pool2d_backward(
-        x[:, :, :4, :4], F.max_pool2d(x, 3, 2, 1, ceil_mode=True)[1], x.shape, 3, 2, 1, True),
+        x[:, :, :4, :4], F.max_pool2d(x, 3, 2, 1, ceil_mode=True)[1], x.shape, 3, 2, 1,
+        ceil_mode=True),
+    "max_pool2d dilation": lambda x: F.max_pool2d(x, (3, 2), 1, 1, dilation=(2, 3),
+                                                  ceil_mode=True),
+    "max_pool2d_backward dilation": lambda x: F.max_pool2d_backward(
+        x[:, :, :5, :6], F.max_pool2d(x, (3, 2), 1, 1, (2, 3), True)[1], x.shape, (3, 2), 1, 1,
+        (2, 3), True),
     "avg_pool2d": lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True),
     "avg_pool2d_backward": lambda x: F.avg_pool2d_backward(x[:, :, :4, :4], x.shape, 3, 2, 1,
                                                            True),
+    "avg_pool2d count_include_pad=False": lambda x: F.avg_pool2d(
+        x, (3, 2), 2, 1, ceil_mode=True, count_include_pad=False),
+    "avg_pool2d_backward count_include_pad=False": lambda x: F.avg_pool2d_backward(
+        x[:, :, :4, :4], x.shape, (3, 2), 2, 1, True, count_include_pad=False),
+    "avg_pool2d divisor_override": lambda x: F.avg_pool2d(x, 3, 1, 1, divisor_override=4),
+    "avg_pool2d_backward divisor_override": lambda x: F.avg_pool2d_backward(
+        x[:, :, :7, :7], x.shape, 3, 1, 1, divisor_override=4),
     "relu": F.relu,
     "relu_backward": lambda x: F.relu_backward(x[::-1], x),
     "linear": lambda x: F.linear(x.reshape(8, -1), x.reshape(8, -1)[:3]),

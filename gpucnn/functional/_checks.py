@@ -38,7 +38,7 @@ def output_size(size, kernel, stride, pad_total, dilation=1, ceil_mode=False, na
             out -= 1
     else:
         out = span // stride + 1
-    if out < 1 or span < 0:
+    if out < 1:  # in ceil_mode a window may overhang the end: span > -stride suffices
         raise ValueError(
             f"{name} size would be {out if span >= 0 else 'below 1'}: input size {size} with "
             f"padding {pad_total} is too small for kernel {kernel} (dilation {dilation}, "
@@ -70,7 +70,11 @@ def shape_is(a, name, shape):
 
 
 def nchw_shape(shape, name="input_shape"):
+    """(N, C, H, W) as ints; N may be 0 (an empty batch), the others are positive."""
     if (not isinstance(shape, (tuple, list)) or len(shape) != 4
-            or not all(isinstance(v, numbers.Integral) and v > 0 for v in shape)):
-        raise ValueError(f"{name} must be 4 positive ints (N, C, H, W), got {shape!r}")
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                       for v in shape)
+            or shape[0] < 0 or min(shape[1:]) < 1):
+        raise ValueError(f"{name} must be 4 positive ints (N, C, H, W) (N may be 0), "
+                         f"got {shape!r}")
     return tuple(int(v) for v in shape)
