@@ -11,26 +11,26 @@
 //   the window's cells inside the input               otherwise.
 // The geometry check guarantees every window a cell inside the input.
 
-struct AvgWindow {
-    int h0, h1, w0, w1;  // the window's cells inside the input: [h0, h1) x [w0, w1)
-    int divisor;
+// One axis of a window starting at start (k cells, input size, padding pad):
+// the cells inside the input, [lo, hi), and the count inside the padded input.
+struct Span {
+    int lo, hi, padded;
 };
 
-__device__ inline AvgWindow avg_window(int p, int q, int H, int W, int R, int S, int sh, int sw,
-                                       int ph, int pw, int count_include_pad,
-                                       int divisor_override) {
-    AvgWindow a;
-    const int hs = p * sh - ph, ws = q * sw - pw;
-    const int he = hs + R < H + ph ? hs + R : H + ph;
-    const int we = ws + S < W + pw ? ws + S : W + pw;
-    a.h0 = hs > 0 ? hs : 0;
-    a.w0 = ws > 0 ? ws : 0;
-    a.h1 = he < H ? he : H;
-    a.w1 = we < W ? we : W;
-    a.divisor = divisor_override != 0 ? divisor_override
-              : count_include_pad     ? (he - hs) * (we - ws)
-                                      : (a.h1 - a.h0) * (a.w1 - a.w0);
+__device__ inline Span span(int start, int k, int size, int pad) {
+    const int end = start + k < size + pad ? start + k : size + pad;
+    Span a;
+    a.lo = start > 0 ? start : 0;
+    a.hi = end < size ? end : size;
+    a.padded = end - start;
     return a;
+}
+
+__device__ inline int divisor(const Span& a, const Span& b, int count_include_pad,
+                              int divisor_override) {
+    return divisor_override != 0 ? divisor_override
+         : count_include_pad     ? a.padded * b.padded
+                                 : (a.hi - a.lo) * (b.hi - b.lo);
 }
 
 // y[n,c,p,q] = (sum of the window's cells inside x, row-major) / D.
@@ -45,13 +45,12 @@ __global__ void avg_pool2d_forward(const T* __restrict__ x, T* __restrict__ y, i
         const int p = (int)((i / Q) % P);
         const long long plane = i / ((long long)P * Q);
         const T* xp = x + plane * H * W;
-        const AvgWindow a = avg_window(p, q, H, W, R, S, sh, sw, ph, pw, count_include_pad,
-                                       divisor_override);
+        const Span a = span(p * sh - ph, R, H, ph), b = span(q * sw - pw, S, W, pw);
         T sum = 0;
-        for (int h = a.h0; h < a.h1; ++h) {
-            for (int w = a.w0; w < a.w1; ++w) sum += xp[(long long)h * W + w];
+        for (int h = a.lo; h < a.hi; ++h) {
+            for (int w = b.lo; w < b.hi; ++w) sum += xp[(long long)h * W + w];
         }
-        y[i] = sum / (T)a.divisor;
+        y[i] = sum / (T)divisor(a, b, count_include_pad, divisor_override);
     }
 }
 
@@ -76,11 +75,13 @@ __global__ void avg_pool2d_backward(const T* __restrict__ dy, T* __restrict__ dx
         const int p_hi = hp / sh < P - 1 ? hp / sh : P - 1;
         const int q_hi = wp / sw < Q - 1 ? wp / sw : Q - 1;
         T acc = 0;
+        const T* dyp = dy + plane * P * Q;
         for (int p = p_lo; p <= p_hi; ++p) {
+            const Span a = span(p * sh - ph, R, H, ph);
             for (int q = q_lo; q <= q_hi; ++q) {
-                const AvgWindow a = avg_window(p, q, H, W, R, S, sh, sw, ph, pw,
-                                               count_include_pad, divisor_override);
-                acc += dy[plane * P * Q + (long long)p * Q + q] / (T)a.divisor;
+                const Span b = span(q * sw - pw, S, W, pw);
+                acc += dyp[(long long)p * Q + q] / (T)divisor(a, b, count_include_pad,
+                                                              divisor_override);
             }
         }
         dx[i] = acc;

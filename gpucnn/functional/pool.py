@@ -62,8 +62,9 @@ def arguments(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                                                                 numbers.Integral):
             raise TypeError(f"divisor_override must be None or a nonzero int, got "
                             f"{divisor_override!r}")
-        if divisor_override == 0:
-            raise ValueError("divisor_override must be a nonzero int, got 0")
+        if divisor_override == 0 or abs(divisor_override) >= 2 ** 31:
+            raise ValueError(f"divisor_override must be a nonzero int below 2**31 in "
+                             f"magnitude, got {divisor_override}")
         divisor_override = int(divisor_override)
     return PoolArguments(R, S, sh, sw, ph, pw, dh, dw, ceil_mode, count_include_pad,
                          divisor_override)
