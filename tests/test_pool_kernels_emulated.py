@@ -4,8 +4,8 @@ uses, against the NumPy path, for float and double."""
 import numpy
 import pytest
 
+import emulator
 from conftest import close
-from emulator import EmulatedModule
 from gpucnn import cuda, functional as F
 from gpucnn.functional import pool
 from test_avg_pool2d import DIVISORS, GRID as AVG_GRID
@@ -22,9 +22,12 @@ AVG_GRID = AVG_GRID + [((3, 5, 13, 11), dict(kernel_size=3, stride=2, padding=1,
                        ((2, 3, 17, 19), dict(kernel_size=(4, 3), stride=1, padding=(2, 1)))]
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    return cuda.Kernels(numpy, EmulatedModule)
+@pytest.fixture(scope="module", params=emulator.ORDERS,
+                ids=lambda o: f"order{o[0]}" + (f"-vs-{o[1]}" if o[1] is not None else ""))
+def kernels(request):
+    """The launchers on the emulator, outputs poisoned: in index order, then in
+    a shuffled order checked bitwise against the reverse order."""
+    return emulator.kernels(*request.param)
 
 
 def _refusing_kernels():
