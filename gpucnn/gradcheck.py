@@ -75,12 +75,6 @@ def cases(rng):
         "avg_pool2d 2x2": pool("avg", dict(kernel_size=2)),
         "avg_pool2d 3x2 s2 p1 ceil": pool("avg", dict(kernel_size=(3, 2), stride=2, padding=1,
                                                      ceil_mode=True)),
-        "max_pool2d 3x2 dil (2,3) p1 ceil": pool("max", dict(
-            kernel_size=(3, 2), stride=1, padding=1, dilation=(2, 3), ceil_mode=True)),
-        "avg_pool2d 3x2 s2 p1 ceil nopad": pool("avg", dict(
-            kernel_size=(3, 2), stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
-        "avg_pool2d 3x3 p1 divisor 5": pool("avg", dict(kernel_size=3, stride=1,
-                                                                padding=1, divisor_override=5)),
         "relu": (dict(x=_spread(rng, (2, 3, 4))), F.relu,
                  lambda G, x: dict(x=F.relu_backward(G, x))),
         "linear": linear(),
