@@ -108,6 +108,16 @@ def test_finite_differences_dilated(rng, kw):
     assert err < gradcheck.TOLERANCE
 
 
+def test_backward_adds_in_torchs_order(torch, rng):
+    # overlapping dilated windows sharing winners: float32 sums in the same order
+    x = numpy.round(rng.standard_normal((2, 3, 17, 15)), 1).astype(numpy.float32)
+    kw = dict(kernel_size=3, stride=1, padding=1, dilation=2)
+    y, idx = F.max_pool2d(x, **kw)
+    dy = rng.standard_normal(y.shape).astype(numpy.float32)
+    numpy.testing.assert_array_equal(F.max_pool2d_backward(dy, idx, x.shape, **kw),
+                                     _torch_pool(torch, x, dy, kw)[2])
+
+
 def test_dilation_reaches_the_spaced_cells():
     x = numpy.arange(25.0).reshape(1, 1, 5, 5)
     y, idx = F.max_pool2d(x, 2, stride=1, dilation=3)  # cells (h, w), (h+3, w), ...
