@@ -16,8 +16,12 @@ size up, but drops a last window that would start in the bottom/right padding.
             W + pw)                            if count_include_pad, else
             the window's cells inside x.
 
-forward/backward take a PoolGeometry (geometry()), which a layer computes once
-per input shape; max_pool2d(...) and friends parse the arguments for each call.
+max_forward/max_backward/avg_forward/avg_backward take a PoolGeometry: a layer
+parses its arguments once (arguments()) and computes the geometry once per input
+shape (geometry_for()); max_pool2d(...) and friends do both for each call.
+On the CPU the sums run one window tap at a time over all windows (NumPy); on
+a GPU they are the gather kernels of kernels/max_pool2d.cu and avg_pool2d.cu:
+one thread per output (forward) or per input pixel (backward), fixed order.
 """
 import numbers
 from collections import namedtuple
@@ -30,6 +34,8 @@ from . import _checks
 PoolGeometry = namedtuple(
     "PoolGeometry", "N C H W R S P Q sh sw ph pw dh dw count_include_pad divisor_override",
     defaults=(1, 1, True, None))
+PoolArguments = namedtuple(
+    "PoolArguments", "R S sh sw ph pw dh dw ceil_mode count_include_pad divisor_override")
 
 
 def _first_inside(start, size, step, taps):
@@ -37,10 +43,6 @@ def _first_inside(start, size, step, taps):
     or taps if there is none."""
     t = numpy.maximum(0, -(start // step))  # ceil(-start / step) for start < 0
     return numpy.where((t < taps) & (start + t * step < size), t, taps)
-
-
-PoolArguments = namedtuple(
-    "PoolArguments", "R S sh sw ph pw dh dw ceil_mode count_include_pad divisor_override")
 
 
 def arguments(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
