@@ -259,11 +259,16 @@ def avg_forward(x, g):
     kernels = cuda.kernels_for(xp)
     if kernels is not None:
         return kernels.avg_pool2d_forward(x, g)
-    xpad = _padded(xp, x, g, 0)
-    y = xp.zeros((g.N, g.C, g.P, g.Q), dtype=x.dtype)
+    unpadded = _padded_size(g) == (g.H, g.W)
+    xpad = x if unpadded else _padded(xp, x, g, 0)
+    y = None
     for r in range(g.R):  # loop over window taps, not pixels
         for s in range(g.S):
-            y += _cells(xpad, g, r, s)
+            v = _cells(xpad, g, r, s)
+            if y is None:
+                y = xp.array(v, dtype=x.dtype, copy=True)
+            else:
+                y += v
     y /= _divisors(xp, g, x.dtype)
     return y
 
@@ -289,4 +294,6 @@ def avg_backward(dy, g):
     for r in range(g.R):
         for s in range(g.S):
             _cells(dxp, g, r, s)[...] += share
+    if _padded_size(g) == (g.H, g.W):
+        return dxp
     return xp.ascontiguousarray(dxp[:, :, g.ph:g.ph + g.H, g.pw:g.pw + g.W])
