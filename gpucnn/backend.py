@@ -5,17 +5,40 @@ imported lazily, so the package imports and runs where CuPy or a GPU is
 missing; asking for ``cuda`` there is an error that says which of the two.
 """
 import os
+import sys
 
 import numpy
 
 DEVICES = ("cpu", "cuda", "auto")
 _cupy = None
 _cupy_error = None
+_stand_in = None  # a module playing CuPy (set_cupy_module), or None for the real one
+
+
+def set_cupy_module(module):
+    """Name the module that plays CuPy; None restores the real ``cupy``. Returns the
+    previous one, so ``prev = set_cupy_module(m); ...; set_cupy_module(prev)``.
+
+    This is the one seam for test doubles (tests/standin): gpucnn then treats
+    ``module.ndarray`` as device arrays, ``module`` as their array module, and
+    loads its kernels through ``module.RawModule``. Nothing else changes.
+    """
+    global _stand_in
+    previous, _stand_in = _stand_in, module
+    return previous
+
+
+def _cupy_module():
+    """The module playing CuPy if it is imported already (no import, no device query):
+    an array of it can only exist once it is."""
+    return _stand_in if _stand_in is not None else sys.modules.get("cupy")
 
 
 def _import_cupy():
-    """Return the cupy module, or None; remember why it is unusable."""
+    """Return the module playing CuPy where it has a usable device, or None; remember why not."""
     global _cupy, _cupy_error
+    if _stand_in is not None:
+        return _stand_in
     if _cupy is not None or _cupy_error is not None:
         return _cupy
     try:
@@ -44,8 +67,7 @@ def cuda_available():
 
 def cuda_unavailable_reason():
     """Why ``cuda`` cannot be used here, or None where it can."""
-    _import_cupy()
-    return _cupy_error
+    return None if _import_cupy() is not None else _cupy_error
 
 
 def resolve_device(device=None):
@@ -71,7 +93,10 @@ def resolve_device(device=None):
 
 
 def is_cupy_array(a):
-    return _cupy is not None and isinstance(a, _cupy.ndarray)
+    """True for an array of the module playing CuPy, recognised by its type; needs
+    no initialisation (a user's first call may be F.conv2d(cupy_array, ...))."""
+    module = _cupy_module()
+    return module is not None and isinstance(a, module.ndarray)
 
 
 def device_of(a):
@@ -85,7 +110,7 @@ def get_array_module(*arrays):
     if len(devices) > 1:
         raise ValueError("arrays are on different devices (cpu and cuda); move them "
                          "to one device first (gpucnn.backend.to_device)")
-    return _cupy if devices == {"cuda"} else numpy
+    return _cupy_module() if devices == {"cuda"} else numpy
 
 
 def xp_for(device):
@@ -93,7 +118,7 @@ def xp_for(device):
     if device == "cuda":
         if not cuda_available():
             raise RuntimeError(f"device 'cuda' is not usable: {cuda_unavailable_reason()}")
-        return _cupy
+        return _import_cupy()
     if device == "cpu":
         return numpy
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")

@@ -14,6 +14,7 @@ from . import functional as F
 from .models import MODELS
 from .optim import SGD, Adam
 from .random import manual_seed
+from .step import check_labels, train_step
 
 DEFAULTS = {  # per dataset: what reaches the README's accuracy targets
     "digits": dict(model="digits", epochs=20, batch_size=32, optimizer="adam", lr=2e-3),
@@ -75,20 +76,23 @@ def make_optimizer(config, params):
 
 
 def evaluate(model, x, y, batch_size, device, num_classes):
-    """(mean loss, accuracy, confusion matrix) of a model on host arrays x, y."""
+    """(mean loss, accuracy, confusion matrix) of a model on host arrays x, y.
+    The sums stay on the device; they are read back once, at the end."""
+    check_labels(y, num_classes)
     was_training = model.training
     model.eval()
-    total, confusion = 0.0, numpy.zeros((num_classes, num_classes), dtype=numpy.int64)
+    xp = backend.xp_for(device)
+    total, confusion = xp.zeros((), dtype=xp.float64), xp.zeros(num_classes ** 2, dtype=xp.int64)
     try:
         for xb, yb in data.batches(x, y, batch_size, device):
             logits = model.forward(xb)
-            loss, _ = F.softmax_cross_entropy(logits, yb)
-            total += float(loss) * len(yb)
-            pred = backend.to_numpy(logits.argmax(axis=1))
-            confusion += numpy.bincount(backend.to_numpy(yb) * num_classes + pred,
-                                        minlength=num_classes ** 2).reshape(num_classes, -1)
+            loss, _ = F.softmax_cross_entropy(logits, yb, check_labels=False)
+            total += loss * len(yb)
+            confusion += xp.bincount(yb * num_classes + logits.argmax(axis=1),
+                                     minlength=num_classes ** 2)
     finally:
         model.train(was_training)
+    total, confusion = float(total), backend.to_numpy(confusion).reshape(num_classes, -1)
     return total / len(y), float(numpy.trace(confusion)) / len(y), confusion
 
 
@@ -159,6 +163,7 @@ def train(config, model=None, log=print, explicit=()):
                     data_stats=ds.stats, custom_model=custom_model)
         checkpoint.save(ckpt_path, model, optimizer, meta)
 
+    check_labels(train_y, len(ds.classes), "training labels")  # once, not per step
     nb = data.num_batches(len(train_y), config.batch_size)
     for epoch in range(start_epoch, config.epochs):
         epoch_state = rng.bit_generator.state
@@ -169,32 +174,29 @@ def train(config, model=None, log=print, explicit=()):
                                                if partial and skip else (0.0, 0, 0, 0.0))
         bar = _progress(nb, skip, f"epoch {epoch + 1}/{config.epochs}", config.progress)
         step = skip
+        # Device-side running sums and the first step whose loss was not finite:
+        # nothing is read back inside a step; they are read every READ_EVERY
+        # steps (progress bar, NaN stop) and at the end of the epoch.
+        sums = _DeviceSums(backend.xp_for(device), loss_sum, correct)
         try:
             t0 = time.perf_counter()
             for xb, yb in data.batches(train_x, train_y, config.batch_size, device, order, skip):
-                optimizer.zero_grad()
-                logits = model.forward(xb)
-                loss, dlogits = F.softmax_cross_entropy(logits, yb)
-                value = float(loss)
-                if not math.isfinite(value):
-                    raise TrainingDiverged(
-                        f"the loss became {value} at epoch {epoch + 1}, step {step + 1}; training "
-                        f"stopped. The last good checkpoint is "
-                        f"{ckpt_path if ckpt_path.exists() else 'not written yet'}. Try a lower "
-                        f"learning rate, e.g. --lr {config.lr / 10:g}")
-                model.backward(dlogits, need_input_grad=False)
-                optimizer.step()
+                loss, logits = train_step(model, optimizer, xb, yb)
                 step += 1
-                loss_sum += value * len(yb)
-                correct = correct + (logits.argmax(axis=1) == yb).sum()  # stays on the device
+                sums.add(loss, logits, yb, step)
                 seen += len(yb)
                 now = time.perf_counter()
                 train_time += now - t0
                 t0 = now
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / train_time:.0f}")
                 bar.update(1)
+                if step % READ_EVERY == 0 or step == nb:
+                    loss_sum, correct = sums.read(epoch, ckpt_path, config.lr)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}",
+                                    img_s=f"{seen / train_time:.0f}")
+            loss_sum, correct = sums.read(epoch, ckpt_path, config.lr)
         except KeyboardInterrupt:
             bar.close()
+            loss_sum, correct = sums.read(epoch, ckpt_path, config.lr, check=False)
             save(epoch, step, epoch_state, dict(loss_sum=loss_sum, correct=int(correct), seen=seen,
                                                 train_time=train_time))
             log(f"gpucnn: interrupted at epoch {epoch + 1}, step {step}; saved {ckpt_path} "
@@ -224,6 +226,40 @@ def train(config, model=None, log=print, explicit=()):
                         f"{config.dataset} test set, epoch {epoch + 1}: "
                         f"{100 * test_acc:.2f}% correct")
     return history, model
+
+
+READ_EVERY = 20  # steps between reads of the running loss (each read is a device sync)
+
+
+class _DeviceSums:
+    """The epoch's loss sum, correct count and first non-finite step, kept on the
+    device (a few element-wise kernels per step, no synchronisation)."""
+
+    def __init__(self, xp, loss_sum, correct):
+        self.xp = xp
+        self.loss_sum = xp.asarray(loss_sum, dtype=xp.float64)
+        self.correct = xp.asarray(correct, dtype=xp.int64)
+        self.bad_step = xp.zeros((), dtype=xp.int64)  # 0: every loss so far was finite
+
+    def add(self, loss, logits, labels, step):
+        self.loss_sum += loss * len(labels)
+        self.correct += (logits.argmax(axis=1) == labels).sum()
+        bad = ~self.xp.isfinite(loss) & (self.bad_step == 0)
+        self.bad_step += bad * step
+
+    def read(self, epoch, ckpt_path, lr, check=True):
+        """(loss_sum, correct) on the host: one sync. Raises TrainingDiverged naming the
+        step where the loss first became NaN or infinite."""
+        loss_sum, correct, bad_step = (float(v) for v in backend.to_numpy(self.xp.stack(
+            [self.loss_sum, self.correct.astype(self.xp.float64),
+             self.bad_step.astype(self.xp.float64)])))
+        if check and bad_step:
+            raise TrainingDiverged(
+                f"the loss became {'nan' if math.isnan(loss_sum) else loss_sum} at epoch "
+                f"{epoch + 1}, step {int(bad_step)}; training stopped. The last good "
+                f"checkpoint is {ckpt_path if ckpt_path.exists() else 'not written yet'}. "
+                f"Try a lower learning rate, e.g. --lr {lr / 10:g}")
+        return loss_sum, int(correct)
 
 
 def _progress(total, initial, desc, enabled):
