@@ -21,11 +21,18 @@ def set_cupy_module(module):
 
     This is the one seam for test doubles (tests/standin): gpucnn then treats
     ``module.ndarray`` as device arrays, ``module`` as their array module, and
-    loads its kernels through ``module.RawModule``. Nothing else changes.
+    loads its kernels through ``module.RawModule``. Its stream capture is taken
+    to record nothing (graph_capture_replays). Nothing else changes.
     """
     global _stand_in
     previous, _stand_in = _stand_in, module
     return previous
+
+
+def graph_capture_replays(xp):
+    """Whether work captured on a stream of xp is recorded for replay (not run):
+    True for CuPy; False for a stand-in, whose capture calls do nothing."""
+    return xp is not _stand_in
 
 
 def _cupy_module():
@@ -34,30 +41,73 @@ def _cupy_module():
     return _stand_in if _stand_in is not None else sys.modules.get("cupy")
 
 
-def _import_cupy():
-    """Return the module playing CuPy where it has a usable device, or None; remember why not."""
-    global _cupy, _cupy_error
-    if _stand_in is not None:
-        return _stand_in
-    if _cupy is not None or _cupy_error is not None:
-        return _cupy
-    try:
-        import cupy
-    except ImportError as e:  # not installed
-        _cupy_error = (
-            f"CuPy is not installed ({e}); install gpucnn with the 'cuda12' or "
-            "'cuda13' extra, e.g. pip install 'gpucnn[cuda12]'")
-        return None
+PROBE = """template <typename T> __global__ void gpucnn_probe(T* x, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += T(1);
+}"""
+_probed = {}  # id(module) -> (module or None, why not)
+
+
+def _probe(cupy):
+    """Check that a CuPy-like module can run kernels here: a device, CuPy's own
+    element-wise kernels (they need the CUDA headers) and one tiny RawModule
+    kernel compiled by NVRTC. Returns None, or what is missing, in words."""
     try:
         count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # no driver, no device, broken install
-        _cupy_error = f"CuPy is installed but no CUDA device is usable: {e}"
-        return None
+    except Exception as e:  # noqa: BLE001 - CuPy raises several kinds here
+        text = str(e)
+        if "InsufficientDriver" in text or "driver" in text.lower():
+            return (f"no usable NVIDIA driver ({text}); install or update the driver "
+                    "(nvidia-smi should list the GPU)")
+        if "NoDevice" in text:
+            return f"no CUDA device is visible ({text}); check nvidia-smi and CUDA_VISIBLE_DEVICES"
+        return f"CuPy is installed but no CUDA device is usable: {text}"
     if count < 1:
-        _cupy_error = "CuPy is installed but reports no CUDA device"
-        return None
-    _cupy = cupy
-    return cupy
+        return "CuPy is installed but reports no CUDA device (check CUDA_VISIBLE_DEVICES)"
+    stage = "CuPy's element-wise kernels"
+    try:
+        x = cupy.arange(4, dtype=numpy.float32) * 2
+        stage = "a RawModule kernel (NVRTC)"
+        module = cupy.RawModule(code=PROBE, options=("--std=c++14",),
+                                name_expressions=["gpucnn_probe<float>"])
+        module.get_function("gpucnn_probe<float>")((1,), (32,), (x, numpy.int32(4)))
+        if float(x.sum()) != 16.0:
+            return "a test kernel ran but computed a wrong result; the GPU or driver is faulty"
+    except Exception as e:  # noqa: BLE001 - compile and launch errors of every kind
+        text = str(e)
+        if any(k in text for k in ("cuda_fp16.h", "cannot open source file", "CUDA headers",
+                                   "cuda.h", "No such file")):
+            return (f"the CUDA headers are missing, so {stage} do not compile ({text.splitlines()[0]}"
+                    "); CuPy 14 needs them: install gpucnn[cuda12] or gpucnn[cuda13] (they bring "
+                    "cupy-cudaXXx[ctk]) or a CUDA toolkit")
+        if "nvrtc" in text.lower() or "compile" in text.lower():
+            return f"NVRTC could not compile {stage}: {text}"
+        return f"{stage} failed to run: {type(e).__name__}: {text}"
+    return None
+
+
+def _import_cupy():
+    """Return the module playing CuPy where it can run kernels here, or None;
+    remember why not (the check runs once per module and process)."""
+    global _cupy, _cupy_error
+    module = _stand_in
+    if module is None:
+        if _cupy is not None or _cupy_error is not None:
+            return _cupy
+        try:
+            import cupy as module
+        except ImportError as e:  # not installed
+            _cupy_error = (
+                f"CuPy is not installed ({e}); install gpucnn with the 'cuda12' or "
+                "'cuda13' extra, e.g. pip install 'gpucnn[cuda12]'")
+            return None
+    if id(module) not in _probed:
+        why = _probe(module)
+        _probed[id(module)] = (None if why else module, why)
+    usable, why = _probed[id(module)]
+    if module is not _stand_in:
+        _cupy, _cupy_error = usable, why
+    return usable
 
 
 def cuda_available():
@@ -67,7 +117,9 @@ def cuda_available():
 
 def cuda_unavailable_reason():
     """Why ``cuda`` cannot be used here, or None where it can."""
-    return None if _import_cupy() is not None else _cupy_error
+    if _import_cupy() is not None:
+        return None
+    return _probed[id(_stand_in)][1] if _stand_in is not None else _cupy_error
 
 
 def resolve_device(device=None):

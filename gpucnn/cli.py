@@ -53,6 +53,9 @@ def _parser():
                    help="continue a run from its checkpoint (its settings are kept)")
     t.add_argument("--limit", type=int, metavar="N", help="train on the first N samples only")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the training step from a CUDA graph (default: on with "
+                   "--device cuda; SGD only, Adam runs eagerly)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test set")
     e.add_argument("checkpoint")
@@ -71,6 +74,7 @@ def _parser():
     b.add_argument("--device", choices=devices, default="auto")
     b.add_argument("--repeat", type=int, default=10)
     b.add_argument("--json")
+    b.add_argument("--smoke", action="store_true", help="one tiny case of each kind")
     return p
 
 
@@ -85,6 +89,7 @@ def cmd_train(args):
     if args.out is None and args.resume is None:
         config.out = training.default_out()
     config.progress = not args.no_progress and sys.stderr.isatty()
+    config.cuda_graph = args.cuda_graph
     try:
         history, _ = training.train(config, explicit=explicit)
     except training.TrainingDiverged as e:
@@ -110,18 +115,21 @@ def cmd_info(args):
     from . import cuda, nvrtc
     print(f"gpucnn {gpucnn.__version__}, Python {platform.python_version()}, "
           f"NumPy {numpy.__version__}")
-    try:
-        import cupy
-        print(f"CuPy {cupy.__version__}")
-    except ImportError:
-        print("CuPy: not installed (pip install 'gpucnn[cuda12]' or 'gpucnn[cuda13]')")
-    device, why = backend.resolve_device("auto")
-    print(f"device: {device} ({why})")
+    device, why = backend.resolve_device("auto")  # compiles and runs one tiny kernel first
     if device == "cuda":
-        import cupy
-        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
+        cp = backend.xp_for("cuda")
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
+        print(f"CuPy {cp.__version__}")
+        print(f"device: cuda ({why}; a test kernel compiled with NVRTC and ran)")
         print(f"GPU: {props['name'].decode()}, compute capability "
               f"{props['major']}.{props['minor']}")
+    else:
+        try:
+            import cupy
+            print(f"CuPy {cupy.__version__}")
+        except ImportError:
+            print("CuPy: not installed (pip install 'gpucnn[cuda12]' or 'gpucnn[cuda13]')")
+        print(f"device: cpu ({why})")
     ok = True
     if nvrtc.library() is None:
         print("NVRTC: not found, so the kernels were not compiled here "
@@ -135,8 +143,7 @@ def cmd_info(args):
             print(f"kernels/{filename}: {'compiles' if good else 'FAILS'} with NVRTC "
                   f"{major}.{minor} (compute_90)" + ("" if good else f"\n{log}"))
     if device == "cuda":
-        import cupy
-        loaded = cuda.kernels_for(cupy).load_all()
+        loaded = cuda.kernels_for(backend.xp_for("cuda")).load_all()
         print(f"kernels: all {len(loaded)} instantiations loaded on the GPU through CuPy")
     return 0 if ok else 1
 
@@ -157,7 +164,8 @@ def cmd_gradcheck(args):
 def cmd_bench(args):
     from . import bench
     return bench.main(["--device", args.device, "--repeat", str(args.repeat)] +
-                      (["--json", args.json] if args.json else [])) or 0
+                      (["--json", args.json] if args.json else []) +
+                      (["--smoke"] if args.smoke else [])) or 0
 
 
 def main(argv=None):

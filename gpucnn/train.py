@@ -43,6 +43,7 @@ class Config:
     resume: str = None
     limit: int = None
     progress: bool = True
+    cuda_graph: bool = None  # None: on where the device is cuda (gpucnn.graph)
 
     def filled(self):
         """A copy with the dataset's defaults in place of unset fields, checked."""
@@ -165,6 +166,7 @@ def train(config, model=None, log=print, explicit=()):
 
     check_labels(train_y, len(ds.classes), "training labels")  # once, not per step
     nb = data.num_batches(len(train_y), config.batch_size)
+    step_fn = _step_function(config, device, model, optimizer, log)
     for epoch in range(start_epoch, config.epochs):
         epoch_state = rng.bit_generator.state
         order = rng.permutation(len(train_y))
@@ -181,18 +183,18 @@ def train(config, model=None, log=print, explicit=()):
         try:
             t0 = time.perf_counter()
             for xb, yb in data.batches(train_x, train_y, config.batch_size, device, order, skip):
-                loss, logits = train_step(model, optimizer, xb, yb)
+                loss, logits = step_fn(model, optimizer, xb, yb)
                 step += 1
                 sums.add(loss, logits, yb, step)
                 seen += len(yb)
                 now = time.perf_counter()
                 train_time += now - t0
                 t0 = now
-                bar.update(1)
-                if step % READ_EVERY == 0 or step == nb:
+                if step % READ_EVERY == 0:
                     loss_sum, correct = sums.read(epoch, ckpt_path, config.lr)
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}",
                                     img_s=f"{seen / train_time:.0f}")
+                bar.update(1)
             loss_sum, correct = sums.read(epoch, ckpt_path, config.lr)
         except KeyboardInterrupt:
             bar.close()
@@ -226,6 +228,18 @@ def train(config, model=None, log=print, explicit=()):
                         f"{config.dataset} test set, epoch {epoch + 1}: "
                         f"{100 * test_acc:.2f}% correct")
     return history, model
+
+
+def _step_function(config, device, model, optimizer, log):
+    """train_step, or on a GPU (unless cuda_graph is False) its CUDA-graph replay."""
+    use_graph = config.cuda_graph if config.cuda_graph is not None else device == "cuda"
+    if not use_graph:
+        return train_step
+    if device != "cuda":
+        raise ValueError(f"cuda_graph needs device 'cuda', got {device!r}")
+    from .graph import GraphedStep
+    graphed = GraphedStep(model, optimizer, log=log)
+    return lambda model, optimizer, x, y: graphed(x, y)
 
 
 READ_EVERY = 20  # steps between reads of the running loss (each read is a device sync)
