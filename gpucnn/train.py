@@ -176,9 +176,8 @@ def train(config, model=None, log=print, explicit=()):
                                                if partial and skip else (0.0, 0, 0, 0.0))
         bar = _progress(nb, skip, f"epoch {epoch + 1}/{config.epochs}", config.progress)
         step = skip
-        # Device-side running sums and the first step whose loss was not finite:
-        # nothing is read back inside a step; they are read every READ_EVERY
-        # steps (progress bar, NaN stop) and at the end of the epoch.
+        # Nothing is read back inside a step: the losses and the correct count are
+        # read every READ_EVERY steps (progress bar, NaN stop) and at the epoch's end.
         sums = _DeviceSums(backend.xp_for(device), loss_sum, correct)
         try:
             t0 = time.perf_counter()
@@ -190,7 +189,7 @@ def train(config, model=None, log=print, explicit=()):
                 now = time.perf_counter()
                 train_time += now - t0
                 t0 = now
-                if step % READ_EVERY == 0:
+                if sums.full():
                     loss_sum, correct = sums.read(epoch, ckpt_path, config.lr)
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}",
                                     img_s=f"{seen / train_time:.0f}")
@@ -246,34 +245,40 @@ READ_EVERY = 20  # steps between reads of the running loss (each read is a devic
 
 
 class _DeviceSums:
-    """The epoch's loss sum, correct count and first non-finite step, kept on the
-    device (a few element-wise kernels per step, no synchronisation)."""
+    """The epoch's running loss and correct count without a sync per step: each
+    step's loss is written into a device buffer (one copy) and the correct count
+    summed on the device; read() fetches both in one transfer, every READ_EVERY
+    steps, and adds the losses up on the host in step order."""
 
-    def __init__(self, xp, loss_sum, correct):
-        self.xp = xp
-        self.loss_sum = xp.asarray(loss_sum, dtype=xp.float64)
+    def __init__(self, xp, loss_sum, correct, every=None):
+        self.every = every or READ_EVERY
+        self.buffer = xp.zeros(self.every + 1, dtype=xp.float64)  # losses, then the count
         self.correct = xp.asarray(correct, dtype=xp.int64)
-        self.bad_step = xp.zeros((), dtype=xp.int64)  # 0: every loss so far was finite
+        self.loss_sum, self.steps = loss_sum, []  # (step, batch size) of each buffered loss
 
     def add(self, loss, logits, labels, step):
-        self.loss_sum += loss * len(labels)
+        self.buffer[len(self.steps)] = loss
+        self.steps.append((step, len(labels)))
         self.correct += (logits.argmax(axis=1) == labels).sum()
-        bad = ~self.xp.isfinite(loss) & (self.bad_step == 0)
-        self.bad_step += bad * step
+
+    def full(self):
+        return len(self.steps) == self.every
 
     def read(self, epoch, ckpt_path, lr, check=True):
         """(loss_sum, correct) on the host: one sync. Raises TrainingDiverged naming the
         step where the loss first became NaN or infinite."""
-        loss_sum, correct, bad_step = (float(v) for v in backend.to_numpy(self.xp.stack(
-            [self.loss_sum, self.correct.astype(self.xp.float64),
-             self.bad_step.astype(self.xp.float64)])))
-        if check and bad_step:
-            raise TrainingDiverged(
-                f"the loss became {'nan' if math.isnan(loss_sum) else loss_sum} at epoch "
-                f"{epoch + 1}, step {int(bad_step)}; training stopped. The last good "
-                f"checkpoint is {ckpt_path if ckpt_path.exists() else 'not written yet'}. "
-                f"Try a lower learning rate, e.g. --lr {lr / 10:g}")
-        return loss_sum, int(correct)
+        self.buffer[self.every] = self.correct
+        host = backend.to_numpy(self.buffer)
+        for (step, n), value in zip(self.steps, host.tolist()):
+            if check and not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"the loss became {value} at epoch {epoch + 1}, step {step}; training "
+                    f"stopped. The last good checkpoint is "
+                    f"{ckpt_path if ckpt_path.exists() else 'not written yet'}. Try a lower "
+                    f"learning rate, e.g. --lr {lr / 10:g}")
+            self.loss_sum += value * n
+        self.steps = []
+        return self.loss_sum, int(host[self.every])
 
 
 def _progress(total, initial, desc, enabled):

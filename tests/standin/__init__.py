@@ -34,7 +34,7 @@ _NO_IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. Please use
 
 # --- synchronisation and launch counters -------------------------------------------------
 
-_counts = {"syncs": 0, "launches": 0, "ops": 0}
+_counts = {"syncs": 0, "launches": 0, "ops": 0, "kernel_s": 0.0}
 # array methods and functions that make views or nothing at all: no kernel on a GPU
 _NO_KERNEL = {"reshape", "transpose", "view", "squeeze", "swapaxes", "empty", "empty_like",
               "shape", "ndim", "result_type", "dtype", "broadcast_to", "expand_dims"}
@@ -48,6 +48,11 @@ def syncs():
 def launches():
     """How many RawModule kernels were launched so far."""
     return _counts["launches"]
+
+
+def kernel_seconds():
+    """Wall time spent running emulated RawModule kernels (the GPU's share of a step)."""
+    return _counts["kernel_s"]
 
 
 def ops():
@@ -575,7 +580,9 @@ class RawKernel:
         if not all(int(g) > 0 for g in grid) or not all(int(b) > 0 for b in block):
             raise CUDARuntimeError(f"{self.name}: invalid grid {tuple(grid)} or block "
                                    f"{tuple(block)} (cudaErrorInvalidConfiguration)")
+        t0 = time.perf_counter()
         self._f(grid, block, values, shared_mem=shared_mem)
+        _counts["kernel_s"] += time.perf_counter() - t0  # emulated GPU time, not host time
 
 
 def _emulated_module(code, options, name_expressions):
