@@ -40,6 +40,8 @@ def standin():
     import standin as module
     previous = backend.set_cupy_module(module)
     try:
+        # the device check (one tiny kernel, one sync) runs once, here, not inside a test
+        assert backend.cuda_available(), backend.cuda_unavailable_reason()
         yield module
     finally:
         backend.set_cupy_module(previous)

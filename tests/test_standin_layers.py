@@ -111,3 +111,17 @@ def test_standin_conv2d_backward_of_an_empty_batch(standin):
     dx, dw, db = F.conv2d_backward(dy, x, w, padding=1)
     assert dx.shape == (0, 2, 5, 5) and not dw.get().any() and not db.get().any()
     assert dw.shape == (3, 2, 3, 3) and db.shape == (3,)
+
+
+def test_standin_softmax_cross_entropy_label_check(standin):
+    logits = standin.zeros((3, 4), dtype=numpy.float32)
+    bad = standin.asarray(numpy.array([0, 4, 1]))
+    with standin.count_syncs() as syncs:
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\]"):
+            F.softmax_cross_entropy(logits, bad)
+        assert syncs() >= 1  # the check reads the device: which is why a step skips it
+    with standin.count_syncs() as syncs:
+        loss, dz = F.softmax_cross_entropy(logits, standin.asarray(numpy.array([0, 3, 1])),
+                                           check_labels=False)
+        assert syncs() == 0
+    assert abs(float(loss) - numpy.log(4)) < 1e-6
