@@ -45,7 +45,7 @@ PROBE = """template <typename T> __global__ void gpucnn_probe(T* x, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] += T(1);
 }"""
-_probed = {}  # id(module) -> (module or None, why not)
+_probed = {}  # module -> (module or None, why not)
 
 
 def _probe(cupy):
@@ -101,10 +101,10 @@ def _import_cupy():
                 f"CuPy is not installed ({e}); install gpucnn with the 'cuda12' or "
                 "'cuda13' extra, e.g. pip install 'gpucnn[cuda12]'")
             return None
-    if id(module) not in _probed:
+    if module not in _probed:
         why = _probe(module)
-        _probed[id(module)] = (None if why else module, why)
-    usable, why = _probed[id(module)]
+        _probed[module] = (None if why else module, why)
+    usable, why = _probed[module]
     if module is not _stand_in:
         _cupy, _cupy_error = usable, why
     return usable
@@ -119,7 +119,7 @@ def cuda_unavailable_reason():
     """Why ``cuda`` cannot be used here, or None where it can."""
     if _import_cupy() is not None:
         return None
-    return _probed[id(_stand_in)][1] if _stand_in is not None else _cupy_error
+    return _probed[_stand_in][1] if _stand_in is not None else _cupy_error
 
 
 def resolve_device(device=None):

@@ -109,3 +109,50 @@ def test_cupy_arrays_are_recognised_before_any_initialisation(tmp_path):
                           env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "18.0"
+
+
+def _broken(standin, **parts):
+    """A copy of the stand-in module with some parts failing as CuPy's do."""
+    import types
+    module = types.ModuleType("broken_standin")
+    module.__dict__.update({k: v for k, v in vars(standin).items() if not k.startswith("__")})
+    module.__dict__.update(parts)
+    return module
+
+
+def _raise(error):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+@pytest.mark.parametrize("parts, expected", [
+    (lambda s: dict(cuda=type(s.cuda)(**{**vars(s.cuda), "runtime": type(s.cuda.runtime)(
+        **{**vars(s.cuda.runtime), "getDeviceCount": _raise(s.CUDARuntimeError(
+            "cudaErrorInsufficientDriver: CUDA driver version is insufficient"))})})),
+     "no usable NVIDIA driver"),
+    (lambda s: dict(cuda=type(s.cuda)(**{**vars(s.cuda), "runtime": type(s.cuda.runtime)(
+        **{**vars(s.cuda.runtime), "getDeviceCount": _raise(s.CUDARuntimeError(
+            "cudaErrorNoDevice: no CUDA-capable device is detected"))})})),
+     "no CUDA device is visible"),
+    (lambda s: dict(RawModule=_raise(RuntimeError(
+        'nvrtc: error: catastrophic error: cannot open source file "cuda_fp16.h"'))),
+     "the CUDA headers are missing"),
+    (lambda s: dict(RawModule=_raise(RuntimeError(
+        "NVRTC_ERROR_COMPILATION: error: identifier \"T\" is undefined"))),
+     "NVRTC could not compile a RawModule kernel"),
+], ids=["no driver", "no device", "no headers", "nvrtc error"])
+def test_standin_auto_and_info_say_what_is_missing(standin, parts, expected, capsys):
+    from gpucnn.cli import main
+    broken = _broken(standin, **parts(standin))
+    previous = backend.set_cupy_module(broken)
+    try:
+        device, why = backend.resolve_device("auto")
+        assert device == "cpu" and expected in why, why
+        with pytest.raises(RuntimeError, match=expected):
+            backend.resolve_device("cuda")
+        assert main(["info"]) == 0
+        assert f"device: cpu (auto: falling back to cpu because {expected}" in \
+            capsys.readouterr().out
+    finally:
+        backend.set_cupy_module(previous)

@@ -45,6 +45,8 @@ def main():
         def step(i):
             loss, logits = train_step(net, opt, x, y)
             sums.add(loss, logits, y, i + 1)
+            if sums.full():  # as train() does: one read every READ_EVERY steps
+                sums.read(0, pathlib.Path("none"), 0.01)
         kind = "train_step + device-side sums (this tree)"
     except ImportError:
         state = {"loss_sum": 0.0, "correct": 0}
