@@ -7,6 +7,7 @@ array module and the module loader as arguments so that the tests can run the
 very same launchers on the CPU, through an emulator that compiles the same
 unedited .cu files with g++ (tests/emulator).
 """
+import collections
 import importlib.resources
 import pathlib
 
@@ -25,9 +26,39 @@ FILTER_TILE, FILTER_STEP = 64, 16  # as in conv2d_backward.cu
 FILTER_BLOCKS = 2048  # enough blocks to fill a large GPU; the i range is split to get them
 
 
+# Dynamic shared memory per launch, from the element size.
+SHARED_BYTES = {
+    "conv2d_backward_filter": lambda itemsize: 2 * FILTER_STEP * FILTER_TILE * itemsize,
+    "conv2d_backward_bias": lambda itemsize: THREADS * itemsize,
+}
+
+
 def name_expressions(filename):
     """Every template instantiation of a file, e.g. 'conv2d_backward_data<float>'."""
     return [f"{k}<{t}>" for k in KERNELS[filename] for t in TYPES.values()]
+
+
+CompileUnit = collections.namedtuple(
+    "CompileUnit", "filename config options name_expressions threads dynamic_shared",
+    defaults=({},))
+CompileUnit.__doc__ = """One NVRTC compilation the loader performs: kernels/<filename> with
+the NVRTC options of one configuration (config: a short label), its name
+expressions, and, per kernel base name, the threads per block its launcher uses
+(threads) and, per name expression, the dynamic shared memory in bytes it
+launches with where it uses some (dynamic_shared, optional)."""
+
+
+def compile_units():
+    """Every compilation of every kernel file and configuration, for the static
+    report (gpucnn info --kernels) and the compile tests."""
+    units = []
+    for filename, kernels in KERNELS.items():
+        dynamic = {f"{k}<{ctype}>": bytes_for(t.itemsize) for k, bytes_for in SHARED_BYTES.items()
+                   for t, ctype in TYPES.items()}
+        units.append(CompileUnit(filename, "default", NVRTC_OPTIONS, name_expressions(filename),
+                                 {k: THREADS for k in kernels},
+                                 {n: b for n, b in dynamic.items() if n.split("<")[0] in kernels}))
+    return units
 
 
 def source(filename):
@@ -114,7 +145,7 @@ class Kernels:
         f((*grid_xy, slices), (THREADS,),
           (dy, x, partial, *_i32(g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q, g.sh, g.sw,
                                  g.pt, g.pl, g.dh, g.dw, g.groups), numpy.int64(slice_len)),
-          shared_mem=2 * FILTER_STEP * FILTER_TILE * dy.itemsize)
+          shared_mem=SHARED_BYTES["conv2d_backward_filter"](dy.itemsize))
         shape = (g.K, g.C // g.groups, g.R, g.S)
         if slices == 1:
             return partial.reshape(shape)
@@ -130,7 +161,7 @@ class Kernels:
         dbias = self.xp.empty((K,), dtype=dy.dtype)
         f = self._function("conv2d_backward.cu", "conv2d_backward_bias", dy.dtype)
         f((min(MAX_BLOCKS, K),), (THREADS,), (dy, dbias, *_i32(N, K, P * Q)),
-          shared_mem=THREADS * dy.itemsize)
+          shared_mem=SHARED_BYTES["conv2d_backward_bias"](dy.itemsize))
         return dbias
 
     def max_pool2d_forward(self, x, g):

@@ -39,8 +39,12 @@ def _flat(result):
 def gpu(request):
     """'cuda', played by the stand-in or by CuPy on a real GPU."""
     if request.param == "cuda-standin":
-        request.getfixturevalue("standin")
-    return "cuda"
+        standin = request.getfixturevalue("standin")
+        # each kernel launch in a shuffled thread order, checked bitwise against another
+        with standin.emulator_order(2, 1):
+            yield "cuda"
+        return
+    yield "cuda"
 
 
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])

@@ -308,6 +308,37 @@ def ndim(a):
     return a.ndim
 
 
+def empty(shape, dtype=float, order="C"):
+    """Uninitialised device memory: poisoned (NaN, or the integer type's extreme), as
+    a GPU hands back whatever the previous kernel left, so an unwritten output shows."""
+    from emulator.poisoned import poison
+    return ndarray(poison(numpy.empty(shape, dtype=dtype, order=order)))
+
+
+def empty_like(prototype, dtype=None, order="K", subok=True, shape=None):
+    from emulator.poisoned import poison
+    return ndarray(poison(numpy.empty_like(_unwrap(prototype), dtype=dtype, order=order,
+                                           shape=shape)))
+
+
+# The emulator's thread order for RawModule launches, and the order each launch is
+# compared with bitwise (None: no comparison); see tests/emulator. set_emulator_order
+# changes them for the launches that follow.
+_order = {"order": 0, "compare_order": None}
+
+
+@contextlib.contextmanager
+def emulator_order(order, compare_order=None):
+    """with emulator_order(2, 1): launches run in thread order 2, each checked bitwise
+    against order 1 (a race or a schedule-dependent sum raises OrderError)."""
+    previous = dict(_order)
+    _order.update(order=order, compare_order=compare_order)
+    try:
+        yield
+    finally:
+        _order.update(previous)
+
+
 def _delegate(name, target):
     def function(*args, **kwargs):
         if name not in _NO_KERNEL:
@@ -568,6 +599,14 @@ class RawKernel:
         self._f = function
         self.name = function.name
 
+    @property
+    def max_dynamic_shared_size_bytes(self):
+        return self._f.max_dynamic_shared_size_bytes
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value):
+        self._f.max_dynamic_shared_size_bytes = value
+
     def __call__(self, grid, block, args, *, shared_mem=0, stream=None, enable_cooperative_groups=False):
         values = []
         for i, a in enumerate(args):
@@ -580,6 +619,8 @@ class RawKernel:
         if not all(int(g) > 0 for g in grid) or not all(int(b) > 0 for b in block):
             raise CUDARuntimeError(f"{self.name}: invalid grid {tuple(grid)} or block "
                                    f"{tuple(block)} (cudaErrorInvalidConfiguration)")
+        module = self._f._module  # the emulator reads its thread orders from here
+        module.order, module.compare_order = _order["order"], _order["compare_order"]
         t0 = time.perf_counter()
         self._f(grid, block, values, shared_mem=shared_mem)
         _counts["kernel_s"] += time.perf_counter() - t0  # emulated GPU time, not host time
