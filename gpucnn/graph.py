@@ -15,10 +15,12 @@ CUDA graph, a step is one launch. The recipe (as PyTorch's whole-network capture
 
 The step must be replayable: only SGD is (its learning rate is read at capture
 and a change triggers a new capture); Adam's bias correction is computed on the
-host each step, so with Adam the step runs eagerly (said once). A capture that
-fails falls back to eager steps with one line saying why.
+host each step, and a replayed Dropout would reuse one mask, so with either the
+step runs eagerly (said once). A capture that fails falls back to eager steps
+with one line saying why.
 """
 from . import backend
+from .nn.layers import Dropout
 from .optim import SGD
 from .step import train_step
 
@@ -48,6 +50,10 @@ class GraphedStep:
         self.pool = cuda.MemoryPool() if self.capture else None
 
     def _capturable(self):
+        if any(isinstance(m, Dropout) and m.p > 0 for m in _modules(self.model)):
+            self.log("gpucnn: CUDA graph off: a replayed Dropout would draw the same mask at "
+                     "every step; running eagerly")
+            return False
         if not isinstance(self.optimizer, SGD):
             self.log(f"gpucnn: CUDA graph off: {type(self.optimizer).__name__}'s step computes its "
                      "bias correction on the host each step; running eagerly")
@@ -101,3 +107,9 @@ class GraphedStep:
         if self.replays:
             graph.launch(self.stream)  # capturing recorded the step; this runs it
         return outputs
+
+
+def _modules(module):
+    yield module
+    for child in module.children():
+        yield from _modules(child)

@@ -197,6 +197,14 @@ def test_standin_cuda_graph_is_off_for_adam_with_one_line(standin):
     assert not graphed.capture and len(lines) == 1 and "Adam" in lines[0]
 
 
+def test_standin_cuda_graph_is_off_with_dropout(standin):
+    gpucnn.manual_seed(0)
+    net = gpucnn.Sequential(gpucnn.Flatten(), gpucnn.Dropout(0.2), gpucnn.Linear(64, 10)).to("cuda")
+    lines = []
+    graphed = graph.GraphedStep(net, gpucnn.SGD(net.parameters(), lr=0.1), log=lines.append)
+    assert not graphed.capture and len(lines) == 1 and "Dropout" in lines[0]
+
+
 def test_standin_train_uses_the_graph_by_default_on_cuda(standin, tmp_path):
     captures = standin.cuda.Stream.captures
     kw = dict(optimizer="sgd", lr=0.05, limit=200)  # 6 full batches and a partial one
