@@ -77,8 +77,9 @@ def _probe(cupy):
         text = str(e)
         if any(k in text for k in ("cuda_fp16.h", "cannot open source file", "CUDA headers",
                                    "cuda.h", "No such file")):
-            return (f"the CUDA headers are missing, so {stage} do not compile ({text.splitlines()[0]}"
-                    "); CuPy 14 needs them: install gpucnn[cuda12] or gpucnn[cuda13] (they bring "
+            first = text.splitlines()[0]
+            return (f"the CUDA headers are missing, so {stage} do not compile ({first}); "
+                    "CuPy 14 needs them: install gpucnn[cuda12] or gpucnn[cuda13] (they bring "
                     "cupy-cudaXXx[ctk]) or a CUDA toolkit")
         if "nvrtc" in text.lower() or "compile" in text.lower():
             return f"NVRTC could not compile {stage}: {text}"

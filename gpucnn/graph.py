@@ -55,8 +55,9 @@ class GraphedStep:
                      "every step; running eagerly")
             return False
         if not isinstance(self.optimizer, SGD):
-            self.log(f"gpucnn: CUDA graph off: {type(self.optimizer).__name__}'s step computes its "
-                     "bias correction on the host each step; running eagerly")
+            name = type(self.optimizer).__name__
+            self.log(f"gpucnn: CUDA graph off: {name}'s step computes its bias correction "
+                     "on the host each step; running eagerly")
             return False
         return True
 

@@ -199,7 +199,8 @@ def test_standin_cuda_graph_is_off_for_adam_with_one_line(standin):
 
 def test_standin_cuda_graph_is_off_with_dropout(standin):
     gpucnn.manual_seed(0)
-    net = gpucnn.Sequential(gpucnn.Flatten(), gpucnn.Dropout(0.2), gpucnn.Linear(64, 10)).to("cuda")
+    net = gpucnn.Sequential(gpucnn.Flatten(), gpucnn.Dropout(0.2),
+                            gpucnn.Linear(64, 10)).to("cuda")
     lines = []
     graphed = graph.GraphedStep(net, gpucnn.SGD(net.parameters(), lr=0.1), log=lines.append)
     assert not graphed.capture and len(lines) == 1 and "Dropout" in lines[0]

@@ -607,7 +607,8 @@ class RawKernel:
     def max_dynamic_shared_size_bytes(self, value):
         self._f.max_dynamic_shared_size_bytes = value
 
-    def __call__(self, grid, block, args, *, shared_mem=0, stream=None, enable_cooperative_groups=False):
+    def __call__(self, grid, block, args, *, shared_mem=0, stream=None,
+                 enable_cooperative_groups=False):
         values = []
         for i, a in enumerate(args):
             if isinstance(a, numpy.ndarray):
@@ -642,8 +643,9 @@ class RawModule:
 
     _cache = {}
 
-    def __init__(self, code=None, path=None, options=(), backend="nvrtc", translate_cucomplex=False,
-                 enable_cooperative_groups=False, name_expressions=None, jitify=False):
+    def __init__(self, code=None, path=None, options=(), backend="nvrtc",
+                 translate_cucomplex=False, enable_cooperative_groups=False,
+                 name_expressions=None, jitify=False):
         if code is None:
             raise NotImplementedError("the stand-in's RawModule takes code=, not path=")
         names = tuple(name_expressions or ())
