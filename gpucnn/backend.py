@@ -9,9 +9,12 @@ import sys
 
 import numpy
 
+from .errors import ConfigError, DeviceError
+
 DEVICES = ("cpu", "cuda", "auto")
 _cupy = None
 _cupy_error = None
+_cupy_short = None  # the same in a few words, for the one-line device report
 _stand_in = None  # a module playing CuPy (set_cupy_module), or None for the real one
 
 
@@ -45,25 +48,28 @@ PROBE = """template <typename T> __global__ void gpucnn_probe(T* x, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] += T(1);
 }"""
-_probed = {}  # module -> (module or None, why not)
+_probed = {}  # module -> (module or None, why not in a few words, in full)
 
 
 def _probe(cupy):
     """Check that a CuPy-like module can run kernels here: a device, CuPy's own
     element-wise kernels (they need the CUDA headers) and one tiny RawModule
-    kernel compiled by NVRTC. Returns None, or what is missing, in words."""
+    kernel compiled by NVRTC. Returns None, or (what is missing in a few words, in full)."""
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # noqa: BLE001 - CuPy raises several kinds here
         text = str(e)
         if "InsufficientDriver" in text or "driver" in text.lower():
-            return (f"no usable NVIDIA driver ({text}); install or update the driver "
-                    "(nvidia-smi should list the GPU)")
+            return "no usable NVIDIA driver", (
+                f"no usable NVIDIA driver ({text}); install or update the driver "
+                "(nvidia-smi should list the GPU)")
         if "NoDevice" in text:
-            return f"no CUDA device is visible ({text}); check nvidia-smi and CUDA_VISIBLE_DEVICES"
-        return f"CuPy is installed but no CUDA device is usable: {text}"
+            return "no CUDA device", (f"no CUDA device is visible ({text}); check "
+                                      "nvidia-smi and CUDA_VISIBLE_DEVICES")
+        return "no usable CUDA device", f"CuPy is installed but no CUDA device is usable: {text}"
     if count < 1:
-        return "CuPy is installed but reports no CUDA device (check CUDA_VISIBLE_DEVICES)"
+        return "no CUDA device", ("CuPy is installed but reports no CUDA device (check "
+                                  "CUDA_VISIBLE_DEVICES)")
     stage = "CuPy's element-wise kernels"
     try:
         x = cupy.arange(4, dtype=numpy.float32) * 2
@@ -72,25 +78,27 @@ def _probe(cupy):
                                 name_expressions=["gpucnn_probe<float>"])
         module.get_function("gpucnn_probe<float>")((1,), (32,), (x, numpy.int32(4)))
         if float(x.sum()) != 16.0:
-            return "a test kernel ran but computed a wrong result; the GPU or driver is faulty"
+            return "test kernel wrong", ("a test kernel ran but computed a wrong result; the "
+                                         "GPU or driver is faulty")
     except Exception as e:  # noqa: BLE001 - compile and launch errors of every kind
         text = str(e)
         if any(k in text for k in ("cuda_fp16.h", "cannot open source file", "CUDA headers",
                                    "cuda.h", "No such file")):
             first = text.splitlines()[0]
-            return (f"the CUDA headers are missing, so {stage} do not compile ({first}); "
-                    "CuPy 14 needs them: install gpucnn[cuda12] or gpucnn[cuda13] (they bring "
-                    "cupy-cudaXXx[ctk]) or a CUDA toolkit")
+            return "CUDA headers missing", (
+                f"the CUDA headers are missing, so {stage} do not compile ({first}); "
+                "CuPy 14 needs them: install gpucnn[cuda12] or gpucnn[cuda13] (they bring "
+                "cupy-cudaXXx[ctk]) or a CUDA toolkit")
         if "nvrtc" in text.lower() or "compile" in text.lower():
-            return f"NVRTC could not compile {stage}: {text}"
-        return f"{stage} failed to run: {type(e).__name__}: {text}"
+            return "NVRTC error", f"NVRTC could not compile {stage}: {text}"
+        return "test kernel failed", f"{stage} failed to run: {type(e).__name__}: {text}"
     return None
 
 
 def _import_cupy():
     """Return the module playing CuPy where it can run kernels here, or None;
     remember why not (the check runs once per module and process)."""
-    global _cupy, _cupy_error
+    global _cupy, _cupy_error, _cupy_short
     module = _stand_in
     if module is None:
         if _cupy is not None or _cupy_error is not None:
@@ -101,13 +109,14 @@ def _import_cupy():
             _cupy_error = (
                 f"CuPy is not installed ({e}); install gpucnn with the 'cuda12' or "
                 "'cuda13' extra, e.g. pip install 'gpucnn[cuda12]'")
+            _cupy_short = "CuPy not installed"
             return None
     if module not in _probed:
-        why = _probe(module)
-        _probed[module] = (None if why else module, why)
-    usable, why = _probed[module]
+        short, why = _probe(module) or (None, None)
+        _probed[module] = (None if why else module, short, why)
+    usable, short, why = _probed[module]
     if module is not _stand_in:
-        _cupy, _cupy_error = usable, why
+        _cupy, _cupy_short, _cupy_error = usable, short, why
     return usable
 
 
@@ -120,7 +129,7 @@ def cuda_unavailable_reason():
     """Why ``cuda`` cannot be used here, or None where it can."""
     if _import_cupy() is not None:
         return None
-    return _probed[_stand_in][1] if _stand_in is not None else _cupy_error
+    return _probed[_stand_in][2] if _stand_in is not None else _cupy_error
 
 
 def resolve_device(device=None):
@@ -131,18 +140,19 @@ def resolve_device(device=None):
         device = os.environ.get("GPUCNN_DEVICE", "auto")
         source = "GPUCNN_DEVICE" if "GPUCNN_DEVICE" in os.environ else "default"
     if not isinstance(device, str) or device.lower() not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r} (from {source})")
+        raise ConfigError(f"device must be one of {DEVICES}, got {device!r} (from {source})")
     device = device.lower()
     if device == "cpu":
         return "cpu", f"cpu requested ({source})"
     if device == "cuda":
         if not cuda_available():
-            raise RuntimeError(f"device 'cuda' requested ({source}) but "
+            raise DeviceError(f"device 'cuda' requested ({source}) but "
                                f"{cuda_unavailable_reason()}")
         return "cuda", f"cuda requested ({source})"
     if cuda_available():
         return "cuda", "auto: a CUDA device was found"
-    return "cpu", f"auto: falling back to cpu because {cuda_unavailable_reason()}"
+    short = _probed[_stand_in][1] if _stand_in is not None else _cupy_short
+    return "cpu", short  # e.g. "CuPy not installed"; the details: cuda_unavailable_reason()
 
 
 def is_cupy_array(a):

@@ -75,7 +75,7 @@ def _run(tmp_path, name, epochs, device, resume=None, **kw):
     out = tmp_path / name
     cfg = train.Config(epochs=epochs, out=str(out), device=device,
                        resume=str(resume) if resume else None, **{**QUICK, **kw})
-    history, _ = train.train(cfg, log=quiet, explicit={"epochs"} if resume else ())
+    history, _ = train.train(cfg, log=quiet)
     return history, checkpoint.read(out / "checkpoint.npz")[1]
 
 
