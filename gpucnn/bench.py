@@ -17,6 +17,7 @@ import numpy
 import gpucnn
 from . import backend, functional as F, models
 from .functional import conv, pool
+from .step import train_step
 
 # (N, C, H, W, K, kernel, stride, pad[, dilation])
 CONV_SHAPES = [(64, 1, 28, 28, 32, 5, 1, 2), (64, 32, 14, 14, 64, 5, 1, 2),
@@ -25,6 +26,8 @@ CONV_SHAPES = [(64, 1, 28, 28, 32, 5, 1, 2), (64, 32, 14, 14, 64, 5, 1, 2),
 GPU_EXTRA_SHAPES = [(32, 64, 56, 56, 64, 3, 1, 1), (128, 128, 28, 28, 128, 3, 1, 1)]
 # (N, C, H, W, kernel, stride, pad): the LeNet's pools and an overlapping one
 POOL_SHAPES = [(64, 32, 28, 28, 2, 2, 0), (64, 64, 14, 14, 2, 2, 0), (64, 64, 32, 32, 3, 2, 1)]
+# --smoke: one tiny case of each kind, to check that the benchmark runs (tests, CI)
+SMOKE = dict(conv=[(2, 3, 8, 8, 4, 3, 1, 1)], pool=[(2, 4, 8, 8, 3, 2, 1)], batch=2)
 
 
 class Timer:
@@ -44,9 +47,9 @@ class Timer:
                 end = torch.cuda.Event(enable_timing=True)
                 elapsed = start.elapsed_time
             else:
-                import cupy
-                start, end = cupy.cuda.Event(), cupy.cuda.Event()
-                elapsed = lambda e: cupy.cuda.get_elapsed_time(start, e)  # noqa: E731
+                cp = backend.xp_for("cuda")
+                start, end = cp.cuda.Event(), cp.cuda.Event()
+                elapsed = lambda e: cp.cuda.get_elapsed_time(start, e)  # noqa: E731
             for _ in range(self.repeat):
                 start.record()
                 fn()
@@ -139,10 +142,7 @@ def _step_cases(batch, xp, torch, device, rng):
     y = xp.asarray(rng.integers(0, 10, batch))
 
     def ours():
-        opt.zero_grad()
-        loss, dz = F.softmax_cross_entropy(net(x), y)
-        net.backward(dz, need_input_grad=False)
-        opt.step()
+        return train_step(net, opt, x, y)
     theirs = None
     if torch is not None:
         dev = "cuda" if device == "cuda" else "cpu"
@@ -162,7 +162,7 @@ def _step_cases(batch, xp, torch, device, rng):
     return {"training step": ours}, ({"training step": theirs} if theirs else {})
 
 
-def run(device="auto", repeat=10, out=sys.stdout):
+def run(device="auto", repeat=10, out=sys.stdout, smoke=False):
     device, why = backend.resolve_device(device)
     xp = backend.xp_for(device)
     torch = _torch(device)
@@ -186,14 +186,17 @@ def run(device="auto", repeat=10, out=sys.stdout):
                   f"{(f'{ratio:.2f}x' if ratio else '-'):>8}", file=out, flush=True)
 
     shapes = CONV_SHAPES + (GPU_EXTRA_SHAPES if device == "cuda" else [])
+    pool_shapes = POOL_SHAPES
+    if smoke:
+        shapes, pool_shapes = SMOKE["conv"], SMOKE["pool"]
     for shape in shapes:
         label = "conv N,C,H,W,K,k,s,p{} {}".format(",d" if len(shape) > 8 else "",
                                                    ",".join(map(str, shape)))
         report(label, *_conv_cases(shape, xp, torch, device, rng))
-    for shape in POOL_SHAPES:
+    for shape in pool_shapes:
         report("pool N,C,H,W,k,s,p " + ",".join(map(str, shape)),
                *_pool_cases(shape, xp, torch, device, rng))
-    batch = 256 if device == "cuda" else 64
+    batch = SMOKE["batch"] if smoke else 256 if device == "cuda" else 64
     ours, theirs = _step_cases(batch, xp, torch, device, rng)
     report(f"LeNet SGD step, batch {batch}", ours, theirs)
     step = rows[-1]
@@ -207,8 +210,10 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per case (median)")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one tiny case of each kind: checks that everything runs")
     args = parser.parse_args(argv)
-    rows = run(args.device, args.repeat)
+    rows = run(args.device, args.repeat, smoke=args.smoke)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
