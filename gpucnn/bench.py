@@ -178,73 +178,83 @@ def _torch_lenet(torch, dev):
                          nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Linear(128, 10)).to(dev)
 
 
-def _step_cases(batch, xp, torch, device, rng):
+def _step_batch(batch, rng):
+    return (rng.standard_normal((batch, 1, 28, 28)).astype(numpy.float32),
+            rng.integers(0, 10, batch))
+
+
+def _our_step(device, x, y):
     gpucnn.manual_seed(0)
     net = models.lenet().to(device)
     opt = gpucnn.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    x = xp.asarray(rng.standard_normal((batch, 1, 28, 28)).astype(numpy.float32))
-    y = xp.asarray(rng.integers(0, 10, batch))
-    ours = {"training step": lambda: training_step(net, opt, x, y)}
-    if torch is None:
-        return ours, {}
+    x, y = backend.to_device(x, device), backend.to_device(y, device)
+    return lambda: training_step(net, opt, x, y)
+
+
+def _their_step(torch, device, x, y):
     dev = "cuda" if device == "cuda" else "cpu"
     tnet = _torch_lenet(torch, dev)
     topt = torch.optim.SGD(tnet.parameters(), lr=0.01, momentum=0.9)
-    tx = torch.from_numpy(backend.to_numpy(x)).to(dev)
-    ty = torch.from_numpy(backend.to_numpy(y)).to(dev)
+    tx, ty = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
 
-    def theirs():
+    def step():
         topt.zero_grad()
         torch.nn.functional.cross_entropy(tnet(tx), ty).backward()
         topt.step()
-    return ours, {"training step": theirs}
+    return step
 
 
-class _PeakHook:
-    """Peak bytes handed out by CuPy's memory pool while installed (a public
-    cupy.cuda.MemoryHook: CuPy's pool keeps no peak of its own)."""
+def _step_cases(batch, torch, device, rng):
+    x, y = _step_batch(batch, rng)
+    ours = {"training step": _our_step(device, x, y)}
+    return ours, ({} if torch is None else {"training step": _their_step(torch, device, x, y)})
 
-    def __new__(cls, cp):
-        class Hook(cp.cuda.MemoryHook):
-            name = "gpucnn-peak"
 
-            def __init__(self):
-                self.used = self.peak = 0
+def _peak_hook(cp):
+    """A public cupy.cuda.MemoryHook that records the peak of the bytes handed out by
+    CuPy's memory pool while it is installed (the pool keeps no peak of its own)."""
+    class PeakHook(cp.cuda.MemoryHook):
+        name = "gpucnn-bench-peak"
 
-            def malloc_postprocess(self, **kw):
-                self.used += kw["mem_size"]
-                self.peak = max(self.peak, self.used)
+        def __init__(self):
+            self.used = self.peak = 0
 
-            def free_postprocess(self, **kw):
-                self.used -= kw["mem_size"]
-        return Hook()
+        def malloc_postprocess(self, **kw):
+            self.used += kw["mem_size"]
+            self.peak = max(self.peak, self.used)
+
+        def free_postprocess(self, **kw):
+            self.used -= kw["mem_size"]
+    return PeakHook()
 
 
 def peak_memory(torch, rng, batch=MEMORY_BATCH):
-    """Peak device memory (MiB) of a LeNet SGD step at `batch` above what was allocated
-    before the model was built (weights, optimizer state, the batch, activations and
-    gradients): gpucnn through CuPy's pool, PyTorch's max_memory_allocated."""
+    """Peak device memory (MiB) of two LeNet SGD steps at `batch`, counting what is
+    allocated from the building of the model on (weights, optimizer state, the batch,
+    activations, gradients): gpucnn's through CuPy's pool, PyTorch's by
+    max_memory_allocated. Returns (gpucnn, torch or None)."""
     cp = backend.xp_for("cuda")
+    x, y = _step_batch(batch, rng)
     gc.collect()
     cp.cuda.Device().synchronize()
-    hook = _PeakHook(cp)
+    hook = _peak_hook(cp)
     with hook:
-        ours, _ = _step_cases(batch, cp, None, "cuda", rng)
+        step = _our_step("cuda", x, y)
         for _ in range(2):  # the second step has the optimizer's state
-            ours["training step"]()
+            step()
         cp.cuda.Device().synchronize()
-    mine = hook.peak / 2**20
+        del step
     theirs = None
     if torch is not None:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        _, t = _step_cases(batch, numpy, torch, "cuda", rng)
+        step = _their_step(torch, "cuda", x, y)
         for _ in range(2):
-            t["training step"]()
+            step()
         torch.cuda.synchronize()
         theirs = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return mine, theirs
+    return hook.peak / 2**20, theirs
 
 
 def _fmt(v, spec, suffix=""):
@@ -299,7 +309,7 @@ def run(device="auto", repeat=10, out=None, smoke=False):
         report("pool N,C,H,W,k,s,p " + ",".join(map(str, shape)),
                *_pool_cases(shape, xp, torch, device, rng))
     for batch in batches:
-        report(f"LeNet SGD step, batch {batch}", *_step_cases(batch, xp, torch, device, rng),
+        report(f"LeNet SGD step, batch {batch}", *_step_cases(batch, torch, device, rng),
                STEP_GOAL[device].get(batch))
         step = rows[-1]
         print(f"LeNet images/s, batch {batch}: gpucnn {batch / step['gpucnn_ms'] * 1e3:.0f}" +
