@@ -75,9 +75,9 @@ class Timer:
                 end = torch.cuda.Event(enable_timing=True)
                 elapsed = start.elapsed_time
             else:
-                import cupy
-                start, end = cupy.cuda.Event(), cupy.cuda.Event()
-                elapsed = lambda e: cupy.cuda.get_elapsed_time(start, e)  # noqa: E731
+                cp = backend.xp_for("cuda")
+                start, end = cp.cuda.Event(), cp.cuda.Event()
+                elapsed = lambda e: cp.cuda.get_elapsed_time(start, e)  # noqa: E731
             for _ in range(self.repeat):
                 start.record()
                 fn()
@@ -323,7 +323,7 @@ def run(device="auto", repeat=10, out=None, smoke=False):
         memory = dict(batch=batch, gpucnn_mib=mine, torch_mib=theirs, ratio=ratio,
                       goal=MEMORY_GOAL, met=None if ratio is None else ratio <= MEMORY_GOAL)
         print(f"peak memory of a LeNet step, batch {batch}: gpucnn {mine:.1f} MiB, torch "
-              f"{_fmt(theirs, '.1f')} MiB, ratio {_fmt(ratio, '.2f')}x (goal <= {MEMORY_GOAL}x)",
+              f"{_fmt(theirs, '.1f')} MiB, ratio {_fmt(ratio, '.2f', 'x')} (goal <= {MEMORY_GOAL}x)",
               file=out)
     missed = [r["case"] for r in rows if r["met"] is False]
     if memory and memory["met"] is False:

@@ -187,8 +187,10 @@ def main(argv=None):
             print(f"{args.junit_xml}: no report (pytest did not finish): FAIL")
             return 1
         skipped = cuda_skips(args.junit_xml)
-        for line in skipped:
-            print(line)
+        for line in skipped[:10]:
+            print(line if len(line) <= 160 else line[:157] + "...")
+        if len(skipped) > 10:
+            print(f"... and {len(skipped) - 10} more")
         print(f"{len(skipped)} cuda test(s) skipped" + (": FAIL" if skipped else ""))
         return 1 if skipped else 0
     if args.command == "train-report":
