@@ -232,8 +232,10 @@ def peak_memory(torch, rng, batch=MEMORY_BATCH):
     """Peak device memory (MiB) of two LeNet SGD steps at `batch`, counting what is
     allocated from the building of the model on (weights, optimizer state, the batch,
     activations, gradients): gpucnn's through CuPy's pool, PyTorch's by
-    max_memory_allocated. Returns (gpucnn, torch or None)."""
+    max_memory_allocated. Returns (gpucnn, torch), None where not measured."""
     cp = backend.xp_for("cuda")
+    if not hasattr(cp.cuda, "MemoryHook"):  # CuPy has it; a CuPy-like module may not
+        return None, None
     x, y = _step_batch(batch, rng)
     gc.collect()
     cp.cuda.Device().synchronize()
@@ -312,17 +314,18 @@ def run(device="auto", repeat=10, out=None, smoke=False):
         report(f"LeNet SGD step, batch {batch}", *_step_cases(batch, torch, device, rng),
                STEP_GOAL[device].get(batch))
         step = rows[-1]
-        print(f"LeNet images/s, batch {batch}: gpucnn {batch / step['gpucnn_ms'] * 1e3:.0f}" +
+        print(f"LeNet images/s: gpucnn {batch / step['gpucnn_ms'] * 1e3:.0f}" +
               (f", torch {batch / step['torch_ms'] * 1e3:.0f}; gpucnn/torch "
-               f"{step['torch_ms'] / step['gpucnn_ms']:.2f}x" if step["torch_ms"] else ""), file=out)
+               f"{step['torch_ms'] / step['gpucnn_ms']:.2f}x" if step["torch_ms"] else "") +
+              f" (batch {batch})", file=out)
     memory = None
     if device == "cuda":
         batch = SMOKE["batch"] if smoke else MEMORY_BATCH
         mine, theirs = peak_memory(torch, rng, batch)
-        ratio = mine / theirs if theirs else None
+        ratio = mine / theirs if mine and theirs else None
         memory = dict(batch=batch, gpucnn_mib=mine, torch_mib=theirs, ratio=ratio,
                       goal=MEMORY_GOAL, met=None if ratio is None else ratio <= MEMORY_GOAL)
-        print(f"peak memory of a LeNet step, batch {batch}: gpucnn {mine:.1f} MiB, torch "
+        print(f"peak memory of a LeNet step, batch {batch}: gpucnn {_fmt(mine, '.1f')} MiB, torch "
               f"{_fmt(theirs, '.1f')} MiB, ratio {_fmt(ratio, '.2f', 'x')} (goal <= {MEMORY_GOAL}x)",
               file=out)
     missed = [r["case"] for r in rows if r["met"] is False]
