@@ -282,7 +282,7 @@ def run(device="auto", repeat=10, out=None, smoke=False):
           f"{', ' + meta['gpu'] if 'gpu' in meta else ''}; float32; median of {repeat} runs; "
           f"torch {'(not installed)' if torch is None else torch.__version__}"
           f"{'; TF32 off' if device == 'cuda' else ''}", file=out)
-    print(f"{'case':<58}{'gpucnn ms':>11}{'torch ms':>11}{'ratio':>8}{'goal':>8}  met",
+    print(f"{'case':<62}{'gpucnn ms':>11}{'torch ms':>11}{'ratio':>8}{'goal':>8}  met",
           file=out)
     rows = []
 
@@ -295,7 +295,7 @@ def run(device="auto", repeat=10, out=None, smoke=False):
             met = None if ratio is None or goal is None else ratio <= goal
             rows.append(dict(case=f"{label} {name}", gpucnn_ms=t_ours, torch_ms=t_theirs,
                              ratio=ratio, goal=goal, met=met))
-            print(f"{label + ' ' + name:<58}{t_ours:>11.3f}{_fmt(t_theirs, '.3f'):>11}"
+            print(f"{label + ' ' + name:<62}{t_ours:>11.3f}{_fmt(t_theirs, '.3f'):>11}"
                   f"{_fmt(ratio, '.2f', 'x'):>8}{_fmt(goal, '.2f', 'x'):>8}  "
                   f"{'-' if met is None else 'yes' if met else 'NO'}", file=out, flush=True)
 
