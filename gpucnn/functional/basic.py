@@ -60,10 +60,15 @@ def linear_backward(dy, x, weight):
     return dy @ weight, dy.T @ x, dy.sum(axis=0)
 
 
-def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
+def softmax_cross_entropy(logits, labels, label_smoothing=0.0, *, check_labels=True):
     """(loss, dlogits): the batch-mean cross-entropy of softmax(logits) against
     integer labels, and its gradient. logits (N, classes), labels (N,) ints.
-    label_smoothing in [0, 1] mixes the one-hot target with the uniform one (PyTorch's rule)."""
+    label_smoothing in [0, 1] mixes the one-hot target with the uniform one (PyTorch's rule).
+
+    check_labels: raise ValueError for a label outside [0, classes). On a GPU that
+    reads one value back (a synchronisation); the training step passes False and
+    the labels are checked once per dataset instead (gpucnn.step.check_labels).
+    """
     _checks.float_array(logits, "logits", ndim=2)
     if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
             or not 0 <= label_smoothing <= 1):
@@ -76,7 +81,7 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
     _checks.shape_is(labels, "labels", (N,))
     if N == 0:
         raise ValueError("logits must hold at least one sample, got shape (0, classes)")
-    if bool(((labels < 0) | (labels >= classes)).any()):  # one scalar sync on a GPU
+    if check_labels and bool(((labels < 0) | (labels >= classes)).any()):  # a sync on a GPU
         lo, hi = int(labels.min()), int(labels.max())
         raise ValueError(f"labels must lie in [0, {classes - 1}] for {classes} classes, "
                          f"got values from {lo} to {hi}")
