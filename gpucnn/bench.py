@@ -352,9 +352,6 @@ def main(argv=None):
             json.dump(results, f, indent=1)
 
 
-if __name__ == "__main__":
-    main()
-
 
 # --- issue 11: BN, a residual block, the ResNet step and the ResNet stem's pool ---
 
@@ -476,3 +473,7 @@ def run_modern(device="auto", repeat=10, out=sys.stdout):
         print(f"{name:<58}{t_ours:>11.3f}{(f'{t_theirs:.3f}' if t_theirs else '-'):>11}"
               f"{(f'{ratio:.2f}x' if ratio else '-'):>8}", file=out, flush=True)
     return rows
+
+
+if __name__ == "__main__":
+    main()
