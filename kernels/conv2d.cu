@@ -353,7 +353,7 @@ conv2d_forward(const T* __restrict__ x, const T* __restrict__ w, const T* __rest
            index_map(R, S, RS, S, 1, 0), 0, 1, 1);
     T acc[TM][TN];
     gemm_tile(a, b, Jg, acc, smem);
-    const IndexMap rows = index_map(N, PQ, (long long)K * PQ, 0, 1, 0);
+    const IndexMap rows = index_map(1, PQ, (long long)K * PQ, 0, 1, 0);  // (n, pq)
     if (has_bias)
         store_tile<true>(y, acc, rows, m0, M, (long long)g * Kg * PQ, PQ, n0, Kg, bias + g * Kg);
     else

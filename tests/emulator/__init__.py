@@ -1,7 +1,7 @@
 """Run kernels/*.cu on the CPU: g++ compiles the unedited source against
 cuda_emu.h, and EmulatedModule answers like cupy.RawModule.
 
-    module = EmulatedModule(code, name_expressions)
+    module = EmulatedModule(code, name_expressions, options)
     module.get_function("conv2d_backward_data<float>")(grid, block, args, shared_mem=0)
 
 args are NumPy arrays (passed as device pointers) and NumPy scalars (typed
@@ -30,20 +30,21 @@ def asan_enabled():
 
 def _flags():
     flags = ["-std=c++17", "-O1", "-g", "-shared", "-fPIC", "-Wall", "-Wno-unused-function",
-             "-Werror=return-type", f"-I{HERE}"]
+             "-Wno-unknown-pragmas", "-Werror=return-type", f"-I{HERE}"]
     if asan_enabled():
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
     return flags
 
 
-def _build(code, name_expressions):
-    """Compile code + one launcher per name expression into a shared library."""
+def _build(code, name_expressions, options=()):
+    """Compile code + one launcher per name expression into a shared library; the -D
+    options among the NVRTC options (a tile configuration) go to g++ as well."""
     launchers = "\n".join(
         f'extern "C" void emu_launch_{i}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, '
         f'unsigned by, unsigned bz, size_t shared, void** args) {{\n'
         f'    emu::launch(&{name}, dim3(gx, gy, gz), dim3(bx, by, bz), shared, args);\n}}'
         for i, name in enumerate(name_expressions))
-    flags = _flags()
+    flags = _flags() + [o for o in options if o.startswith("-D")]
     header = (HERE / "cuda_emu.h").read_text()
     key = hashlib.sha256("\0".join([code, launchers, header, *flags]).encode()).hexdigest()[:20]
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -88,11 +89,11 @@ class EmulatedFunction:
 
 
 class EmulatedModule:
-    """The cupy.RawModule(code=..., name_expressions=...) interface, on the CPU."""
+    """The cupy.RawModule(code=..., name_expressions=..., options=...) interface, on the CPU."""
 
-    def __init__(self, code, name_expressions):
+    def __init__(self, code, name_expressions, options=()):
         self._names = list(name_expressions)
-        self._lib = _build(code, self._names)
+        self._lib = _build(code, self._names, tuple(options))
 
     def get_function(self, name):
         if name not in self._names:

@@ -189,3 +189,14 @@ inline void __syncthreads() {
     emu::current->state = emu::kAtBarrier;
     emu::yield_to_scheduler();
 }
+
+// ---- kernels branch (issue 8): what the implicit-GEMM conv kernels use ----------
+// Vector types for the 128-bit shared-memory reads (16-byte aligned, as on the GPU),
+// and __launch_bounds__, a compiler hint with no effect on the CPU.
+#define GPUCNN_EMULATOR 1
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
+// ---- end of the kernels branch's section -----------------------------------------
