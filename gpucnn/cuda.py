@@ -135,7 +135,7 @@ def gemm_shape(pass_, g):
 
 def heuristic_config(pass_, g):
     """The tile configuration for a pass and shape when none was tuned: narrow tiles
-    where a GEMM side is <= 32, else the big tile when its blocks fill a large GPU
+    where a GEMM side is <= 32, else the big tile when its blocks fill a large GPU once
     (backward-filter always, its split-K fills the GPU) and 64x64 when they do not."""
     rows, cols, _, count = gemm_shape(pass_, g)
     if rows <= 32 and cols <= 32:
@@ -147,7 +147,7 @@ def heuristic_config(pass_, g):
     if pass_ == "backward_filter":
         return "128x128" if rows >= 128 and cols >= 128 else "64x64"
     big = _cdiv(rows, 128) * _cdiv(cols, 128) * count
-    return "128x128" if big >= TARGET_BLOCKS else "64x64"
+    return "128x128" if big >= TARGET_BLOCKS // 2 else "64x64"  # a full wave of big tiles
 
 
 def filter_slices(g, config):
