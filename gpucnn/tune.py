@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import tempfile
+import time
 
 import numpy
 
@@ -88,30 +89,45 @@ def model_geometries(model, batch_size):
 
 
 def bench_geometries(batch_size=None):
-    """The ConvGeometries of gpucnn.bench.CONV_SHAPES, where bench defines them:
-    (N, C, H, W, K, R, S, stride, padding, dilation) tuples or dicts of those names."""
+    """The ConvGeometries of gpucnn.bench.CONV_SHAPES: dicts or tuples of
+    (N, C, H, W, K, R, S, stride, padding, dilation), or of the older
+    (N, C, H, W, K, kernel, stride, padding[, dilation]); GPU_EXTRA_SHAPES too if listed."""
     from . import bench
     from .functional import conv
-    shapes = getattr(bench, "CONV_SHAPES", None)
+    shapes = list(getattr(bench, "CONV_SHAPES", [])) + list(getattr(bench, "GPU_EXTRA_SHAPES", []))
     if not shapes:
         raise ValueError("gpucnn.bench has no CONV_SHAPES list in this version")
     names = ("N", "C", "H", "W", "K", "R", "S", "stride", "padding", "dilation")
     out = []
     for s in shapes:
-        d = dict(s) if isinstance(s, dict) else dict(zip(names, s))
-        d.setdefault("stride", 1), d.setdefault("padding", 0), d.setdefault("dilation", 1)
-        n = batch_size or d["N"]
+        if isinstance(s, dict):
+            d = dict(s)
+        elif len(s) == len(names):
+            d = dict(zip(names, s))
+        elif len(s) in (8, 9):  # the older form: a square kernel, dilation optional
+            d = dict(zip(("N", "C", "H", "W", "K", "R", "stride", "padding", "dilation"), s))
+        else:
+            raise ValueError(f"gpucnn.bench.CONV_SHAPES holds {s!r}: expected a dict or a tuple "
+                             f"of {', '.join(names)}")
+        d.setdefault("S", d["R"])
         g = conv.geometry(numpy.zeros((1, d["C"], d["H"], d["W"]), numpy.float32),
                           numpy.zeros((d["K"], d["C"], d["R"], d["S"]), numpy.float32), None,
-                          d["stride"], d["padding"], d["dilation"])
-        out.append(g._replace(N=n))
+                          d.get("stride", 1), d.get("padding", 0), d.get("dilation", 1))
+        out.append(g._replace(N=batch_size or d["N"]))
     return list(dict.fromkeys(out))
 
 
 def _median_ms(xp, run, repeat):
+    """Median milliseconds of run() after a warm-up, by CUDA events (by the host's
+    clock where xp has no CUDA: the emulated kernels of the tests)."""
     times = []
     run()  # warm-up: compiles and loads the module
     for _ in range(repeat):
+        if not hasattr(xp, "cuda"):
+            t0 = time.perf_counter()
+            run()
+            times.append(1e3 * (time.perf_counter() - t0))
+            continue
         start, end = xp.cuda.Event(), xp.cuda.Event()
         start.record()
         run()
