@@ -175,7 +175,8 @@ def cmd_tune(args):
     if args.bench:
         shapes = tune.bench_geometries(args.batch_size)
     else:
-        shapes = tune.model_geometries(args.model, 64 if args.batch_size is None else args.batch_size)
+        batch = 64 if args.batch_size is None else args.batch_size
+        shapes = tune.model_geometries(args.model, batch)
     device, why = backend.resolve_device(args.device)
     if device != "cuda":
         raise RuntimeError(f"gpucnn tune times kernels on a GPU, and there is none here ({why})")

@@ -12,6 +12,7 @@ very same launchers on the CPU, through an emulator that compiles the same
 unedited .cu files with g++ (tests/emulator).
 """
 import importlib.resources
+import math
 import pathlib
 from collections import namedtuple
 
@@ -31,14 +32,15 @@ MAX_GRID_YZ = 65535  # the driver's limit on gridDim.y and gridDim.z
 # The implicit-GEMM tile configurations of kernels/conv2d.cu, the one place they
 # are defined: rows x columns of a block tile (bm x bn), its reduction depth per
 # stage (bk for float; double takes bk/2, so that a stage has the same bytes),
-# and the outputs each thread holds (tm x tn). They reach the kernel as -D options.
-TileConfig = namedtuple("TileConfig", "bm bn bk tm tn")
+# the outputs each thread holds (tm x tn) and the stages per main-loop iteration
+# (unroll, even). They reach the kernel as -D options.
+TileConfig = namedtuple("TileConfig", "bm bn bk tm tn unroll")
 CONV_CONFIGS = {
-    "128x128": TileConfig(128, 128, 16, 8, 8),  # big layers: 256 threads, 8x8 outputs each
-    "64x64": TileConfig(64, 64, 16, 4, 4),      # mid-size: 4x as many blocks
-    "128x32": TileConfig(128, 32, 16, 4, 4),    # few GEMM columns (C or K <= 32)
-    "32x128": TileConfig(32, 128, 16, 4, 4),    # few GEMM rows (K <= 32 in backward-filter)
-    "32x32": TileConfig(32, 32, 16, 4, 4),      # both small: 64 threads
+    "128x128": TileConfig(128, 128, 16, 8, 8, 2),  # big layers: 256 threads, 8x8 outputs each
+    "64x64": TileConfig(64, 64, 8, 8, 8, 4),       # mid-size: 4x the blocks, of 64 threads
+    "128x32": TileConfig(128, 32, 8, 8, 8, 4),     # few GEMM columns (C or K <= 32): 64 threads
+    "32x128": TileConfig(32, 128, 8, 8, 8, 4),     # few GEMM rows (K <= 32, backward-filter)
+    "32x32": TileConfig(32, 32, 8, 8, 4, 8),       # both small: one warp, 8x4 outputs each
 }
 SMEM_PAD = 4         # as conv::PAD in conv2d.cu: shared rows are bm+4 and bn+4 long
 REDUCE_LANES = 8     # slice lanes per output in conv2d_sum_slices (blockDim.y)
@@ -58,7 +60,7 @@ def conv_options(config):
     """The -D options that compile kernels/conv2d.cu with a named configuration."""
     c = CONV_CONFIGS[config]
     return (f"-DCONV_BM={c.bm}", f"-DCONV_BN={c.bn}", f"-DCONV_BK={c.bk}",
-            f"-DCONV_TM={c.tm}", f"-DCONV_TN={c.tn}")
+            f"-DCONV_TM={c.tm}", f"-DCONV_TN={c.tn}", f"-DCONV_UNROLL={c.unroll}")
 
 
 def _configs(filename):
@@ -163,6 +165,33 @@ def filter_slices(g, config):
     return _cdiv(length, slice_len), slice_len
 
 
+def dgrad_phases(g):
+    """Backward-data's stride phases, one row of 14 ints per phase (ph, pw) in
+    row-major order: h1st w1st Hph Wph r0 s0 rstep sstep nr ns offh offw dph dpw.
+
+    Phase (ph, pw) holds the input pixels with (h + pt) % sh == ph, (w + pl) % sw == pw:
+    h = h1st + ih*sh for ih < Hph. Its taps are r = r0 + i*rstep for i < nr (the r
+    with r*dh % sh == ph), and tap i reads dy row p = ih + offh - i*dph; likewise
+    along the width. A phase no tap reaches has nr or ns 0 (its pixels get zeros).
+    """
+    def axis(size, stride, pad, taps, dil, phase):
+        first = (phase - pad) % stride
+        count = max(0, _cdiv(size - first, stride))
+        r0 = next((r for r in range(taps) if r * dil % stride == phase), taps)
+        step = stride // math.gcd(stride, dil)
+        n = len(range(r0, taps, step))
+        off = (first + pad - r0 * dil) // stride if n else 0
+        return first, count, r0, step, n, off, step * dil // stride
+
+    rows = []
+    for ph in range(g.sh):
+        for pw in range(g.sw):
+            h1, hc, r0, rs, nr, oh, dph = axis(g.H, g.sh, g.pt, g.R, g.dh, ph)
+            w1, wc, s0, ss, ns, ow, dpw = axis(g.W, g.sw, g.pl, g.S, g.dw, pw)
+            rows.append((h1, w1, hc, wc, r0, s0, rs, ss, nr, ns, oh, ow, dph, dpw))
+    return numpy.array(rows, dtype=numpy.int32)
+
+
 def _smem_bytes(config, dtype):
     c, itemsize = CONV_CONFIGS[config], numpy.dtype(dtype).itemsize
     bk = c.bk if itemsize == 4 else c.bk // 2
@@ -194,6 +223,7 @@ class Kernels:
         self._modules = {}
         self._functions = {}
         self._choices = {}  # (pass, shape, dtype) -> configuration: fixed once chosen
+        self._phases = {}   # geometry -> its dgrad_phases table on the device
         self._tuned = None
 
     def _function(self, filename, kernel, dtype, config="default"):
@@ -275,9 +305,12 @@ class Kernels:
         dx = self.xp.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype)
         if dx.size == 0:
             return dx
+        phases = self._phases.get(g)
+        if phases is None:  # copied to the device once per shape, not at every step
+            phases = self._phases[g] = self.xp.asarray(dgrad_phases(g))
         rows, cols, _, count = gemm_shape("backward_data", g)
         self._conv("conv2d_backward_data", "backward_data", dy.dtype, g, config,
-                   (rows, cols, count), (dy, weight, dx, *self._geometry_args(g)))
+                   (rows, cols, count), (dy, weight, dx, phases, *self._geometry_args(g)))
         return dx
 
     def conv2d_backward_filter(self, dy, x, g, config=None):

@@ -94,6 +94,9 @@ def bench_geometries(batch_size=None):
     (N, C, H, W, K, kernel, stride, padding[, dilation]); GPU_EXTRA_SHAPES too if listed."""
     from . import bench
     from .functional import conv
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch size must be a positive int, got {batch_size!r}")
     shapes = list(getattr(bench, "CONV_SHAPES", [])) + list(getattr(bench, "GPU_EXTRA_SHAPES", []))
     if not shapes:
         raise ValueError("gpucnn.bench has no CONV_SHAPES list in this version")

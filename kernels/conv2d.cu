@@ -25,6 +25,9 @@
 #ifndef CONV_TN
 #define CONV_TN 8    // columns per thread (a multiple of 4)
 #endif
+#ifndef CONV_UNROLL
+#define CONV_UNROLL 2  // stages per main-loop iteration (even: the two shared stages alternate)
+#endif
 
 namespace conv {
 
@@ -40,6 +43,7 @@ constexpr int THREADS_M = BM / TM, THREADS_N = BN / TN, THREADS = THREADS_M * TH
 constexpr int PAD = 4;
 constexpr int LDA = BM + PAD, LDB = BN + PAD;
 
+static_assert(CONV_UNROLL % 2 == 0 && CONV_UNROLL > 0, "CONV_UNROLL must be even");
 static_assert(TM % 4 == 0 && TN % 4 == 0, "TM and TN must be multiples of 4");
 static_assert(BM % TM == 0 && BN % TN == 0, "the block tile must split into thread tiles");
 static_assert(THREADS % CONV_BK == 0 && THREADS % (CONV_BK / 2) == 0 && THREADS <= 1024,
@@ -76,10 +80,11 @@ struct Cursor {
 // Divisions happen here, a few times per thread before the main loop, never in it.
 // (Indices fit in 32 bits; the launcher checks.)
 __device__ __forceinline__ Cursor locate(const IndexMap& m, int i) {
-    const int q = i / m.r2, d0 = q / m.r1;
+    // unsigned: every index and radix is >= 0, and unsigned division is shorter
+    const unsigned q = (unsigned)i / (unsigned)m.r2, d0 = q / (unsigned)m.r1;
     Cursor c;
-    c.d2 = i - q * m.r2;
-    c.d1 = q - d0 * m.r1;
+    c.d2 = (int)((unsigned)i - q * (unsigned)m.r2);
+    c.d1 = (int)(q - d0 * (unsigned)m.r1);
     c.off = m.base + d0 * m.s0 + c.d1 * m.s1 + c.d2 * m.s2;
     c.h = m.hbase + c.d1 * m.h1;
     c.w = m.wbase + c.d2 * m.w2;
@@ -226,16 +231,18 @@ __device__ __forceinline__ int thread_col(int j) {
     return (j / 4) * (4 * THREADS_N) + (threadIdx.x / THREADS_M) * 4 + j % 4;
 }
 
-// One stage of the main loop, CUR being the shared-memory stage it multiplies:
-// the next stage's global loads are issued first (they land in registers while
-// this stage's products run), then stored to the other stage after the products.
+// One stage of the main loop, CUR being the shared-memory stage it multiplies.
+// float: the next stage's global loads are issued first (they land in registers
+// while this stage's products run), then stored to the other stage. double: the
+// 8x8 accumulators take half the registers, so its loads follow the products
+// (no registers held across them), which keeps it from spilling.
 template <int CUR, typename T, typename OpA, typename OpB>
-__device__ __forceinline__ void stage(OpA& a, OpB& b,
-                                      T* As, T* Bs, int kleft, T (&acc)[TM][TN]) {
+__device__ __forceinline__ void stage(OpA& a, OpB& b, T* As, T* Bs, int kleft, T (&acc)[TM][TN]) {
     constexpr int BK = Depth<T>::value;
+    constexpr bool PREFETCH = sizeof(T) == 4;
     T va[OpA::E], vb[OpB::E];
     const bool more = kleft > BK;
-    if (more) {
+    if (PREFETCH && more) {
         a.next();
         b.next();
         a.load(va, kleft - BK);
@@ -256,6 +263,12 @@ __device__ __forceinline__ void stage(OpA& a, OpB& b,
             for (int j = 0; j < TN; ++j) acc[i][j] += ra[i] * rb[j];
     }
     if (more) {
+        if (!PREFETCH) {
+            a.next();
+            b.next();
+            a.load(va, kleft - BK);
+            b.load(vb, kleft - BK);
+        }
         // The other stage was last read in the previous stage, before the barrier
         // that ended it, so it can be overwritten now.
         a.store(va, As + (1 - CUR) * BK * LDA);
@@ -285,29 +298,32 @@ __device__ __forceinline__ void gemm_tile(OpA& a, OpB& b,
         b.store(vb, Bs);
     }
     __syncthreads();
-    // two stages per iteration, so that the stage index is a constant
-    for (int kleft = klen; kleft > 0; kleft -= 2 * BK) {
-        stage<0, T>(a, b, As, Bs, kleft, acc);
-        if (kleft > BK) stage<1, T>(a, b, As, Bs, kleft - BK, acc);
+    // CONV_UNROLL stages per iteration, so that the stage index is a constant
+    for (int kleft = klen; kleft > 0; kleft -= CONV_UNROLL * BK) {
+#pragma unroll
+        for (int u = 0; u < CONV_UNROLL; u += 2) {
+            if (kleft > u * BK) stage<0, T>(a, b, As, Bs, kleft - u * BK, acc);
+            if (kleft > (u + 1) * BK) stage<1, T>(a, b, As, Bs, kleft - (u + 1) * BK, acc);
+        }
     }
 }
 
-// out[rows(m).off + col_base + n*col_stride] = acc (+ bias[n]) for the thread's
+// out[rows(m).off + col_base + n*col_stride] = acc (+ bias[n], 0 if null) for the thread's
 // in-range outputs. A thread's rows come in runs of 4 adjacent ones: the first
 // of a run is located, the next three are one step further each.
 template <bool HAS_BIAS, typename T>
 __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const IndexMap& rows,
                                            int m0, int M, long long col_base, int col_stride,
                                            int n0, int Ncols, const T* bias) {
-    int coff[TN];  // within one row's slice of the output: fits in 32 bits
+    // one pointer per column; a row adds its byte offset to each
+    char* col[TN];
     T b[TN];
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
         const int n = n0 + thread_col(j);
-        coff[j] = n * col_stride;
-        if (HAS_BIAS) b[j] = n < Ncols ? bias[n] : T(0);
+        col[j] = reinterpret_cast<char*>(out + col_base + (long long)n * col_stride);
+        if (HAS_BIAS) b[j] = bias != nullptr && n < Ncols ? bias[n] : T(0);
     }
-    out += col_base;
     const Step one = make_step(rows, 1);
     Cursor r;
 #pragma unroll
@@ -316,10 +332,11 @@ __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const
         if (m >= M) break;  // rows only grow with i
         if (i % 4 == 0) r = locate(rows, m);
         else advance(r, rows, one);
-        T* row = out + r.off;
+        const long long at = r.off * (long long)sizeof(T);
 #pragma unroll
         for (int j = 0; j < TN; ++j)
-            if (n0 + thread_col(j) < Ncols) row[coff[j]] = HAS_BIAS ? acc[i][j] + b[j] : acc[i][j];
+            if (n0 + thread_col(j) < Ncols)
+                *reinterpret_cast<T*>(col[j] + at) = HAS_BIAS ? acc[i][j] + b[j] : acc[i][j];
     }
 }
 
@@ -354,10 +371,8 @@ conv2d_forward(const T* __restrict__ x, const T* __restrict__ w, const T* __rest
     T acc[TM][TN];
     gemm_tile(a, b, Jg, acc, smem);
     const IndexMap rows = index_map(1, PQ, (long long)K * PQ, 0, 1, 0);  // (n, pq)
-    if (has_bias)
-        store_tile<true>(y, acc, rows, m0, M, (long long)g * Kg * PQ, PQ, n0, Kg, bias + g * Kg);
-    else
-        store_tile<false>(y, acc, rows, m0, M, (long long)g * Kg * PQ, PQ, n0, Kg, bias);
+    store_tile<true>(y, acc, rows, m0, M, (long long)g * Kg * PQ, PQ, n0, Kg,
+               has_bias ? bias + g * Kg : (const T*)nullptr);
 }
 
 // dx[n,c,h,w] = sum over k of c's group and the taps (r,s) that reach (h,w) of
@@ -368,34 +383,27 @@ conv2d_forward(const T* __restrict__ x, const T* __restrict__ w, const T* __rest
 // reduction lands on a real dy element (no multiplication by an inserted zero).
 // GEMM per (group, phase) = blockIdx.z: rows (n,ih,iw) with h = h1st + ih*sh,
 // columns c', reduction (k, tap row, tap column).
+// phase_table[phase] holds the phase's PHASE_FIELDS ints, computed by the launcher
+// (gpucnn/cuda.py: dgrad_phases): h1st w1st Hph Wph r0 s0 rstep sstep nr ns offh
+// offw dph dpw, where p = ih + offh - i*dph for the i-th tap row (likewise q).
 // Grid (ceil(N*ceil(H/sh)*ceil(W/sw)/BM), ceil(C/groups/BN), groups*sh*sw).
 template <typename T>
 __global__ void __launch_bounds__(conv::THREADS)
 conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __restrict__ dx,
-                     int N, int C, int H, int W, int K, int R, int S, int P, int Q, int sh, int sw,
-                     int pt, int pl, int dh, int dw, int groups) {
+                     const int* __restrict__ phase_table, int N, int C, int H, int W, int K,
+                     int R, int S, int P, int Q, int sh, int sw, int pt, int pl, int dh, int dw,
+                     int groups) {
     using namespace conv;
     extern __shared__ unsigned char smem[];  // 2 stages of A and B (cuda.py: smem_bytes)
-    const int phases = sh * sw, g = blockIdx.z / phases, phase = blockIdx.z % phases;
-    const int ph = phase / sw, pw = phase % sw;
+    const int phases = sh * sw, g = blockIdx.z / phases;
+    const int* ph = phase_table + (blockIdx.z - g * phases) * 14;
+    const int h1st = ph[0], w1st = ph[1], Hph = ph[2], Wph = ph[3], r0 = ph[4], s0 = ph[5];
+    const int rstep = ph[6], sstep = ph[7], nr = ph[8], ns = ph[9], offh = ph[10];
+    const int offw = ph[11], dph = ph[12], dpw = ph[13];
     const int Cg = C / groups, Kg = K / groups, RS = R * S, PQ = P * Q;
     const long long HW = (long long)H * W;
-    // the phase's first pixel and pixel count along each axis
-    const int h1st = ((ph - pt) % sh + sh) % sh, w1st = ((pw - pl) % sw + sw) % sw;
-    const int Hph = h1st < H ? (H - h1st + sh - 1) / sh : 0;
-    const int Wph = w1st < W ? (W - w1st + sw - 1) / sw : 0;
     const int M = N * Hph * Wph, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     if (m0 >= M) return;
-    // the phase's taps: r = r0 + i*rstep, i < nr (likewise s)
-    int r0 = 0, rstep = 1, s0 = 0, sstep = 1;
-    while (r0 < R && (r0 * dh) % sh != ph) ++r0;
-    while ((rstep * dh) % sh) ++rstep;
-    while (s0 < S && (s0 * dw) % sw != pw) ++s0;
-    while ((sstep * dw) % sw) ++sstep;
-    const int nr = r0 < R ? (R - 1 - r0) / rstep + 1 : 0;
-    const int ns = s0 < S ? (S - 1 - s0) / sstep + 1 : 0;
-    const int offh = (h1st + pt - r0 * dh) / sh, offw = (w1st + pl - s0 * dw) / sw;  // exact
-    const int dph = rstep * dh / sh, dpw = sstep * dw / sw;
     const int klen = Kg * nr * ns;
     Operand<T, BM, false, true> a;  // dy gathered: consecutive threads take consecutive iw
     Operand<T, BN, true, false> b;   // w, read along the phase's taps
@@ -410,8 +418,8 @@ conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __res
     T acc[TM][TN];
     gemm_tile(a, b, klen, acc, smem);  // klen == 0 (no tap reaches this phase): zeros
     store_tile<false>(dx, acc, index_map(Hph, Wph, C * HW, (long long)sh * W, sw,
-                                  (long long)h1st * W + w1st),
-               m0, M, g * Cg * HW, (int)HW, n0, Cg, (const T*)nullptr);
+                                         (long long)h1st * W + w1st),
+                      m0, M, g * Cg * HW, (int)HW, n0, Cg, (const T*)nullptr);
 }
 
 // dw[k,c',r,s] = sum over (n,p,q) of dy[n,k,p,q] * x[n, g*Cg + c', p*sh - pt + r*dh, q*sw - pl + s*dw].
