@@ -29,6 +29,38 @@
 #define CONV_UNROLL 2  // stages per main-loop iteration (even: the two shared stages alternate)
 #endif
 
+// cp.async: a copy from global to shared memory that runs in the background until
+// cp_async_wait<N>() (all but the N newest committed groups have landed). sm_80+
+// has the instruction (the 4- and 8-byte .ca form: the operands are gathered one
+// element at a time; src-size 0 fills a masked element with zeros); below sm_80
+// it is a plain copy. tests/emulator/cuda_emu.h brings its own versions, which
+// land the data only at the wait, so that a missing wait reads poisoned memory.
+#ifndef GPUCNN_EMULATOR
+template <typename T>
+__device__ __forceinline__ void cp_async(T* dst, const T* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned to = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(to), "l"(src),
+                 "n"((int)sizeof(T)), "r"(valid ? (int)sizeof(T) : 0) : "memory");
+#else
+    *dst = valid ? *src : T(0);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+#endif  // GPUCNN_EMULATOR
+
 namespace conv {
 
 constexpr int BM = CONV_BM, BN = CONV_BN, TM = CONV_TM, TN = CONV_TN;
@@ -175,23 +207,25 @@ struct Operand {
         }
     }
 
-    // Read this thread's elements of the stage whose first k is kleft before the end.
-    __device__ __forceinline__ void load(T (&v)[E], int kleft) const {
+    // Copy this thread's elements of the stage whose first k is kleft before the
+    // end into the shared stage s (As[k][o]); elements out of range become zeros.
+    __device__ __forceinline__ void copy(T* s, int kleft) const {
+        T* at = s + k_first() * (O + PAD) + o_first();
 #pragma unroll
         for (int ik = 0; ik < NK; ++ik) {
             const bool kin = k_first() + ik * KSPACE < kleft;
 #pragma unroll
             for (int io = 0; io < NO; ++io) {
                 bool in = kin && io * OSPACE < oleft;
-                long long at;
+                long long off;
                 if (WINDOW) {
                     const int h = oh[io] + k[ik].h, w = ow[io] + k[ik].w;
                     in = in && (unsigned)h < (unsigned)Hlim && (unsigned)w < (unsigned)Wlim;
-                    at = ooff[io] + k[ik].off;
+                    off = ooff[io] + k[ik].off;
                 } else {
-                    at = ooff[0] + k[ik].off + io * ostride;
+                    off = ooff[0] + k[ik].off + io * ostride;
                 }
-                v[ik * NO + io] = in ? ptr[at] : T(0);
+                cp_async(at + ik * KSPACE * (O + PAD) + io * OSPACE, in ? ptr + off : ptr, in);
             }
         }
     }
@@ -201,14 +235,6 @@ struct Operand {
         for (int ik = 0; ik < NK; ++ik) advance(k[ik], kmap, step);
     }
 
-    __device__ __forceinline__ void store(const T (&v)[E], T* s) const {
-        T* at = s + k_first() * (O + PAD) + o_first();
-#pragma unroll
-        for (int ik = 0; ik < NK; ++ik)
-#pragma unroll
-            for (int io = 0; io < NO; ++io)
-                at[ik * KSPACE * (O + PAD) + io * OSPACE] = v[ik * NO + io];
-    }
 };
 
 __device__ __forceinline__ void load4(const float* p, float* v) {
@@ -231,23 +257,20 @@ __device__ __forceinline__ int thread_col(int j) {
     return (j / 4) * (4 * THREADS_N) + (threadIdx.x / THREADS_M) * 4 + j % 4;
 }
 
-// One stage of the main loop, CUR being the shared-memory stage it multiplies.
-// float: the next stage's global loads are issued first (they land in registers
-// while this stage's products run), then stored to the other stage. double: the
-// 8x8 accumulators take half the registers, so its loads follow the products
-// (no registers held across them), which keeps it from spilling.
+// One stage of the main loop, CUR being the shared-memory stage it multiplies:
+// the next stage's copies into the other stage are issued first and land while
+// this stage's products run. The other stage was last read in the previous stage,
+// before the barrier that ended it, so it can be overwritten now.
 template <int CUR, typename T, typename OpA, typename OpB>
 __device__ __forceinline__ void stage(OpA& a, OpB& b, T* As, T* Bs, int kleft, T (&acc)[TM][TN]) {
     constexpr int BK = Depth<T>::value;
-    constexpr bool PREFETCH = sizeof(T) == 4;
-    T va[OpA::E], vb[OpB::E];
-    const bool more = kleft > BK;
-    if (PREFETCH && more) {
+    if (kleft > BK) {
         a.next();
         b.next();
-        a.load(va, kleft - BK);
-        b.load(vb, kleft - BK);
+        a.copy(As + (1 - CUR) * BK * LDA, kleft - BK);
+        b.copy(Bs + (1 - CUR) * BK * LDB, kleft - BK);
     }
+    cp_async_commit();
     const T* as = As + CUR * BK * LDA + (threadIdx.x % THREADS_M) * 4;
     const T* bs = Bs + CUR * BK * LDB + (threadIdx.x / THREADS_M) * 4;
 #pragma unroll
@@ -262,19 +285,8 @@ __device__ __forceinline__ void stage(OpA& a, OpB& b, T* As, T* Bs, int kleft, T
 #pragma unroll
             for (int j = 0; j < TN; ++j) acc[i][j] += ra[i] * rb[j];
     }
-    if (more) {
-        if (!PREFETCH) {
-            a.next();
-            b.next();
-            a.load(va, kleft - BK);
-            b.load(vb, kleft - BK);
-        }
-        // The other stage was last read in the previous stage, before the barrier
-        // that ended it, so it can be overwritten now.
-        a.store(va, As + (1 - CUR) * BK * LDA);
-        b.store(vb, Bs + (1 - CUR) * BK * LDB);
-    }
-    __syncthreads();
+    cp_async_wait<0>();  // this thread's copies of the next stage have landed...
+    __syncthreads();     // ...and everyone's
 }
 
 // The main loop: acc[i][j] = sum over the klen reduction values, in increasing
@@ -290,13 +302,10 @@ __device__ __forceinline__ void gemm_tile(OpA& a, OpB& b,
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
     if (klen <= 0) return;
-    {
-        T va[OpA::E], vb[OpB::E];
-        a.load(va, klen);
-        b.load(vb, klen);
-        a.store(va, As);
-        b.store(vb, Bs);
-    }
+    a.copy(As, klen);
+    b.copy(Bs, klen);
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
     // CONV_UNROLL stages per iteration, so that the stage index is a constant
     for (int kleft = klen; kleft > 0; kleft -= CONV_UNROLL * BK) {

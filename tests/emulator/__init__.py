@@ -42,6 +42,7 @@ def _build(code, name_expressions, options=()):
     launchers = "\n".join(
         f'extern "C" void emu_launch_{i}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, '
         f'unsigned by, unsigned bz, size_t shared, void** args) {{\n'
+        f'    emu_async::reset();  // cp.async copies never outlive a launch\n'
         f'    emu::launch(&{name}, dim3(gx, gy, gz), dim3(bx, by, bz), shared, args);\n}}'
         for i, name in enumerate(name_expressions))
     flags = _flags() + [o for o in options if o.startswith("-D")]
