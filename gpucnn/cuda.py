@@ -31,16 +31,16 @@ MAX_GRID_YZ = 65535  # the driver's limit on gridDim.y and gridDim.z
 
 # The implicit-GEMM tile configurations of kernels/conv2d.cu, the one place they
 # are defined: rows x columns of a block tile (bm x bn), its reduction depth per
-# stage (bk for float; double takes bk/2, so that a stage has the same bytes),
-# the outputs each thread holds (tm x tn) and the stages per main-loop iteration
+# stage (bk for float, bk_double for double, whose 8x8 accumulators take twice the
+# registers), the outputs each thread holds (tm x tn) and the stages per main-loop iteration
 # (unroll, even). They reach the kernel as -D options.
-TileConfig = namedtuple("TileConfig", "bm bn bk tm tn unroll")
+TileConfig = namedtuple("TileConfig", "bm bn bk bk_double tm tn unroll")
 CONV_CONFIGS = {
-    "128x128": TileConfig(128, 128, 16, 8, 8, 2),  # big layers: 256 threads, 8x8 outputs each
-    "64x64": TileConfig(64, 64, 8, 8, 8, 4),       # mid-size: 4x the blocks, of 64 threads
-    "128x32": TileConfig(128, 32, 8, 8, 8, 4),     # few GEMM columns (C or K <= 32): 64 threads
-    "32x128": TileConfig(32, 128, 8, 8, 8, 4),     # few GEMM rows (K <= 32, backward-filter)
-    "32x32": TileConfig(32, 32, 8, 8, 4, 8),       # both small: one warp, 8x4 outputs each
+    "128x128": TileConfig(128, 128, 16, 8, 8, 8, 2),  # big layers: 256 threads, 8x8 outputs each
+    "64x64": TileConfig(64, 64, 8, 4, 8, 8, 4),       # mid-size: 4x the blocks, of 64 threads
+    "128x32": TileConfig(128, 32, 8, 4, 8, 8, 4),     # few GEMM columns (C or K <= 32): 64 threads
+    "32x128": TileConfig(32, 128, 8, 2, 8, 8, 4),     # few GEMM rows (K <= 32, backward-filter)
+    "32x32": TileConfig(32, 32, 8, 4, 8, 4, 8),       # both small: one warp, 8x4 outputs each
 }
 SMEM_PAD = 4         # as conv::PAD in conv2d.cu: shared rows are bm+4 and bn+4 long
 REDUCE_LANES = 8     # slice lanes per output in conv2d_sum_slices (blockDim.y)
@@ -60,6 +60,7 @@ def conv_options(config):
     """The -D options that compile kernels/conv2d.cu with a named configuration."""
     c = CONV_CONFIGS[config]
     return (f"-DCONV_BM={c.bm}", f"-DCONV_BN={c.bn}", f"-DCONV_BK={c.bk}",
+            f"-DCONV_BK_DOUBLE={c.bk_double}",
             f"-DCONV_TM={c.tm}", f"-DCONV_TN={c.tn}", f"-DCONV_UNROLL={c.unroll}")
 
 
@@ -194,7 +195,7 @@ def dgrad_phases(g):
 
 def _smem_bytes(config, dtype):
     c, itemsize = CONV_CONFIGS[config], numpy.dtype(dtype).itemsize
-    bk = c.bk if itemsize == 4 else c.bk // 2
+    bk = c.bk if itemsize == 4 else c.bk_double
     return 2 * bk * (c.bm + SMEM_PAD + c.bn + SMEM_PAD) * itemsize
 
 

@@ -17,7 +17,10 @@
 #define CONV_BN 128  // columns of the block tile
 #endif
 #ifndef CONV_BK
-#define CONV_BK 16   // reduction depth of one shared-memory stage (float; half for double)
+#define CONV_BK 16   // reduction depth of one shared-memory stage, float
+#endif
+#ifndef CONV_BK_DOUBLE
+#define CONV_BK_DOUBLE (CONV_BK / 2)  // the same for double
 #endif
 #ifndef CONV_TM
 #define CONV_TM 8    // rows per thread (a multiple of 4)
@@ -64,10 +67,10 @@ __device__ __forceinline__ void cp_async_wait() {
 namespace conv {
 
 constexpr int BM = CONV_BM, BN = CONV_BN, TM = CONV_TM, TN = CONV_TN;
-// A stage holds BK reduction values; double takes half as many as float, so a
-// stage is the same number of bytes and two stages fit in 48 KiB either way.
+// A stage holds BK reduction values, fewer for double: its 8x8 accumulators take
+// twice the registers, and two stages must still fit in 48 KiB.
 template <typename T>
-struct Depth { static constexpr int value = sizeof(T) == 4 ? CONV_BK : CONV_BK / 2; };
+struct Depth { static constexpr int value = sizeof(T) == 4 ? CONV_BK : CONV_BK_DOUBLE; };
 constexpr int THREADS_M = BM / TM, THREADS_N = BN / TN, THREADS = THREADS_M * THREADS_N;
 // A stage is stored k-major, As[k][m]; 4 elements of padding per row put the 8
 // k-rows a warp stores at once on different banks (row stride = 4 mod 32 words)
@@ -78,11 +81,11 @@ constexpr int LDA = BM + PAD, LDB = BN + PAD;
 static_assert(CONV_UNROLL % 2 == 0 && CONV_UNROLL > 0, "CONV_UNROLL must be even");
 static_assert(TM % 4 == 0 && TN % 4 == 0, "TM and TN must be multiples of 4");
 static_assert(BM % TM == 0 && BN % TN == 0, "the block tile must split into thread tiles");
-static_assert(THREADS % CONV_BK == 0 && THREADS % (CONV_BK / 2) == 0 && THREADS <= 1024,
+static_assert(THREADS % CONV_BK == 0 && THREADS % CONV_BK_DOUBLE == 0 && THREADS <= 1024,
               "threads must be a multiple of BK");
 static_assert((BM <= THREADS ? THREADS % BM : BM % THREADS) == 0, "BM and the threads");
 static_assert((BN <= THREADS ? THREADS % BN : BN % THREADS) == 0, "BN and the threads");
-static_assert(BM * (CONV_BK / 2) % THREADS == 0 && BN * (CONV_BK / 2) % THREADS == 0,
+static_assert(BM * CONV_BK_DOUBLE % THREADS == 0 && BN * CONV_BK_DOUBLE % THREADS == 0,
               "whole loads per thread");
 
 // An index i of a GEMM dimension, read as three digits (d0, d1, d2) with radices
@@ -360,7 +363,7 @@ __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const
 // GEMM rows (n,p,q), columns k of the group, reduction (c',r,s); bias in the epilogue.
 // Grid (ceil(N*P*Q/BM), ceil(K/groups/BN), groups), conv::THREADS threads.
 template <typename T>
-__global__ void __launch_bounds__(conv::THREADS)
+__global__ void __launch_bounds__(conv::THREADS, 1)
 conv2d_forward(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                T* __restrict__ y, int N, int C, int H, int W, int K, int R, int S, int P, int Q,
                int sh, int sw, int pt, int pl, int dh, int dw, int groups, int has_bias) {
@@ -397,7 +400,7 @@ conv2d_forward(const T* __restrict__ x, const T* __restrict__ w, const T* __rest
 // offw dph dpw, where p = ih + offh - i*dph for the i-th tap row (likewise q).
 // Grid (ceil(N*ceil(H/sh)*ceil(W/sw)/BM), ceil(C/groups/BN), groups*sh*sw).
 template <typename T>
-__global__ void __launch_bounds__(conv::THREADS)
+__global__ void __launch_bounds__(conv::THREADS, 1)
 conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __restrict__ dx,
                      const int* __restrict__ phase_table, int N, int C, int H, int W, int K,
                      int R, int S, int P, int Q, int sh, int sw, int pt, int pl, int dh, int dw,
@@ -438,7 +441,7 @@ conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __res
 // slice, partial is dw itself; else conv2d_sum_slices adds the slices in order.
 // Grid (ceil(K/groups/BM), ceil(Cg*R*S/BN), groups*slices).
 template <typename T>
-__global__ void __launch_bounds__(conv::THREADS)
+__global__ void __launch_bounds__(conv::THREADS, 1)
 conv2d_backward_filter(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ partial,
                        int N, int C, int H, int W, int K, int R, int S, int P, int Q, int sh,
                        int sw, int pt, int pl, int dh, int dw, int groups, int slices,
