@@ -434,7 +434,8 @@ conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __res
                       m0, M, g * Cg * HW, (int)HW, n0, Cg, (const T*)nullptr);
 }
 
-// dw[k,c',r,s] = sum over (n,p,q) of dy[n,k,p,q] * x[n, g*Cg + c', p*sh - pt + r*dh, q*sw - pl + s*dw].
+// dw[k,c',r,s] = sum over (n,p,q) of
+//               dy[n,k,p,q] * x[n, g*Cg + c', p*sh - pt + r*dh, q*sw - pl + s*dw].
 // GEMM rows k of the group, columns (c',r,s), reduction (n,p,q) split into
 // `slices` consecutive ranges of slice_len (a multiple of BK):
 // blockIdx.z = g * slices + slice writes partial[slice] (K, Cg*R*S); with one
@@ -462,6 +463,7 @@ conv2d_backward_filter(const T* __restrict__ dy, const T* __restrict__ x, T* __r
            n0, Jg, index_map(P, Q, C * HW, (long long)sh * W, sw, 0, sh, 0, sw, 0), k0, H, W);
     T acc[TM][TN];
     gemm_tile(a, b, klen, acc, smem);
-    store_tile<false>(partial, acc, index_map(1, 1, Jg, 0, 0, ((long long)slice * K + g * Kg) * Jg), m0,
+    const long long out0 = ((long long)slice * K + g * Kg) * Jg;
+    store_tile<false>(partial, acc, index_map(1, 1, Jg, 0, 0, out0), m0,
                Kg, 0, 1, n0, Jg, (const T*)nullptr);
 }

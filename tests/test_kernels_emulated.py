@@ -107,7 +107,8 @@ def test_grid_limits_are_checked_before_a_launch():
         raise AssertionError("loaded")
     kernels = cuda.Kernels(numpy, refuse)
     # depthwise over 70000 channels: 70000 groups would be a grid z past 65535
-    x, w = numpy.zeros((1, 70000, 1, 1), numpy.float32), numpy.zeros((70000, 1, 1, 1), numpy.float32)
+    x = numpy.zeros((1, 70000, 1, 1), numpy.float32)
+    w = numpy.zeros((70000, 1, 1, 1), numpy.float32)
     g = conv.geometry(x, w, None, groups=70000)
     with pytest.raises(ValueError, match="65535"):
         kernels.conv2d_forward(x, w, None, g)

@@ -218,7 +218,8 @@ struct Queue {
 inline std::vector<Queue> queues;
 inline void reset() { queues.clear(); }
 inline Queue& queue() {
-    const std::size_t t = ((std::size_t)threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+    const std::size_t t =
+        ((std::size_t)threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
     if (queues.size() <= t) queues.resize(t + 1);
     Queue& q = queues[t];
     if (q.block.x != blockIdx.x || q.block.y != blockIdx.y || q.block.z != blockIdx.z) {
