@@ -60,7 +60,10 @@ def _parser():
     e.add_argument("--device", choices=devices)
     e.add_argument("--batch-size", type=int, default=256)
 
-    sub.add_parser("info", help="versions, the device found, whether the GPU kernels compile")
+    i = sub.add_parser("info", help="versions, the device found, whether the GPU kernels compile")
+    i.add_argument("--kernels", action="store_true", help="instead, the static report of every "
+                   "kernel compiled for sm_90 (H100), no GPU needed: registers, spills, shared "
+                   "memory, occupancy, FFMA share of the SASS")
 
     g = sub.add_parser("gradcheck", help="check every layer's backward against float64 "
                        "finite differences on a device")
@@ -124,6 +127,9 @@ def cmd_eval(args):
 
 def cmd_info(args):
     from . import cuda, nvrtc
+    if args.kernels:
+        from . import kernel_report
+        return kernel_report.main()
     print(f"gpucnn {gpucnn.__version__}, Python {platform.python_version()}, "
           f"NumPy {numpy.__version__}")
     try:

@@ -49,7 +49,17 @@ TARGET_BLOCKS = 264  # ~2 blocks per SM of a 132-SM GPU: the split-K and bias gr
 MIN_SLICE = 256      # reduction values per split-K slice, at least (16 float stages)
 PASSES = ("forward", "backward_data", "backward_filter")
 
-CompileUnit = namedtuple("CompileUnit", "filename config options name_expressions threads")
+CompileUnit = namedtuple("CompileUnit",
+                         "filename config options name_expressions threads dynamic_shared",
+                         defaults=({},))
+CompileUnit.__doc__ = """One NVRTC compilation the loader performs: kernels/<filename> with
+the NVRTC options of one configuration (config: a short label), its name
+expressions, and, per kernel base name, the threads per block its launcher uses
+(threads) and, per name expression, the dynamic shared memory in bytes it
+launches with where it uses some (dynamic_shared, optional)."""
+# Dynamic shared memory of the reduction kernels per launch, from the element size.
+REDUCE_SHARED = {"conv2d_sum_slices": lambda itemsize: 32 * REDUCE_LANES * itemsize,
+                 "conv2d_backward_bias": lambda itemsize: THREADS * itemsize}
 
 
 def _config_threads(c):
@@ -81,11 +91,23 @@ def _threads(filename, config):
     return dict.fromkeys(KERNELS[filename], THREADS)
 
 
+def _dynamic_shared(filename, config):
+    out = {}
+    for dtype, ctype in TYPES.items():
+        if filename == "conv2d.cu":
+            out.update({f"{k}<{ctype}>": _smem_bytes(config, dtype) for k in KERNELS[filename]})
+        elif filename == "conv2d_reduce.cu":
+            out.update({f"{k}<{ctype}>": b(dtype.itemsize) for k, b in REDUCE_SHARED.items()})
+    return out
+
+
 def compile_units():
     """Every (file, configuration) the loader can compile, with its full NVRTC options,
-    its template instantiations and the threads per block each kernel is launched with."""
+    its template instantiations, the threads per block each kernel is launched with
+    and the dynamic shared memory of each instantiation (for gpucnn info --kernels
+    and the compile tests)."""
     return [CompileUnit(filename, config, NVRTC_OPTIONS + options, name_expressions(filename),
-                        _threads(filename, config))
+                        _threads(filename, config), _dynamic_shared(filename, config))
             for filename in KERNELS for config, options in _configs(filename)]
 
 
@@ -335,7 +357,7 @@ class Kernels:
         f = self._function("conv2d_reduce.cu", "conv2d_sum_slices", partial.dtype)
         f((_cdiv(out.size, 32),), (32, REDUCE_LANES),
           (partial, out, numpy.int64(out.size), numpy.int32(partial.shape[0])),
-          shared_mem=32 * REDUCE_LANES * partial.itemsize)
+          shared_mem=REDUCE_SHARED["conv2d_sum_slices"](partial.itemsize))
         return out
 
     def conv2d_backward_bias(self, dy):
@@ -356,7 +378,7 @@ class Kernels:
         f = self._function("conv2d_reduce.cu", "conv2d_backward_bias", dy.dtype)
         f((slices, K), (THREADS,),
           (dy, partial, *_i32(N, K), numpy.int64(P * Q), numpy.int64(slice_len)),
-          shared_mem=THREADS * dy.itemsize)
+          shared_mem=REDUCE_SHARED["conv2d_backward_bias"](dy.itemsize))
         return partial[0] if slices == 1 else self._sum_slices(partial)
 
     def max_pool2d_forward(self, x, g):

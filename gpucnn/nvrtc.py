@@ -1,7 +1,8 @@
 """Compile CUDA source with NVRTC, the compiler CuPy uses, without a GPU or driver.
 
 Used by ``gpucnn info`` and the tests to prove that every kernel file compiles
-for every instantiation the loader asks for. NVRTC is found in the
+for every instantiation the loader asks for, and by ``gpucnn info --kernels``
+(kernel_report.py) for the machine code (cubin) of a real architecture. NVRTC is found in the
 nvidia-cuda-nvrtc wheel, under CUDA_HOME / CUDA_PATH, or on the loader path.
 """
 import ctypes
@@ -59,6 +60,21 @@ def version():
 def compile(code, name_expressions, arch="compute_90", options=(), filename="kernel.cu"):
     """Compile to PTX. Returns (ok, log, lowered_names): lowered_names maps each
     name expression to its mangled symbol, proving the instantiation exists."""
+    ok, log, lowered, _ = _compile(code, name_expressions, arch, options, filename, cubin=False)
+    return ok, log, lowered
+
+
+def compile_cubin(code, name_expressions, arch="sm_90", options=(), filename="kernel.cu"):
+    """Compile to machine code for a real architecture (arch "sm_XX"). Returns
+    (ok, log, lowered_names, cubin): cubin is the ELF image's bytes, None on failure.
+    Pass "--ptxas-options=-v" in options for ptxas's resource usage in the log."""
+    if not arch.startswith("sm_"):
+        raise ValueError(f"arch must be a real architecture such as 'sm_90' for a cubin, "
+                         f"got {arch!r}")
+    return _compile(code, name_expressions, arch, options, filename, cubin=True)
+
+
+def _compile(code, name_expressions, arch, options, filename, cubin):
     lib = library()
     if lib is None:
         raise RuntimeError("NVRTC is not installed: pip install nvidia-cuda-nvrtc-cu12")
@@ -77,14 +93,19 @@ def compile(code, name_expressions, arch="compute_90", options=(), filename="ker
         buf = ctypes.create_string_buffer(size.value)
         check(lib.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
         log = buf.value.decode(errors="replace")
-        lowered = {}
+        lowered, image = {}, None
         if result == 0:
             for name in name_expressions:
                 out = ctypes.c_char_p()
                 check(lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)),
                       "nvrtcGetLoweredName")
                 lowered[name] = out.value.decode()
-        return result == 0, log, lowered
+            if cubin:
+                check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
+                buf = ctypes.create_string_buffer(size.value)
+                check(lib.nvrtcGetCUBIN(prog, buf), "nvrtcGetCUBIN")
+                image = buf.raw
+        return result == 0, log, lowered, image
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 

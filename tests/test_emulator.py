@@ -1,8 +1,11 @@
-"""The CPU emulation harness itself: barriers, shared memory, indices, arguments."""
+"""The CPU emulation harness itself: barriers, shared memory, indices, arguments,
+and proof that each of its checks catches a bug planted for it: a race that
+index order hides, an output element no thread writes, every launch limit."""
 import numpy
 import pytest
 
-from emulator import EmulatedModule, asan_enabled
+import emulator
+from emulator import EmulatedModule, LaunchError, asan_enabled
 
 CODE = r"""
 template <typename T>
@@ -100,6 +103,207 @@ def test_a_missing_cp_async_wait_reads_poison(module):
     assert numpy.isnan(out[~odd_read]).all()
 
 
+# ---- thread and block orders -------------------------------------------------------
+RACES = r"""
+// out[i] = in[i - 1] within a block, through shared memory; without the barrier
+// a thread may read its neighbour's slot before the neighbour wrote it.
+__global__ void shift_in_block(const float* in, float* out, bool sync) {
+    extern __shared__ unsigned char smem[];
+    float* s = reinterpret_cast<float*>(smem);
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    s[threadIdx.x] = in[i];
+    if (sync) __syncthreads();
+    out[i] = threadIdx.x > 0 ? s[threadIdx.x - 1] : 0.0f;
+}
+
+// A running sum across blocks: correct only if block b-1 runs before block b,
+// which CUDA never promises.
+__global__ void chain_across_blocks(float* data) {
+    if (threadIdx.x == 0 && blockIdx.x > 0) data[blockIdx.x] += data[blockIdx.x - 1];
+}
+
+// Static shared memory: one array per block; reversed through it.
+template <typename T>
+__global__ void reverse_static(const T* in, T* out, bool sync) {
+    __shared__ T tile[64];  // one variable per declaration, as the loader needs
+    const int i = blockIdx.x * 64 + threadIdx.x;
+    tile[threadIdx.x] = in[i];
+    if (sync) __syncthreads();
+    out[i] = tile[63 - threadIdx.x];
+}
+
+__global__ void static_and_dynamic(float* out) {
+    __shared__ float big[8192];  // 32 KiB
+    extern __shared__ unsigned char smem[];
+    big[threadIdx.x] = 1.0f;
+    smem[threadIdx.x] = 1;
+    out[threadIdx.x] = big[threadIdx.x] + smem[threadIdx.x];
+}
+
+// Every thread adds into one shared total in the same barrier interval: on a GPU
+// a lost-update race; here each addition is whole, but their order follows the
+// schedule, and float addition does not commute in its rounding.
+__global__ void racy_sum(const float* x, float* out) {
+    extern __shared__ unsigned char smem[];
+    float* total = reinterpret_cast<float*>(smem);
+    if (threadIdx.x == 0) *total = 0.0f;
+    __syncthreads();
+    *total += x[threadIdx.x];
+    __syncthreads();
+    if (threadIdx.x == 0) out[0] = *total;
+}
+
+__global__ void touch(int* out) {
+    if (blockIdx.x + blockIdx.y + blockIdx.z + threadIdx.x + threadIdx.y + threadIdx.z == 0)
+        out[0] += 1;
+}
+
+__global__ void all_but_last(float* out, long long* idx, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n - 1) {  // the planted bug: the last element is never written
+        out[i] = 1.0f;
+        idx[i] = i;
+    }
+}
+"""
+RACE_NAMES = ["shift_in_block", "chain_across_blocks", "reverse_static<float>",
+              "reverse_static<double>", "static_and_dynamic", "racy_sum", "touch",
+              "all_but_last"]
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda o: f"order{o}")
+def races(request):
+    return EmulatedModule(RACES, RACE_NAMES, order=request.param)
+
+
+def test_a_race_that_index_order_hides_shows_under_the_other_orders(races):
+    x = numpy.arange(1, 129, dtype=numpy.float32)
+    expected = numpy.concatenate([[0], x[:63], [0], x[64:127]]).astype(numpy.float32)
+    f = races.get_function("shift_in_block")
+    out = numpy.zeros_like(x)
+    f((2,), (64,), (x, out, numpy.bool_(True)), shared_mem=64 * 4)
+    numpy.testing.assert_array_equal(out, expected)  # with the barrier: every order agrees
+    out = numpy.zeros_like(x)
+    f((2,), (64,), (x, out, numpy.bool_(False)), shared_mem=64 * 4)
+    if races.order == 0:  # thread t-1 happens to run first: the race goes unseen
+        numpy.testing.assert_array_equal(out, expected)
+    else:  # slots read before their thread wrote them: the 0xFF fill, a NaN
+        assert numpy.isnan(out).sum() >= 8
+
+
+def test_blocks_run_in_the_order_too(races):
+    data = numpy.ones(64, dtype=numpy.float32)
+    races.get_function("chain_across_blocks")((64,), (32,), (data,))
+    chained = numpy.array_equal(data, numpy.arange(1, 65, dtype=numpy.float32))
+    assert chained == (races.order == 0)  # only index order makes the planted bug look right
+
+
+def test_a_result_that_follows_the_schedule_fails_the_bitwise_comparison():
+    x = (numpy.random.default_rng(0).standard_normal(256) * 10.0 ** (numpy.arange(256) % 5)
+         ).astype(numpy.float32)  # magnitudes 1..1e4: the rounding depends on the order
+    out = numpy.zeros(1, numpy.float32)
+    alone = EmulatedModule(RACES, RACE_NAMES, order=1).get_function("racy_sum")
+    alone((1,), (256,), (x, out), shared_mem=4)
+    assert out[0] == numpy.cumsum(x[::-1])[-1]  # one order alone: a plausible total
+    checked = EmulatedModule(RACES, RACE_NAMES, order=1, compare_order=0)
+    with pytest.raises(emulator.OrderError, match="argument 1 differs between thread orders"):
+        checked.get_function("racy_sum")((1,), (256,), (x, out), shared_mem=4)
+    data = numpy.ones(64, dtype=numpy.float32)
+    with pytest.raises(emulator.OrderError, match="62 of 64 elements"):
+        checked.get_function("chain_across_blocks")((64,), (32,), (data,))
+    x = numpy.arange(128, dtype=numpy.float32)  # a kernel without a race passes, in place too
+    out = numpy.zeros_like(x)
+    checked.get_function("shift_in_block")((2,), (64,), (x, out, numpy.bool_(True)),
+                                           shared_mem=256)
+    assert out[1] == 0 and out[2] == 1
+
+
+@pytest.mark.parametrize("ctype, dtype", [("float", numpy.float32), ("double", numpy.float64)])
+def test_static_shared_arrays_are_per_block_and_filled(races, ctype, dtype):
+    x = numpy.arange(192, dtype=dtype)
+    f = races.get_function(f"reverse_static<{ctype}>")
+    out = numpy.zeros_like(x)
+    f((3,), (64,), (x, out, numpy.bool_(True)))  # shared by the threads of a block
+    numpy.testing.assert_array_equal(out, x.reshape(3, 64)[:, ::-1].ravel())
+    out = numpy.zeros_like(x)
+    f((3,), (64,), (x, out, numpy.bool_(False)))
+    # Without the barrier some thread reads a slot not yet written in its own
+    # block: NaN, even though the block before left that slot written.
+    assert numpy.isnan(out.reshape(3, 64)).any(axis=1).all()
+
+
+def test_an_output_element_no_thread_writes_is_poisoned(races):
+    n = 100
+    out = emulator.poisoned.numpy.empty(n, dtype=numpy.float32)
+    idx = emulator.poisoned.numpy.empty(n, dtype=numpy.int64)
+    races.get_function("all_but_last")((4,), (32,), (out, idx, numpy.int32(n)))
+    numpy.testing.assert_array_equal(numpy.isnan(out), numpy.arange(n) == n - 1)
+    assert idx[-1] == numpy.iinfo(numpy.int64).min
+    numpy.testing.assert_array_equal(idx[:-1], numpy.arange(n - 1))
+
+
+def test_the_launchers_allocate_poisoned_outputs():
+    xp = emulator.kernels().xp
+    assert numpy.isnan(xp.empty((2, 3), dtype=numpy.float64)).all()
+    assert numpy.isnan(xp.empty_like(numpy.zeros(4, numpy.float32))).all()
+    assert (xp.empty(3, dtype=numpy.int64) == numpy.iinfo(numpy.int64).min).all()
+    assert xp.zeros(3).sum() == 0 and xp.float32 is numpy.float32  # the rest is NumPy
+
+
+# ---- launch limits ------------------------------------------------------------------
+@pytest.mark.parametrize("grid, block, why", [
+    ((2 ** 31, 1, 1), (1,), "grid"), ((0, 1, 1), (1,), "grid"),
+    ((1, 65536, 1), (1,), "grid"), ((1, 1, 65536), (1,), "grid"),
+    ((1,), (1025, 1, 1), "block"), ((1,), (1, 1025, 1), "block"), ((1,), (1, 1, 65), "block"),
+    ((1,), (32, 32, 2), "2048 threads, over the limit of 1024"),
+])
+def test_launches_the_driver_refuses_are_refused(races, grid, block, why):
+    out = numpy.zeros(1, numpy.int32)
+    with pytest.raises(LaunchError, match=why):
+        races.get_function("touch")(grid, block, (out,))
+    assert out[0] == 0  # nothing ran
+
+
+@pytest.mark.parametrize("grid, block", [((1, 65535, 1), (1,)), ((1, 1, 65535), (1,)),
+                                         ((1,), (1024, 1, 1)), ((1,), (2, 8, 64))])
+def test_launches_at_the_limits_run(grid, block):
+    out = numpy.zeros(1, numpy.int32)
+    EmulatedModule(RACES, RACE_NAMES).get_function("touch")(grid, block, (out,))
+    assert out[0] == 1
+
+
+def test_dynamic_shared_memory_over_48_kib_needs_the_opt_in():
+    m = EmulatedModule(RACES, RACE_NAMES)
+    f = m.get_function("shift_in_block")
+    x = numpy.zeros(64, numpy.float32)
+    args = (x, x.copy(), numpy.bool_(True))
+    f((1,), (64,), args, shared_mem=48 * 1024)
+    with pytest.raises(LaunchError, match="48 KiB unless the launcher opts in"):
+        f((1,), (64,), args, shared_mem=48 * 1024 + 1)
+    m.get_function("shift_in_block").max_dynamic_shared_size_bytes = 100 * 1024  # per kernel
+    assert f.max_dynamic_shared_size_bytes == 100 * 1024
+    assert m.get_function("touch").max_dynamic_shared_size_bytes == 48 * 1024
+    f((1,), (64,), args, shared_mem=100 * 1024)
+    with pytest.raises(LaunchError, match="over the kernel's limit of 102400"):
+        f((1,), (64,), args, shared_mem=100 * 1024 + 1)
+    f.max_dynamic_shared_size_bytes = 227 * 1024
+    f((1,), (64,), args, shared_mem=227 * 1024)
+    with pytest.raises(LaunchError, match="227 KiB"):
+        f.max_dynamic_shared_size_bytes = 227 * 1024 + 1
+
+
+def test_static_and_dynamic_shared_memory_add_up():
+    m = EmulatedModule(RACES, RACE_NAMES)
+    f = m.get_function("static_and_dynamic")
+    out = numpy.zeros(32, numpy.float32)
+    f((1,), (32,), (out,), shared_mem=16 * 1024)  # 32 + 16 KiB: just fits
+    numpy.testing.assert_array_equal(out, 2)
+    with pytest.raises(LaunchError, match=r"32768 bytes static \+ 16385 dynamic"):
+        f((1,), (32,), (out,), shared_mem=16 * 1024 + 1)
+    f.max_dynamic_shared_size_bytes = 64 * 1024  # opted in: up to 227 KiB in all
+    f((1,), (32,), (out,), shared_mem=64 * 1024)
+
+
 def test_arguments_must_be_typed(module):
     f = module.get_function("where_am_i")
     with pytest.raises(TypeError, match="typed NumPy scalar"):
@@ -114,19 +318,26 @@ OOB = """
 import sys
 sys.path.insert(0, {tests!r})
 import numpy
-from emulator import EmulatedModule, asan_enabled
-m = EmulatedModule("__global__ void k(float* a, int n) {{ a[threadIdx.x + n] = 1.0f; }}", ["k"])
+from emulator import EmulatedModule
+m = EmulatedModule({code!r}, ["k"])
 a = numpy.zeros(8, numpy.float32)
-m.get_function("k")((1,), (4,), (a, numpy.int32(6)))
+m.get_function("k")((1,), (4,), (a, numpy.int32(6)), shared_mem=16)
 """
+GLOBAL_OOB = "__global__ void k(float* a, int n) { a[threadIdx.x + n] = 1.0f; }"
+SHARED_OOB = """__global__ void k(float* a, int n) {
+    extern __shared__ unsigned char smem[];
+    a[threadIdx.x] = reinterpret_cast<float*>(smem)[threadIdx.x + n];  // past the 16 bytes
+}"""
 
 
 @pytest.mark.skipif(not asan_enabled(), reason="only in the AddressSanitizer run "
                                                "(GPUCNN_EMU_ASAN=1, as .ci/run does)")
-def test_address_sanitizer_catches_an_out_of_bounds_write():
+@pytest.mark.parametrize("code, report", [(GLOBAL_OOB, "heap-buffer-overflow"),
+                                          (SHARED_OOB, "use-after-poison")])
+def test_address_sanitizer_catches_out_of_bounds_accesses(code, report):
     import pathlib
     import subprocess
     import sys
-    code = OOB.format(tests=str(pathlib.Path(__file__).parent))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode != 0 and "heap-buffer-overflow" in done.stderr
+    script = OOB.format(tests=str(pathlib.Path(__file__).parent), code=code)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode != 0 and report in done.stderr, done.stderr[-2000:]

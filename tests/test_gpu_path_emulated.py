@@ -5,7 +5,7 @@ import numpy
 import pytest
 
 import gpucnn
-from emulator import EmulatedModule
+import emulator
 from gpucnn import cuda, functional as F, models
 from test_device_parity import OPS, _flat
 
@@ -21,7 +21,7 @@ class _CountingKernels(cuda.Kernels):
         return super()._function(filename, kernel, dtype, config)
 
 
-_EMULATED = _CountingKernels(numpy, EmulatedModule)
+_EMULATED = emulator.kernels(order=2, compare_order=1, cls=_CountingKernels)
 
 
 def _kernels_on_cpu(monkeypatch):

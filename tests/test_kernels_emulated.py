@@ -4,7 +4,7 @@ import numpy
 import pytest
 
 from conftest import close
-from emulator import EmulatedModule
+import emulator
 from gpucnn import cuda, functional as F
 from gpucnn.functional import conv, pool
 from test_conv2d import GRID as CONV_GRID
@@ -25,9 +25,13 @@ POOL_GRID = POOL_GRID + [((3, 5, 13, 11), dict(kernel_size=3, stride=2, ceil_mod
 DTYPES = [numpy.float64, numpy.float32]
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    return cuda.Kernels(numpy, EmulatedModule)
+@pytest.fixture(scope="module", params=emulator.ORDERS,
+                ids=lambda o: f"order{o[0]}" + (f"-vs-{o[1]}" if o[1] is not None else ""))
+def kernels(request):
+    """The launchers on the emulator, outputs poisoned: in index order, then in
+    a shuffled order checked bitwise against the reverse order."""
+    order, compare_order = request.param
+    return emulator.kernels(order, compare_order)
 
 
 def _conv_case(rng, xs, ws, kw, dtype):

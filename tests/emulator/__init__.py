@@ -1,21 +1,36 @@
 """Run kernels/*.cu on the CPU: g++ compiles the unedited source against
 cuda_emu.h, and EmulatedModule answers like cupy.RawModule.
 
-    module = EmulatedModule(code, name_expressions, options)
+    module = EmulatedModule(code, name_expressions, options=(), order=0)
     module.get_function("conv2d_backward_data<float>")(grid, block, args, shared_mem=0)
 
 args are NumPy arrays (passed as device pointers) and NumPy scalars (typed
-like the kernel's parameters, as CuPy needs too). Set GPUCNN_EMU_ASAN=1 to
-build with AddressSanitizer (python must then run with libasan preloaded).
+like the kernel's parameters, as CuPy needs too). `order` picks the order the
+threads of a block (and the blocks) run in between barriers: 0 index order,
+1 reverse, n >= 2 a seeded shuffle (cuda_emu.h); with compare_order every launch
+runs under both orders and must give the same bits (else OrderError); ORDERS are
+what the kernel tests run. The -D options among `options` (NVRTC's; a tile
+configuration) are passed to g++ too. Launches the driver would refuse raise
+LaunchError. Set GPUCNN_EMU_ASAN=1 to build with AddressSanitizer (python must then run with
+libasan preloaded).
+
+kernels(order, compare_order) gives gpucnn's own launchers (cuda.Kernels) on the
+emulator, with every output they allocate poisoned (poisoned.numpy), as the tests
+use them. The loader rewrites each `__shared__` declaration in place (same lines)
+for the emulator's shared memory; the rest of the source is compiled as it is.
 """
 import ctypes
+import functools
 import hashlib
 import os
 import pathlib
+import re
 import subprocess
 import tempfile
 
 import numpy
+
+from . import poisoned
 
 HERE = pathlib.Path(__file__).resolve().parent
 CACHE = pathlib.Path(os.environ.get("GPUCNN_EMU_CACHE", tempfile.gettempdir())) / "gpucnn-emu"
@@ -36,14 +51,62 @@ def _flags():
     return flags
 
 
+# What the kernel tests run: index order alone, then a shuffle checked bitwise
+# against reverse order, as (order, compare_order).
+ORDERS = ((0, None), (2, 1))
+DEFAULT_MAX_DYNAMIC_SHARED = 48 * 1024  # the driver's, until a launcher opts in
+MAX_SHARED_SM90 = 227 * 1024
+
+
+class LaunchError(RuntimeError):
+    """A launch that cuLaunchKernel or cuFuncSetAttribute would refuse."""
+
+
+class OrderError(AssertionError):
+    """A launch whose result changed with the order threads and blocks ran in."""
+
+
+# `extern __shared__ T name[];` (dynamic) and `__shared__ T name[dims];` (static),
+# one declaration per line, outside // comments.
+_DYNAMIC = re.compile(r"\bextern\s+__shared__\s+([^;{}=\n]*?)\s*\b([A-Za-z_]\w*)\s*\[\s*\]\s*;")
+_STATIC = re.compile(r"\b__shared__\s+([^;{}=\n]*?)\b([A-Za-z_]\w*)\s*((?:\[[^\];\n]*\]\s*)*);")
+_ALIGN = re.compile(r"\b(__align__|alignas)\s*\(\s*\d+\s*\)|__attribute__\s*\(\(.*?\)\)")
+
+
+def _shared_declarations(code):
+    """Rewrite the kernels' __shared__ declarations for cuda_emu.h, line for line:
+    the dynamic array becomes a pointer to the arena emu::dynamic_shared, and a
+    static array a function-local static that its block's first thread fills
+    with 0xFF (emu::shared_static)."""
+    def dynamic(m):
+        t = _ALIGN.sub("", m[1]).strip()
+        return f"{t}* const {m[2]} = reinterpret_cast<{t}*>(emu::dynamic_shared);"
+
+    def static(m):
+        if "," in _ALIGN.sub("", m[1]):
+            raise ValueError(f"the emulator takes one variable per __shared__ declaration: "
+                             f"{m[0]!r}")
+        return f"{m[0]} emu::shared_static(&{m[2]}, sizeof({m[2]}));"
+
+    lines = []
+    for line in code.split("\n"):
+        text, comment = (line.split("//", 1) + [None])[:2]
+        text = _STATIC.sub(static, _DYNAMIC.sub(dynamic, text))
+        lines.append(text if comment is None else f"{text}//{comment}")
+    return "\n".join(lines)
+
+
 def _build(code, name_expressions, options=()):
     """Compile code + one launcher per name expression into a shared library; the -D
     options among the NVRTC options (a tile configuration) go to g++ as well."""
+    code = _shared_declarations(code)
     launchers = "\n".join(
-        f'extern "C" void emu_launch_{i}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, '
-        f'unsigned by, unsigned bz, size_t shared, void** args) {{\n'
+        f'extern "C" const char* emu_launch_{i}(unsigned gx, unsigned gy, unsigned gz, '
+        f'unsigned bx, unsigned by, unsigned bz, size_t shared, size_t max_dynamic, '
+        f'unsigned order, void** args) {{\n'
         f'    emu_async::reset();  // cp.async copies never outlive a launch\n'
-        f'    emu::launch(&{name}, dim3(gx, gy, gz), dim3(bx, by, bz), shared, args);\n}}'
+        f'    return emu::launch(&{name}, dim3(gx, gy, gz), dim3(bx, by, bz), shared, '
+        f'max_dynamic, order, args);\n}}'
         for i, name in enumerate(name_expressions))
     flags = _flags() + [o for o in options if o.startswith("-D")]
     header = (HERE / "cuda_emu.h").read_text()
@@ -64,15 +127,35 @@ def _build(code, name_expressions, options=()):
 
 
 class EmulatedFunction:
-    def __init__(self, name, entry):
+    """cupy's Function: call it to launch; max_dynamic_shared_size_bytes is the
+    kernel's attribute (shared by every Function of that name in the module, as
+    the driver keeps it per kernel)."""
+
+    def __init__(self, name, entry, module):
         self.name = name
         self._entry = entry
-        entry.restype = None
-        entry.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_size_t, ctypes.c_void_p]
+        self._module = module
+        entry.restype = ctypes.c_char_p
+        entry.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_size_t] * 2 + [ctypes.c_uint,
+                                                                        ctypes.c_void_p]
+
+    @property
+    def max_dynamic_shared_size_bytes(self):
+        return self._module._max_dynamic.get(self.name, DEFAULT_MAX_DYNAMIC_SHARED)
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value):
+        if not 0 <= int(value) <= MAX_SHARED_SM90:
+            raise LaunchError(f"{self.name}: max_dynamic_shared_size_bytes must be "
+                              f"0..{MAX_SHARED_SM90} (227 KiB on sm_90), got {value}")
+        self._module._max_dynamic[self.name] = int(value)
 
     def __call__(self, grid, block, args, shared_mem=0):
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
+        for what, dims in (("grid", grid), ("block", block)):
+            if len(dims) != 3 or not all(0 <= int(d) < 2 ** 32 for d in dims):
+                raise LaunchError(f"{self.name}: {what} {dims} is not three 32-bit sizes")
         values = []
         for i, a in enumerate(args):
             if isinstance(a, numpy.ndarray):
@@ -86,17 +169,60 @@ class EmulatedFunction:
                                 f"scalar, got {type(a).__name__}")
         argv = (ctypes.c_void_p * max(1, len(values)))(
             *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
-        self._entry(*grid, *block, shared_mem, argv)
+        arrays = [a for a in args if isinstance(a, numpy.ndarray)]
+        compare = self._module.compare_order
+        if compare is not None:  # run under the other order first, from the same inputs
+            before = [a.copy() for a in arrays]
+            self._launch(grid, block, shared_mem, compare, argv)
+            other = [a.copy() for a in arrays]
+            for a, b in zip(arrays, before):
+                a[...] = b
+        self._launch(grid, block, shared_mem, self._module.order, argv)
+        if compare is not None:
+            for i, (a, b) in enumerate(zip(arrays, other)):
+                differ = a.view(numpy.uint8).reshape(-1, a.itemsize) != \
+                    b.view(numpy.uint8).reshape(-1, b.itemsize)
+                if differ.any():
+                    raise OrderError(
+                        f"{self.name}: array argument {i} differs between thread orders "
+                        f"{compare} and {self._module.order} in {differ.any(axis=1).sum()} of "
+                        f"{a.size} elements: the result depends on how threads or blocks are "
+                        f"scheduled (a race, or a summation order that follows the schedule)")
+
+    def _launch(self, grid, block, shared_mem, order, argv):
+        error = self._entry(*grid, *block, shared_mem, self.max_dynamic_shared_size_bytes,
+                            order, argv)
+        if error is not None:
+            raise LaunchError(f"{self.name}: {error.decode()}")
 
 
 class EmulatedModule:
-    """The cupy.RawModule(code=..., name_expressions=..., options=...) interface, on the CPU."""
+    """The cupy.RawModule(code=..., name_expressions=..., options=...) interface, on the CPU.
 
-    def __init__(self, code, name_expressions, options=()):
+    order: the thread and block order of its launches (see cuda_emu.h).
+    compare_order: if given, every launch runs first under this order, then
+    again from the same inputs under `order`, and any array argument whose bits
+    differ between the two raises OrderError (costs a second run).
+    """
+
+    def __init__(self, code, name_expressions, options=(), *, order=0, compare_order=None):
         self._names = list(name_expressions)
         self._lib = _build(code, self._names, tuple(options))
+        self._max_dynamic = {}
+        self.order = int(order)
+        self.compare_order = None if compare_order is None else int(compare_order)
 
     def get_function(self, name):
         if name not in self._names:
             raise KeyError(f"{name} was not among the name_expressions {self._names}")
-        return EmulatedFunction(name, getattr(self._lib, f"emu_launch_{self._names.index(name)}"))
+        return EmulatedFunction(name, getattr(self._lib, f"emu_launch_{self._names.index(name)}"),
+                                self)
+
+
+def kernels(order=0, compare_order=None, cls=None):
+    """gpucnn's launchers (cuda.Kernels, or the subclass cls) running on the CPU
+    through the emulator: threads in the given order (every launch checked
+    bitwise against compare_order where given), outputs poisoned."""
+    from gpucnn import cuda
+    return (cls or cuda.Kernels)(poisoned.numpy, functools.partial(
+        EmulatedModule, order=order, compare_order=compare_order))

@@ -4,11 +4,30 @@
 // Blocks run one at a time; the threads of a block run as cooperative fibers
 // (ucontext) on one OS thread, switching only at __syncthreads(), which is a
 // real barrier: no thread passes it before every live thread of its block has
-// arrived. Dynamic shared memory is the one array `extern __shared__ unsigned
-// char smem[]` (the name the kernels use); it is filled with 0xFF bytes (a NaN
-// in float and double) before every block, so a missing barrier or a read of
-// shared memory nobody wrote shows up as NaN. Static __shared__ arrays are not
-// supported: kernels here use dynamic shared memory only.
+// arrived. Between two barriers the threads run one after another in an order
+// chosen per launch (emu::launch's `order`): 0 runs blocks and threads in index
+// order, 1 in reverse index order, n >= 2 in a seeded shuffle drawn anew for
+// every block and every barrier interval. A kernel without a race gives the same
+// bits under every order; one that reads what another thread writes without a
+// barrier between them gets a different answer (or NaN) under some order. What
+// orders cannot show: a thread's run between two barriers is never interleaved
+// with another's, so two threads updating one address in the same interval (a
+// lost update on a GPU) look atomic here. Running a launch under two orders and
+// comparing the bits (EmulatedModule's compare_order) catches such updates where
+// their floating-point sum depends on the order; compute-sanitizer's racecheck
+// on a GPU catches them all.
+//
+// Shared memory, as the driver has it: dynamic shared memory is the kernel's
+// `extern __shared__ T name[];` (the loader in __init__.py turns it into a
+// pointer to one arena, emu::dynamic_shared) and static `__shared__ T a[N];`
+// arrays are one object per kernel (function-local statics, registered on first
+// use). Both are filled with 0xFF bytes (a NaN in float and double, -1 in ints)
+// before every block, so a missing barrier or a read of shared memory nobody
+// wrote shows up as NaN; under AddressSanitizer the arena past the launch's
+// dynamic size is poisoned too. Launches are checked against the limits the
+// driver enforces on sm_90 (see check_launch); a static array's size is known
+// only once a thread reaches it, so static + dynamic shared memory over the
+// limit is reported when the launch ends.
 #pragma once
 #include <ucontext.h>
 
@@ -24,6 +43,7 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define EMU_ASAN 1
 #endif
@@ -38,20 +58,30 @@ struct dim3 {
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__
+#define __align__(n) __attribute__((aligned(n)))
+// The loader rewrites every `extern __shared__` and static `__shared__`
+// declaration it recognises (one variable each); anything else still gets the
+// static storage a block shares, without the per-block 0xFF fill.
+#define __shared__ static
 
 namespace emu {
 inline uint3 thread_idx, block_idx;
 inline dim3 block_dim, grid_dim;
-constexpr std::size_t kSharedBytes = 48 * 1024;
+
+// The driver's limits for a launch on sm_90 (cuLaunchKernel, cuFuncSetAttribute).
+constexpr unsigned long long kMaxGridX = 2147483647ull;  // 2^31 - 1
+constexpr unsigned kMaxGridYZ = 65535;
+constexpr unsigned kMaxBlockXY = 1024, kMaxBlockZ = 64, kMaxThreads = 1024;
+constexpr std::size_t kDefaultSharedBytes = 48 * 1024;  // static + dynamic, without opt-in
+constexpr std::size_t kMaxSharedBytes = 227 * 1024;     // per block, with opt-in (sm_90)
+
+alignas(128) inline unsigned char dynamic_shared[kMaxSharedBytes];
 }  // namespace emu
 
 #define threadIdx emu::thread_idx
 #define blockIdx emu::block_idx
 #define blockDim emu::block_dim
 #define gridDim emu::grid_dim
-
-alignas(16) inline unsigned char smem[emu::kSharedBytes];
 
 using std::isnan;
 using std::isinf;
@@ -85,6 +115,67 @@ inline const void* sched_stack_bottom = nullptr;
 inline std::size_t sched_stack_size = 0;
 #endif
 
+// ---- static __shared__ arrays -------------------------------------------------
+// Each one is a function-local static; the loader adds a call to shared_static
+// after its declaration, so the first thread of every block to reach it fills
+// it with 0xFF, and the launch learns the static shared memory it uses.
+struct StaticShared {
+    void* at;
+    std::size_t bytes;
+    unsigned long long block, launch;  // the block and launch that last filled it
+};
+inline std::vector<StaticShared> statics;
+inline unsigned long long block_serial = 0, launch_serial = 0;
+inline std::size_t static_bytes = 0;       // static shared memory of this launch
+inline std::size_t dynamic_bytes = 0;      // dynamic shared memory of this launch
+inline std::size_t shared_limit = 0;       // static + dynamic allowed for this launch
+inline std::string launch_error;
+
+inline void shared_static(void* at, std::size_t bytes) {
+    StaticShared* s = nullptr;
+    for (auto& e : statics)
+        if (e.at == at) s = &e;
+    if (s == nullptr) {
+        statics.push_back({at, bytes, 0, 0});
+        s = &statics.back();
+    }
+    if (s->launch != launch_serial) {
+        s->launch = launch_serial;
+        static_bytes += bytes;
+        if (static_bytes + dynamic_bytes > shared_limit && launch_error.empty())
+            launch_error = "too much shared memory: " + std::to_string(static_bytes) +
+                           " bytes static + " + std::to_string(dynamic_bytes) +
+                           " dynamic, over the limit of " + std::to_string(shared_limit);
+    }
+    if (s->block != block_serial) {
+        s->block = block_serial;
+        std::memset(at, 0xFF, bytes);
+    }
+}
+
+// ---- the order threads and blocks run in ---------------------------------------
+inline std::uint64_t splitmix64(std::uint64_t& state) {
+    std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// perm = 0..n-1 in the order `order` runs them; seed tells apart the places
+// (block, barrier interval) that draw a shuffle.
+inline void arrange(std::vector<std::uint32_t>& perm, std::size_t n, unsigned order,
+                    std::uint64_t seed) {
+    perm.resize(n);
+    for (std::size_t i = 0; i < n; ++i) perm[i] = (std::uint32_t)(order == 1 ? n - 1 - i : i);
+    if (order < 2) return;
+    std::uint64_t state = seed * 0x2545F4914F6CDD1Dull + order;
+    for (std::size_t i = n; i > 1; --i) {
+        const std::size_t j = splitmix64(state) % i;
+        std::swap(perm[i - 1], perm[j]);
+    }
+}
+
+// ---- fibers --------------------------------------------------------------------
 // Switch from the running fiber back to the scheduler.
 inline void yield_to_scheduler() {
 #ifdef EMU_ASAN
@@ -121,26 +212,73 @@ inline void resume(Fiber& f, std::size_t i) {
 #endif
 }
 
-// Run body(arg) for every thread of every block of the grid.
-inline void run_grid(dim3 grid, dim3 block, std::size_t shared_bytes, void (*fn)(void*), void* arg) {
+// ---- launch --------------------------------------------------------------------
+// What cuLaunchKernel would refuse, as a message; empty when the launch is valid.
+// max_dynamic is the kernel's CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES:
+// 48 KiB unless the launcher raised it (opted in), at most 227 KiB.
+inline std::string check_launch(dim3 grid, dim3 block, std::size_t shared_bytes,
+                                std::size_t max_dynamic) {
+    auto dims = [](dim3 d) {
+        return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " +
+               std::to_string(d.z) + ")";
+    };
+    if (grid.x < 1 || grid.x > kMaxGridX || grid.y < 1 || grid.y > kMaxGridYZ || grid.z < 1 ||
+        grid.z > kMaxGridYZ)
+        return "grid " + dims(grid) + " is out of range: x must be 1..2^31-1, y and z 1..65535";
+    if (block.x < 1 || block.x > kMaxBlockXY || block.y < 1 || block.y > kMaxBlockXY ||
+        block.z < 1 || block.z > kMaxBlockZ)
+        return "block " + dims(block) + " is out of range: x and y must be 1..1024, z 1..64";
+    const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
+    if (threads > kMaxThreads)
+        return "block " + dims(block) + " has " + std::to_string(threads) +
+               " threads, over the limit of 1024";
+    if (max_dynamic > kMaxSharedBytes)
+        return "max_dynamic_shared_size_bytes " + std::to_string(max_dynamic) +
+               " is over sm_90's 227 KiB";
+    if (shared_bytes > max_dynamic)
+        return "dynamic shared memory of " + std::to_string(shared_bytes) +
+               " bytes is over the kernel's limit of " + std::to_string(max_dynamic) +
+               (max_dynamic <= kDefaultSharedBytes
+                    ? " (48 KiB unless the launcher opts in by raising "
+                      "max_dynamic_shared_size_bytes)"
+                    : " (its max_dynamic_shared_size_bytes)");
+    return "";
+}
+
+// Run body(arg) for every thread of every block of the grid; returns what the
+// driver would have refused (nothing runs then), or "".
+inline std::string run_grid(dim3 grid, dim3 block, std::size_t shared_bytes,
+                            std::size_t max_dynamic, unsigned order, void (*fn)(void*),
+                            void* arg) {
+    std::string error = check_launch(grid, block, shared_bytes, max_dynamic);
+    if (!error.empty()) return error;
     const std::size_t nthreads = (std::size_t)block.x * block.y * block.z;
-    if (nthreads == 0 || nthreads > 1024)
-        throw std::invalid_argument("block size must be 1..1024 threads, got " + std::to_string(nthreads));
-    if (shared_bytes > kSharedBytes)
-        throw std::invalid_argument("dynamic shared memory over 48 KiB: " + std::to_string(shared_bytes));
+    const std::size_t nblocks = (std::size_t)grid.x * grid.y * grid.z;
     body = fn;
     body_arg = arg;
     grid_dim = grid;
     block_dim = block;
+    ++launch_serial;
+    static_bytes = 0;
+    dynamic_bytes = shared_bytes;
+    shared_limit = max_dynamic > kDefaultSharedBytes ? kMaxSharedBytes : kDefaultSharedBytes;
+    launch_error.clear();
     if (stacks.size() < nthreads) stacks.resize(nthreads);
     for (std::size_t i = 0; i < nthreads; ++i)
         if (stacks[i].size() != kStackBytes) stacks[i].assign(kStackBytes, 0);
     std::vector<Fiber> fibers(nthreads);
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-        block_idx = {bx, by, bz};
-        std::memset(smem, 0xFF, sizeof smem);
+    std::vector<std::uint32_t> blocks, threads;
+    arrange(blocks, nblocks, order, 0);
+#ifdef EMU_ASAN
+    // Past the launch's dynamic shared memory, any access is a bug.
+    const std::size_t used = (shared_bytes + 7) / 8 * 8;
+    ASAN_POISON_MEMORY_REGION(dynamic_shared + used, kMaxSharedBytes - used);
+#endif
+    for (std::size_t b : blocks) {
+        block_idx = {(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y),
+                     (unsigned)(b / grid.x / grid.y)};
+        ++block_serial;
+        std::memset(dynamic_shared, 0xFF, shared_bytes);
         std::size_t i = 0;
         for (unsigned tz = 0; tz < block.z; ++tz)
         for (unsigned ty = 0; ty < block.y; ++ty)
@@ -155,8 +293,9 @@ inline void run_grid(dim3 grid, dim3 block, std::size_t shared_bytes, void (*fn)
             f.ctx.uc_link = nullptr;
             makecontext(&f.ctx, fiber_main, 0);
         }
-        for (;;) {
-            for (std::size_t t = 0; t < nthreads; ++t)
+        for (std::uint64_t interval = 0;; ++interval) {
+            arrange(threads, nthreads, order, (b + 1) * 0x100000001B3ull + interval);
+            for (std::uint32_t t : threads)
                 if (fibers[t].state == kReady) resume(fibers[t], t);
             // Every live thread now waits at the barrier, or all are done.
             bool waiting = false;
@@ -165,6 +304,10 @@ inline void run_grid(dim3 grid, dim3 block, std::size_t shared_bytes, void (*fn)
             if (!waiting) break;
         }
     }
+#ifdef EMU_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(dynamic_shared + used, kMaxSharedBytes - used);
+#endif
+    return launch_error;
 }
 
 template <typename... A, std::size_t... I>
@@ -173,14 +316,17 @@ void call(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
 }
 
 // The kernel parameters arrive as cuLaunchKernel's do: args[i] points at the
-// value of the i-th parameter.
+// value of the i-th parameter. Returns nullptr, or why the launch was refused.
 template <typename... A>
-void launch(void (*kernel)(A...), dim3 grid, dim3 block, std::size_t shared_bytes, void** args) {
+const char* launch(void (*kernel)(A...), dim3 grid, dim3 block, std::size_t shared_bytes,
+                   std::size_t max_dynamic, unsigned order, void** args) {
     struct Call { void (*kernel)(A...); void** args; } c{kernel, args};
-    run_grid(grid, block, shared_bytes, [](void* p) {
+    static std::string error;
+    error = run_grid(grid, block, shared_bytes, max_dynamic, order, [](void* p) {
         auto* c = static_cast<Call*>(p);
         call(c->kernel, c->args, std::index_sequence_for<A...>{});
     }, &c);
+    return error.empty() ? nullptr : error.c_str();
 }
 
 }  // namespace emu
