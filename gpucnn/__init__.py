@@ -1,6 +1,8 @@
 """gpucnn: convolutional networks with hand-written backpropagation, on NumPy or CuPy."""
 from . import backend, checkpoint, functional
 from .backend import get_array_module
+from .errors import UserError
+from .inference import load
 from .nn import (AvgPool2D, Conv2D, Dropout, Flatten, Linear, MaxPool2D, Module, Parameter, ReLU,
                  Sequential)
 from .optim import SGD, Adam
@@ -9,4 +11,4 @@ from .random import manual_seed
 __version__ = "0.1.0"
 __all__ = ["backend", "checkpoint", "functional", "get_array_module", "Module", "Parameter",
            "Sequential", "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "Flatten", "Linear", "Dropout",
-           "SGD", "Adam", "manual_seed"]
+           "SGD", "Adam", "manual_seed", "load", "UserError"]

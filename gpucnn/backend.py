@@ -8,14 +8,17 @@ import os
 
 import numpy
 
+from .errors import ConfigError, DeviceError
+
 DEVICES = ("cpu", "cuda", "auto")
 _cupy = None
 _cupy_error = None
+_cupy_short = None  # the same in a few words, for the one-line device report
 
 
 def _import_cupy():
     """Return the cupy module, or None; remember why it is unusable."""
-    global _cupy, _cupy_error
+    global _cupy, _cupy_error, _cupy_short
     if _cupy is not None or _cupy_error is not None:
         return _cupy
     try:
@@ -24,14 +27,17 @@ def _import_cupy():
         _cupy_error = (
             f"CuPy is not installed ({e}); install gpucnn with the 'cuda12' or "
             "'cuda13' extra, e.g. pip install 'gpucnn[cuda12]'")
+        _cupy_short = "CuPy not installed"
         return None
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # no driver, no device, broken install
         _cupy_error = f"CuPy is installed but no CUDA device is usable: {e}"
+        _cupy_short = "no usable CUDA device"
         return None
     if count < 1:
         _cupy_error = "CuPy is installed but reports no CUDA device"
+        _cupy_short = "no CUDA device"
         return None
     _cupy = cupy
     return cupy
@@ -56,18 +62,19 @@ def resolve_device(device=None):
         device = os.environ.get("GPUCNN_DEVICE", "auto")
         source = "GPUCNN_DEVICE" if "GPUCNN_DEVICE" in os.environ else "default"
     if not isinstance(device, str) or device.lower() not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r} (from {source})")
+        raise ConfigError(f"device must be one of {DEVICES}, got {device!r} (from {source})")
     device = device.lower()
     if device == "cpu":
         return "cpu", f"cpu requested ({source})"
     if device == "cuda":
         if not cuda_available():
-            raise RuntimeError(f"device 'cuda' requested ({source}) but "
+            raise DeviceError(f"device 'cuda' requested ({source}) but "
                                f"{cuda_unavailable_reason()}")
         return "cuda", f"cuda requested ({source})"
     if cuda_available():
         return "cuda", "auto: a CUDA device was found"
-    return "cpu", f"auto: falling back to cpu because {cuda_unavailable_reason()}"
+    _import_cupy()
+    return "cpu", _cupy_short  # e.g. "CuPy not installed"; the details: cuda_unavailable_reason()
 
 
 def is_cupy_array(a):

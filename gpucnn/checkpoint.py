@@ -9,9 +9,10 @@ import zipfile
 import numpy
 
 from . import backend
+from .errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is damaged or does not fit the model it is loaded into."""
 
 
@@ -49,11 +50,32 @@ def read(path):
             optim = {k[len("optim/"):]: z[k] for k in z.files if k.startswith("optim/")}
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder; pass the checkpoint.npz file in it") from None
     except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError,
             UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not a readable gpucnn checkpoint "
-                              f"(damaged or another kind of file): {e}") from None
+        # NumPy's own message for a non-archive suggests allow_pickle, which
+        # would run code from the file: say what is wrong instead.
+        why = ("not a .npz archive" if not _is_zip(path) else
+               "no gpucnn record in the archive" if isinstance(e, KeyError) else
+               "it holds Python objects, which gpucnn never writes" if "pickle" in str(e) else
+               "its record is not valid JSON" if isinstance(e, (ValueError, UnicodeDecodeError))
+               else f"the archive is damaged or truncated: {e}")
+        raise CheckpointError(f"{path} is not a readable gpucnn checkpoint ({why}); pass a "
+                              "checkpoint.npz written by gpucnn train") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a readable gpucnn checkpoint (its record is not "
+                              "a JSON object)")
     return meta, model_state, optim
+
+
+def _is_zip(path):
+    """Whether a file starts like a zip archive (.npz), even a damaged one."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def restore(path, model, optimizer=None):
@@ -74,5 +96,8 @@ def restore(path, model, optimizer=None):
             i, name = key.split("/", 1)
             state[int(i)][name] = value
         optimizer.load_state_dict(dict(steps=info["steps"], hyper=info["hyper"], state=state))
-    model.load_state_dict(model_state)
+    try:
+        model.load_state_dict(model_state)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} cannot be loaded: {e}") from None
     return meta

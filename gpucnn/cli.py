@@ -1,18 +1,22 @@
 """The ``gpucnn`` command: train, eval, info, gradcheck, bench."""
 import argparse
+import json
+import os
 import platform
 import sys
 
 import numpy
 
 import gpucnn
-from . import backend, checkpoint, data, train as training
+from . import backend, data, runs, train as training
+from .errors import ConfigError, DeviceError, UserError
 
 EPILOG = """examples:
   gpucnn train                                   # 8x8 digits, under a minute on a CPU
   gpucnn train --dataset fashion-mnist --epochs 3 --out runs/fashion
   gpucnn train --resume runs/fashion/checkpoint.npz --epochs 5
   gpucnn eval runs/fashion/checkpoint.npz
+  gpucnn predict runs/fashion/checkpoint.npz shoe.png --top 3
   gpucnn info; gpucnn gradcheck --device cuda; gpucnn bench --device cpu
 
 Fashion-MNIST: apt-get install dataset-fashion-mnist (read from
@@ -48,7 +52,10 @@ def _parser():
     t.add_argument("--weight-decay", type=float, help="L2 weight decay (default 0)")
     t.add_argument("--device", choices=devices, help="default: $GPUCNN_DEVICE or auto")
     t.add_argument("--seed", type=int, help="seed for initialisation and shuffling (default 0)")
-    t.add_argument("--out", help="output directory (default runs/<date-time>)")
+    t.add_argument("--out", help="output directory (default: a new runs/<date-time>); one that "
+                   "already holds a run needs --resume or --overwrite")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its run files are removed first)")
     t.add_argument("--resume", metavar="CHECKPOINT",
                    help="continue a run from its checkpoint (its settings are kept)")
     t.add_argument("--limit", type=int, metavar="N", help="train on the first N samples only")
@@ -59,6 +66,18 @@ def _parser():
     e.add_argument("--data-dir")
     e.add_argument("--device", choices=devices)
     e.add_argument("--batch-size", type=int, default=256)
+
+    r = sub.add_parser("predict", help="classify images (PNG, JPEG) or .npy arrays with a "
+                       "checkpoint", description="Print the most probable classes of each "
+                       "image. Images are converted to grayscale, resized to the model's input, "
+                       "inverted when their background is light and scaled with the "
+                       "checkpoint's normalisation; .npy arrays hold uint8 pixels or floats in "
+                       "[0, 1] of shape (H, W), (C, H, W), (N, H, W) or (N, C, H, W).")
+    r.add_argument("checkpoint")
+    r.add_argument("files", nargs="+", metavar="FILE")
+    r.add_argument("--top", type=int, default=3, metavar="K", help="classes to show (default 3)")
+    r.add_argument("--json", action="store_true", help="print JSON instead of text")
+    r.add_argument("--device", choices=devices)
 
     i = sub.add_parser("info", help="versions, the device found, whether the GPU kernels compile")
     i.add_argument("--kernels", action="store_true", help="instead, the static report of every "
@@ -99,19 +118,17 @@ def cmd_train(args):
                   lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                   device=args.device, seed=args.seed, out=args.out, resume=args.resume,
                   limit=args.limit)
-    explicit = {k for k, v in fields.items() if v is not None}
-    config = training.Config(**{k: v for k, v in fields.items() if v is not None})
-    if args.out is None and args.resume is None:
-        config.out = training.default_out()
-    config.progress = not args.no_progress and sys.stderr.isatty()
+    config = training.Config(**fields, overwrite=args.overwrite,
+                             progress=False if args.no_progress else None)
     try:
-        history, _ = training.train(config, explicit=explicit)
+        training.train(config)
     except training.TrainingDiverged as e:
         print(f"gpucnn: error: {e}", file=sys.stderr)
         return 3
+    except runs.Terminated:
+        return 128 + 15
     except KeyboardInterrupt:
         return 130
-    print(f"gpucnn: done; metrics, checkpoint and plots are in {config.out}")
     return 0
 
 
@@ -122,6 +139,24 @@ def cmd_eval(args):
           f"accuracy {100 * r['test_accuracy']:.2f}%")
     for name, acc in zip(r["classes"], r["per_class"]):
         print(f"  {name:<12} {100 * acc:6.2f}%")
+    return 0
+
+
+def cmd_predict(args):
+    from . import inference
+    model = inference.load(args.checkpoint, device=args.device)
+    if args.top < 1:
+        raise ConfigError(f"--top must be a positive int, got {args.top}")
+    items = inference.read_inputs(args.files, model.input_shape)
+    probs = inference.probabilities(model, numpy.stack([x for _, x in items]))
+    top = inference.top_classes(probs, model.classes, min(args.top, len(model.classes)))
+    if args.json:
+        print(json.dumps([dict(file=label, top=[dict(**{"class": name}, index=i, probability=p)
+                                                 for name, i, p in best])
+                          for (label, _), best in zip(items, top)], indent=1))
+        return 0
+    for (label, _), best in zip(items, top):
+        print(f"{label}: " + ", ".join(f"{name} ({100 * p:.2f}%)" for name, _, p in best))
     return 0
 
 
@@ -165,6 +200,8 @@ def cmd_info(args):
 
 def cmd_gradcheck(args):
     from . import gradcheck
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be an int >= 0, got {args.seed}")
     device, why = backend.resolve_device(args.device)
     print(f"float64 finite-difference check of every backward on {device} ({why})")
     rows = gradcheck.run_all(device, args.seed)
@@ -185,7 +222,7 @@ def cmd_tune(args):
         shapes = tune.model_geometries(args.model, batch)
     device, why = backend.resolve_device(args.device)
     if device != "cuda":
-        raise RuntimeError(f"gpucnn tune times kernels on a GPU, and there is none here ({why})")
+        raise DeviceError(f"gpucnn tune times kernels on a GPU, and there is none here ({why})")
     import cupy
     kernels = cuda.kernels_for(cupy)
     chosen = tune.tune(kernels, shapes, (numpy.dtype(args.dtype),), args.repeat)
@@ -195,6 +232,8 @@ def cmd_tune(args):
 
 def cmd_bench(args):
     from . import bench
+    if args.repeat < 1:
+        raise ConfigError(f"--repeat must be a positive int, got {args.repeat}")
     return bench.main(["--device", args.device, "--repeat", str(args.repeat)] +
                       (["--json", args.json] if args.json else [])) or 0
 
@@ -205,12 +244,21 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info,
+    handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "info": cmd_info,
                "gradcheck": cmd_gradcheck, "bench": cmd_bench, "tune": cmd_tune}[args.command]
     try:
-        return handler(args)
-    except (ValueError, TypeError, RuntimeError, checkpoint.CheckpointError) as e:
+        rc = handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return rc
+    except UserError as e:  # anything else is a bug and keeps its traceback
         print(f"gpucnn: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # `gpucnn ... | head`: the reader left. Point stdout at /dev/null so that
+        # Python's flush at exit does not fail again (Python's documented recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("gpucnn: error: the output pipe was closed before all output was written",
+              file=sys.stderr)
         return 2
 
 

@@ -7,11 +7,13 @@ with the training set's mean and standard deviation, and int64 labels.
 import gzip
 import os
 import pathlib
+import zlib
 from dataclasses import dataclass, field
 
 import numpy
 
 from . import backend
+from .errors import UserError
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot")
@@ -33,7 +35,7 @@ IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1
 DATASETS = ("digits", "fashion-mnist", "mnist")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file is missing, truncated or corrupt; the message says which and why."""
 
 
@@ -53,13 +55,17 @@ class Dataset:
         return self.train_x.shape[1:]
 
 
-def _standardise(train, test):
-    mean, std = float(train.mean()), float(train.std())
+def _standardise(train, test, stats=None):
+    """Both sets scaled by the training set's mean and std (or by the given stats,
+    e.g. a checkpoint's, so that evaluation sees what training saw)."""
+    if stats is None:
+        stats = dict(mean=float(train.mean()), std=float(train.std()))
+    mean, std = stats["mean"], stats["std"]
     return ((train - mean) / std).astype(numpy.float32), ((test - mean) / std).astype(
         numpy.float32), dict(mean=mean, std=std)
 
 
-def load_digits(seed=0, test_fraction=0.2):
+def load_digits(seed=0, test_fraction=0.2, stats=None):
     """scikit-learn's 1,797 8x8 digits, split by a seeded permutation."""
     from sklearn.datasets import load_digits as sk_digits
     bunch = sk_digits()
@@ -68,7 +74,7 @@ def load_digits(seed=0, test_fraction=0.2):
     order = numpy.random.default_rng(seed).permutation(len(y))
     n_test = int(round(len(y) * test_fraction))
     test, train = order[:n_test], order[n_test:]
-    train_x, test_x, stats = _standardise(x[train], x[test])
+    train_x, test_x, stats = _standardise(x[train], x[test], stats)
     return Dataset("digits", train_x, y[train], test_x, y[test], DIGIT_CLASSES,
                    "scikit-learn load_digits", stats)
 
@@ -86,7 +92,9 @@ def read_idx(path, kind):
             raw = gzip.decompress(raw)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not an IDX file") from None
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: cannot be read or decompressed ({e}); the file is damaged") \
             from None
     want_dims = 3 if kind == "images" else 1
@@ -109,13 +117,13 @@ def read_idx(path, kind):
     return numpy.frombuffer(raw, dtype=numpy.uint8, offset=header).reshape(dims)
 
 
-def find_idx_files(name, data_dir=None):
-    """Paths of the four IDX files of a dataset under data_dir (or its default)."""
+def find_idx_files(name, data_dir=None, keys=tuple(IDX_FILES)):
+    """Paths of the IDX files (by default all four) of a dataset under data_dir (or its default)."""
     base = pathlib.Path(data_dir or DEFAULT_DIRS[name])
     if not base.is_dir():
         raise DataError(f"{name}: data directory {base} does not exist; {HOW_TO_GET[name]}")
     found = {}
-    for key, stem in IDX_FILES.items():
+    for key, stem in ((k, IDX_FILES[k]) for k in keys):
         for sub in SUBDIRS[name]:
             for suffix in ("", ".gz"):
                 candidate = base / sub / (stem + suffix)
@@ -131,26 +139,36 @@ def find_idx_files(name, data_dir=None):
     return found
 
 
-def load_idx_dataset(name, data_dir=None):
-    """MNIST or Fashion-MNIST from IDX files; every file is validated."""
-    paths = find_idx_files(name, data_dir)
+def load_idx_dataset(name, data_dir=None, stats=None, splits=("train", "test")):
+    """MNIST or Fashion-MNIST from IDX files; every file is validated and must hold
+    at least one image. With splits=("test",) and a checkpoint's stats only the
+    two test files are read (the training split is then empty)."""
+    keys = [f"{s}_{v}" for s in splits for v in "xy"]
+    paths = find_idx_files(name, data_dir, keys)
     arrays = {k: read_idx(p, "images" if k.endswith("x") else "labels") for k, p in paths.items()}
-    for split in ("train", "test"):
+    for split in splits:
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if len(x) != len(y):
             raise DataError(f"{paths[split + '_x']} holds {len(x)} images but "
                             f"{paths[split + '_y']} holds {len(y)} labels")
+        if len(x) == 0:
+            raise DataError(f"{paths[split + '_x']} holds no images; the {split} set needs at "
+                            "least one")
         if y.size and y.max() > 9:
             raise DataError(f"{paths[split + '_y']}: label {int(y.max())} is out of range 0..9")
-    if arrays["train_x"].shape[1:] != arrays["test_x"].shape[1:]:
+    if len(splits) == 2 and arrays["train_x"].shape[1:] != arrays["test_x"].shape[1:]:
         raise DataError(f"train images are {arrays['train_x'].shape[1:]} but test images are "
                         f"{arrays['test_x'].shape[1:]}")
-    train_x, test_x, stats = _standardise(arrays["train_x"][:, None] / 255.0,
-                                          arrays["test_x"][:, None] / 255.0)
+    if stats is None and "train" not in splits:
+        raise ValueError("reading only the test files needs the training set's stats")
+    test = arrays["test_x"][:, None] / 255.0
+    train = arrays["train_x"][:, None] / 255.0 if "train" in splits else test[:0]
+    train_y = arrays["train_y"] if "train" in splits else arrays["test_y"][:0]
+    train_x, test_x, stats = _standardise(train, test, stats)
     classes = FASHION_CLASSES if name == "fashion-mnist" else DIGIT_CLASSES
-    return Dataset(name, train_x, arrays["train_y"].astype(numpy.int64), test_x,
+    return Dataset(name, train_x, train_y.astype(numpy.int64), test_x,
                    arrays["test_y"].astype(numpy.int64), classes,
-                   str(paths["train_x"].parent), stats)
+                   str(paths[keys[0]].parent), stats)
 
 
 def load(name, data_dir=None, seed=0):
@@ -158,6 +176,16 @@ def load(name, data_dir=None, seed=0):
         return load_digits(seed)
     if name in DEFAULT_DIRS:
         return load_idx_dataset(name, data_dir)
+    raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+
+
+def load_test(name, data_dir=None, seed=0, stats=None):
+    """Only the test set, standardised with the given (a checkpoint's) stats; for
+    IDX datasets only the two t10k files are read."""
+    if name == "digits":
+        return load_digits(seed, stats=stats)
+    if name in DEFAULT_DIRS:
+        return load_idx_dataset(name, data_dir, stats, splits=("test",))
     raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
 
 

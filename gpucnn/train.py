@@ -1,16 +1,18 @@
 """The training loop behind ``gpucnn train``: progress, metrics, checkpoints,
 resume, plots, and a clean stop on NaN/inf or Ctrl-C."""
+import contextlib
 import dataclasses
-import json
 import math
-import os
+import numbers
 import pathlib
+import sys
 import time
 
 import numpy
 
-from . import backend, checkpoint, data, plots
+from . import backend, checkpoint, data, plots, runs
 from . import functional as F
+from .errors import ConfigError, UserError
 from .models import MODELS
 from .optim import SGD, Adam
 from .random import manual_seed
@@ -25,42 +27,74 @@ RUN_KEYS = ("dataset", "model", "batch_size", "optimizer", "lr", "momentum", "we
             "seed", "limit")
 
 
+# Unset (None) fields take these, then the dataset's DEFAULTS. A run-defining
+# field must default to None, so that a resume can tell "not given" (keep the
+# checkpoint's) from "given" (must match the checkpoint's).
+GENERAL_DEFAULTS = dict(dataset="digits", momentum=0.9, weight_decay=0.0, seed=0)
+
+
 @dataclasses.dataclass
 class Config:
-    dataset: str = "digits"
+    """A training run's settings; None means the default (the checkpoint's on a resume).
+
+    out: the run folder; None gives a new runs/<date-time>[-N], or on a resume the
+    checkpoint's folder. A folder that already holds a run is refused unless it is
+    the resumed run's own or overwrite=True (its run files are removed first).
+    epochs: the total; on a resume more than the checkpoint's extends the run.
+    progress: a progress bar; None shows one only when stderr is a terminal.
+    """
+    dataset: str = None
     data_dir: str = None
     model: str = None
     epochs: int = None
     batch_size: int = None
     optimizer: str = None
     lr: float = None
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    momentum: float = None
+    weight_decay: float = None
     device: str = None
-    seed: int = 0
-    out: str = "runs/latest"
+    seed: int = None
+    out: str = None
     resume: str = None
     limit: int = None
-    progress: bool = True
+    progress: bool = None
+    overwrite: bool = False
 
     def filled(self):
-        """A copy with the dataset's defaults in place of unset fields, checked."""
-        if self.dataset not in DEFAULTS:
-            raise ValueError(f"dataset must be one of {tuple(DEFAULTS)}, got {self.dataset!r}")
-        c = dataclasses.replace(self, **{k: v for k, v in DEFAULTS[self.dataset].items()
+        """A copy with the defaults in place of unset fields, checked."""
+        c = dataclasses.replace(self, **{k: v for k, v in GENERAL_DEFAULTS.items()
                                         if getattr(self, k) is None})
+        if c.dataset not in DEFAULTS:
+            raise ConfigError(f"dataset must be one of {tuple(DEFAULTS)}, got {c.dataset!r}")
+        c = dataclasses.replace(c, **{k: v for k, v in DEFAULTS[c.dataset].items()
+                                     if getattr(c, k) is None})
         for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(c, name)!r}")
-        if c.limit is not None and c.limit < 1:
-            raise ValueError(f"limit must be a positive number of samples, got {c.limit}")
+            if not _is_int(getattr(c, name)) or getattr(c, name) < 1:
+                raise ConfigError(f"{name} must be a positive int, got {getattr(c, name)!r}")
+        if c.limit is not None and (not _is_int(c.limit) or c.limit < 1):
+            raise ConfigError(f"limit must be a positive number of samples, got {c.limit!r}")
+        if not _is_int(c.seed) or c.seed < 0:
+            raise ConfigError(f"seed must be an int >= 0, got {c.seed!r}")
         if c.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {c.optimizer!r}")
+            raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {c.optimizer!r}")
         if c.model not in MODELS:
-            raise ValueError(f"model must be one of {tuple(MODELS)}, got {c.model!r}")
-        if not (c.lr > 0 and math.isfinite(c.lr)):
-            raise ValueError(f"lr must be a positive number, got {c.lr}")
+            raise ConfigError(f"model must be one of {tuple(MODELS)}, got {c.model!r}")
+        if not (_is_real(c.lr) and c.lr > 0 and math.isfinite(c.lr)):
+            raise ConfigError(f"lr must be a positive number, got {c.lr!r}")
+        if not (_is_real(c.momentum) and 0 <= c.momentum < 1):
+            raise ConfigError(f"momentum must be in [0, 1), got {c.momentum!r} (SGD diverges "
+                              "from 1 on)")
+        if not (_is_real(c.weight_decay) and 0 <= c.weight_decay < math.inf):
+            raise ConfigError(f"weight_decay must be a number >= 0, got {c.weight_decay!r}")
         return c
+
+
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 class TrainingDiverged(RuntimeError):
@@ -92,38 +126,77 @@ def evaluate(model, x, y, batch_size, device, num_classes):
     return total / len(y), float(numpy.trace(confusion)) / len(y), confusion
 
 
-def _merge_resume(config, meta, explicit):
-    """The checkpoint's run settings, with a clear error where the command differs.
-    Unless given, the number of epochs is the checkpoint's and the output goes
-    next to the checkpoint."""
+def _merge_resume(config, meta):
+    """The checkpoint's run settings, with a clear error where the config sets one
+    differently. Unset epochs are the checkpoint's, more extend the run; an unset
+    out is the checkpoint's folder."""
     saved = meta.get("config")
     if not isinstance(saved, dict) or any(k not in saved for k in RUN_KEYS + ("epochs",)):
         raise checkpoint.CheckpointError(f"{config.resume} was not written by gpucnn train "
                                          "(its run settings are missing)")
-    clashes = [k for k in RUN_KEYS if k in explicit and getattr(config, k) != saved[k]]
+    clashes = [k for k in RUN_KEYS if getattr(config, k) is not None and getattr(config, k) !=
+               saved[k]]
     if clashes:
-        raise ValueError("--resume continues the checkpoint's run, but these settings differ "
-                         "from it: " + ", ".join(f"{k}={getattr(config, k)!r} (checkpoint: "
-                                                 f"{saved[k]!r})" for k in clashes))
+        raise ConfigError("--resume continues the checkpoint's run, but these settings differ "
+                          "from it: " + ", ".join(f"{k}={getattr(config, k)!r} (checkpoint: "
+                                                  f"{saved[k]!r})" for k in clashes))
+    done = meta.get("epoch", 0)
+    if config.epochs is not None and config.epochs < done:
+        raise ConfigError(f"--epochs {config.epochs} is fewer than the {done} epochs "
+                          f"{config.resume} has finished; pass more than {done} to extend it")
     keep = {k: saved[k] for k in RUN_KEYS}
-    if "epochs" not in explicit:
-        keep["epochs"] = saved["epochs"]
-    if "out" not in explicit:
+    if config.epochs is None:
+        keep["epochs"] = max(saved["epochs"], done)
+    if config.out is None:
         keep["out"] = str(pathlib.Path(config.resume).parent)
     return dataclasses.replace(config, **keep)
 
 
-def train(config, model=None, log=print, explicit=()):
+def _draw_plots(out, history, confusion, classes, config):
+    title = f"{config.dataset}, {config.model}, {config.optimizer} lr {config.lr:g}"
+    plots.curves(history, out / "curves.png", title)
+    if confusion is not None:
+        acc = history[-1]["test_accuracy"]
+        plots.confusion(confusion, classes, out / "confusion.png",
+                        f"{config.dataset} test set, epoch {history[-1]['epoch']}: "
+                        f"{100 * acc:.2f}% correct")
+
+
+def train(config, model=None, log=print):
     """Run a training job; returns (history, model), history a list of per-epoch dicts.
 
     model: a Sequential to train instead of the config's built-in one.
-    explicit: the Config fields the user set by hand (a resume checks them).
+    Before any training the output folder is checked, locked and claimed
+    (see Config); a UserError says what is wrong with the settings, files or folder.
     """
     resume_meta = None
     if config.resume:
         resume_meta = checkpoint.read(config.resume)[0]
-        config = _merge_resume(config, resume_meta, explicit)
+        config = _merge_resume(config, resume_meta)
     config = config.filled()
+    if config.progress is None:
+        config = dataclasses.replace(config, progress=sys.stderr.isatty())
+    default_out = config.out is None
+    if default_out:
+        config = dataclasses.replace(config, out=str(runs.default_folder()))
+    out = pathlib.Path(config.out)
+    created = default_out or not out.exists()
+    here = bool(config.resume) and out.resolve() == pathlib.Path(config.resume).parent.resolve()
+    lock = runs.claim(out, resuming_here=here, overwrite=config.overwrite)
+    try:
+        with runs.sigterm_as_interrupt():
+            return _run(config, model, log, out, resume_meta)
+    except UserError:
+        lock.release()
+        if created:  # e.g. a dataset error: leave no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    finally:
+        lock.release()
+
+
+def _run(config, model, log, out, resume_meta):
     device, why = backend.resolve_device(config.device)
     log(f"gpucnn: training on {device} ({why})")
     ds = data.load(config.dataset, config.data_dir, seed=config.seed)
@@ -140,24 +213,48 @@ def train(config, model=None, log=print, explicit=()):
     model.to(device).train()
     optimizer = make_optimizer(config, model.parameters())
     rng = numpy.random.default_rng(config.seed)
-    out = pathlib.Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.npz"
-    history, start_epoch, start_step, partial = [], 0, 0, None
+    ckpt_path = out / runs.CHECKPOINT
+    threads = runs.blas_threads()
+    history, start_epoch, start_step, partial, confusion = [], 0, 0, None, None
     if config.resume:
         resume_meta = checkpoint.restore(config.resume, model, optimizer)
         history, start_epoch, start_step = (resume_meta["history"], resume_meta["epoch"],
                                             resume_meta["step"])
         rng.bit_generator.state = resume_meta["rng_state"]
         partial = resume_meta.get("partial")
-        log(f"gpucnn: resumed from {config.resume} at epoch {start_epoch + 1}, step {start_step}")
+        confusion = resume_meta.get("confusion")
+        _warn_environment(resume_meta, device, threads, log)
+        if start_epoch >= config.epochs and not start_step:
+            log(f"gpucnn: {config.resume} has finished its {start_epoch} epochs; nothing to do "
+                f"(pass --epochs N with N > {start_epoch} to train further)")
+        else:
+            log(f"gpucnn: resumed from {config.resume} at epoch {start_epoch + 1}, "
+                f"step {start_step}")
+    saved = dict(epoch=start_epoch if config.resume else None)
 
-    def save(epoch, step, rng_state, part=None):
+    def survivor():
+        if saved["epoch"] is None:
+            return "No checkpoint was written."
+        return f"The last complete checkpoint is {ckpt_path} (epoch {saved['epoch']})."
+
+    def save(epoch, step, rng_state, part=None, rows=None):
         meta = dict(version=1, epoch=epoch, step=step, rng_state=rng_state, partial=part,
-                    config=dataclasses.asdict(config), history=history, classes=list(ds.classes),
-                    num_classes=len(ds.classes), in_channels=int(ds.image_shape[0]),
-                    data_stats=ds.stats, custom_model=custom_model)
-        checkpoint.save(ckpt_path, model, optimizer, meta)
+                    config=dataclasses.asdict(config), history=history if rows is None else rows,
+                    classes=list(ds.classes), num_classes=len(ds.classes),
+                    in_channels=int(ds.image_shape[0]),
+                    input_shape=[int(v) for v in ds.image_shape], data_stats=ds.stats,
+                    custom_model=custom_model, device=device, blas_threads=threads,
+                    confusion=confusion)
+        with runs.writing(ckpt_path, survivor):
+            checkpoint.save(ckpt_path, model, optimizer, meta)
+        if not part:
+            saved["epoch"] = epoch
+
+    with runs.writing(out / runs.METRICS, survivor):
+        runs.write_metrics(out, history)  # a resumed run's rows, rebuilt from its checkpoint
+    if history and not all((out / name).exists() for name in runs.PLOTS):
+        with runs.writing("the plots", survivor):
+            _draw_plots(out, history, confusion and numpy.array(confusion), ds.classes, config)
 
     nb = data.num_batches(len(train_y), config.batch_size)
     for epoch in range(start_epoch, config.epochs):
@@ -193,37 +290,55 @@ def train(config, model=None, log=print, explicit=()):
                 t0 = now
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / train_time:.0f}")
                 bar.update(1)
+            bar.close()
+            test_loss, test_acc, epoch_confusion = evaluate(model, ds.test_x, ds.test_y,
+                                                            max(config.batch_size, 256), device,
+                                                            len(ds.classes))
+            elapsed = (history[-1]["elapsed_s"] if history else 0.0) + train_time
+            row = dict(epoch=epoch + 1, train_loss=loss_sum / seen,
+                       train_accuracy=int(correct) / seen, test_loss=test_loss,
+                       test_accuracy=test_acc, images_per_s=seen / train_time, elapsed_s=elapsed)
+            confusion = epoch_confusion.tolist()
+            save(epoch + 1, 0, rng.bit_generator.state, rows=history + [row])
         except KeyboardInterrupt:
+            # during the steps or the evaluation: keep the epoch's work so far; a
+            # resume evaluates again (an evaluation changes nothing)
             bar.close()
             save(epoch, step, epoch_state, dict(loss_sum=loss_sum, correct=int(correct), seen=seen,
                                                 train_time=train_time))
             log(f"gpucnn: interrupted at epoch {epoch + 1}, step {step}; saved {ckpt_path} "
                 f"(continue with --resume {ckpt_path})")
             raise
-        bar.close()
-        partial, correct = None, int(correct)
-        test_loss, test_acc, confusion = evaluate(model, ds.test_x, ds.test_y,
-                                                  max(config.batch_size, 256), device,
-                                                  len(ds.classes))
-        elapsed = (history[-1]["elapsed_s"] if history else 0.0) + train_time
-        row = dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_accuracy=correct / seen,
-                   test_loss=test_loss, test_accuracy=test_acc,
-                   images_per_s=seen / train_time, elapsed_s=elapsed)
+        partial = None
         history.append(row)
-        log(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}, "
-            f"test loss {test_loss:.4f}, test accuracy {100 * test_acc:.2f}%, "
-            f"{row['images_per_s']:.0f} images/s, {elapsed:.1f} s")
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        save(epoch + 1, 0, rng.bit_generator.state)
-        if epoch + 1 < config.epochs and train_time < 5:
-            continue  # drawing takes about a second: skip it for very short epochs
-        title = f"{config.dataset}, {config.model}, {config.optimizer} lr {config.lr:g}"
-        plots.curves(history, out / "curves.png", title)
-        plots.confusion(confusion, ds.classes, out / "confusion.png",
-                        f"{config.dataset} test set, epoch {epoch + 1}: "
-                        f"{100 * test_acc:.2f}% correct")
+        try:
+            with runs.writing(out / runs.METRICS, survivor):
+                runs.write_metrics(out, history)
+            log(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}, "
+                f"test loss {test_loss:.4f}, test accuracy {100 * test_acc:.2f}%, "
+                f"{row['images_per_s']:.0f} images/s, {elapsed:.1f} s")
+            if epoch + 1 < config.epochs and train_time < 5:
+                continue  # drawing takes about a second: skip it for very short epochs
+            with runs.writing("the plots", survivor):
+                _draw_plots(out, history, epoch_confusion, ds.classes, config)
+        except KeyboardInterrupt:
+            log(f"gpucnn: interrupted after epoch {epoch + 1} was saved in {ckpt_path} "
+                f"(continue with --resume {ckpt_path})")
+            raise
+    log(f"gpucnn: done; metrics, checkpoint and plots are in {out}")
     return history, model
+
+
+def _warn_environment(meta, device, threads, log):
+    """Repeatability holds bit for bit on the same device and BLAS thread count only."""
+    then_threads, then_device = meta.get("blas_threads"), meta.get("device")
+    if then_device and then_device != device:
+        log(f"gpucnn: warning: this run was trained on {then_device} and resumes on {device}; "
+            "the weights will not match a straight run bit for bit")
+    if then_threads and threads and then_threads != threads:
+        log(f"gpucnn: warning: this run was trained with {then_threads} BLAS threads and "
+            f"resumes with {threads}; the weights will not match a straight run bit for bit "
+            f"(set OMP_NUM_THREADS={then_threads} to match)")
 
 
 def _progress(total, initial, desc, enabled):
@@ -233,25 +348,20 @@ def _progress(total, initial, desc, enabled):
 
 
 def evaluate_checkpoint(path, data_dir=None, device=None, batch_size=256, log=print):
-    """Load a checkpoint written by train() and evaluate it on its dataset's test set."""
-    meta = checkpoint.read(path)[0]
-    if meta.get("custom_model"):
-        raise checkpoint.CheckpointError(
-            f"{path} holds a model passed in from Python, not a built-in one; rebuild that "
-            "model and load the weights with gpucnn.checkpoint.restore(path, model)")
-    config = Config(**meta["config"])
-    device, why = backend.resolve_device(device)
+    """Evaluate a checkpoint written by train() on its dataset's test set, scaled by
+    the normalisation saved in the checkpoint (only the test files are read)."""
+    from . import inference
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+    model, meta, device, why = inference.from_checkpoint(path, device)
+    saved = meta["config"]
     log(f"gpucnn: evaluating on {device} ({why})")
-    ds = data.load(config.dataset, data_dir or config.data_dir, seed=config.seed)
-    model = MODELS[config.model](num_classes=meta["num_classes"], in_channels=meta["in_channels"])
-    checkpoint.restore(path, model)
-    model.to(device)
+    ds = data.load_test(saved["dataset"], data_dir or saved.get("data_dir"),
+                        seed=saved.get("seed", 0), stats=meta["data_stats"])
+    if len(ds.test_y) == 0:
+        raise data.DataError(f"the {saved['dataset']} test set is empty; nothing to evaluate")
     loss, acc, confusion = evaluate(model, ds.test_x, ds.test_y, batch_size, device,
                                     len(ds.classes))
-    return dict(dataset=config.dataset, epoch=meta["epoch"], test_loss=loss, test_accuracy=acc,
+    return dict(dataset=saved["dataset"], epoch=meta["epoch"], test_loss=loss, test_accuracy=acc,
                 per_class=(numpy.diag(confusion) / numpy.maximum(confusion.sum(1), 1)).tolist(),
                 classes=list(ds.classes))
-
-
-def default_out():
-    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))

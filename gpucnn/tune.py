@@ -16,6 +16,7 @@ import time
 import numpy
 
 from . import cuda
+from .errors import ConfigError, DeviceError
 
 
 def cache_path():
@@ -69,9 +70,9 @@ def model_geometries(model, batch_size):
     from . import models
     from .nn import Conv2D
     if model not in models.MODELS:
-        raise ValueError(f"unknown model {model!r}: choose from {', '.join(sorted(models.MODELS))}")
+        raise ConfigError(f"unknown model {model!r}: choose from {', '.join(sorted(models.MODELS))}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch size must be a positive int, got {batch_size!r}")
+        raise ConfigError(f"batch size must be a positive int, got {batch_size!r}")
     net = models.MODELS[model]()
     layers = []
 
@@ -96,10 +97,10 @@ def bench_geometries(batch_size=None):
     from .functional import conv
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
-        raise ValueError(f"batch size must be a positive int, got {batch_size!r}")
+        raise ConfigError(f"batch size must be a positive int, got {batch_size!r}")
     shapes = list(getattr(bench, "CONV_SHAPES", [])) + list(getattr(bench, "GPU_EXTRA_SHAPES", []))
     if not shapes:
-        raise ValueError("gpucnn.bench has no CONV_SHAPES list in this version")
+        raise ConfigError("gpucnn.bench has no CONV_SHAPES list in this version")
     names = ("N", "C", "H", "W", "K", "R", "S", "stride", "padding", "dilation")
     out = []
     for s in shapes:
@@ -110,7 +111,7 @@ def bench_geometries(batch_size=None):
         elif len(s) in (8, 9):  # the older form: a square kernel, dilation optional
             d = dict(zip(("N", "C", "H", "W", "K", "R", "stride", "padding", "dilation"), s))
         else:
-            raise ValueError(f"gpucnn.bench.CONV_SHAPES holds {s!r}: expected a dict or a tuple "
+            raise ConfigError(f"gpucnn.bench.CONV_SHAPES holds {s!r}: expected a dict or a tuple "
                              f"of {', '.join(names)}")
         d.setdefault("S", d["R"])
         g = conv.geometry(numpy.zeros((1, d["C"], d["H"], d["W"]), numpy.float32),
@@ -158,7 +159,7 @@ def tune(kernels, geometries, dtypes=(numpy.float32,), repeat=5, path=None, repo
     """Time every configuration for every shape, pass and dtype on kernels' device and
     store the fastest under the device's name; returns {entry_key: configuration}."""
     if not kernels.device_name:
-        raise RuntimeError("gpucnn tune needs a GPU whose name CuPy reports")
+        raise DeviceError("gpucnn tune needs a GPU whose name CuPy reports")
     chosen = {}
     for g in geometries:
         for dtype in dtypes:

@@ -27,7 +27,8 @@ def test_cuda_missing_is_a_clear_error():
     with pytest.raises(RuntimeError, match="device 'cuda' requested"):
         backend.resolve_device("cuda")
     device, why = backend.resolve_device("auto")
-    assert device == "cpu" and "falling back to cpu because" in why
+    assert device == "cpu" and why in ("CuPy not installed", "no usable CUDA device",
+                                       "no CUDA device")
 
 
 def test_to_device_cpu_round_trip():

@@ -47,7 +47,7 @@ def test_resume_gives_the_same_weights(tmp_path):
     train.train(train.Config(epochs=2, out=str(tmp_path / "split"), **QUICK), log=quiet)
     history, _ = train.train(train.Config(epochs=3, out=str(tmp_path / "split"),
                                           resume=str(tmp_path / "split/checkpoint.npz"),
-                                          **QUICK), log=quiet, explicit={"epochs"})
+                                          **QUICK), log=quiet)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     a, b = _weights(tmp_path / "straight/checkpoint.npz"), _weights(tmp_path /
                                                                      "split/checkpoint.npz")
@@ -60,7 +60,7 @@ def test_resume_refuses_other_settings(tmp_path):
     cfg = train.Config(epochs=2, lr=0.5, out=str(tmp_path), resume=str(tmp_path /
                                                                       "checkpoint.npz"), **QUICK)
     with pytest.raises(ValueError, match=r"lr=0.5 \(checkpoint: 0.002\)"):
-        train.train(cfg, log=lambda *a: None, explicit={"lr"})
+        train.train(cfg, log=lambda *a: None)
 
 
 class _Trap(Module):

@@ -70,7 +70,11 @@ def shape_is(a, name, shape):
 
 
 def nchw_shape(shape, name="input_shape"):
+    """(N, C, H, W) as ints; N may be 0 (an empty batch), the others are positive."""
     if (not isinstance(shape, (tuple, list)) or len(shape) != 4
-            or not all(isinstance(v, numbers.Integral) and v > 0 for v in shape)):
-        raise ValueError(f"{name} must be 4 positive ints (N, C, H, W), got {shape!r}")
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                       for v in shape)
+            or shape[0] < 0 or min(shape[1:]) < 1):
+        raise ValueError(f"{name} must be 4 positive ints (N, C, H, W) (N may be 0), "
+                         f"got {shape!r}")
     return tuple(int(v) for v in shape)

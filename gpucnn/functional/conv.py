@@ -22,6 +22,7 @@ passes are implicit-GEMM kernels (kernels/conv2d.cu) that gather the same
 matrices tile by tile into shared memory and never build them; the bias
 gradient is a fixed-order reduction (kernels/conv2d_reduce.cu).
 """
+import numbers
 from collections import namedtuple
 
 from .. import backend, cuda
@@ -54,8 +55,9 @@ def geometry(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     _checks.float_array(weight, "weight", ndim=4)
     _checks.same_dtype("input", x, weight=weight, bias=bias)
     backend.get_array_module(x, weight, bias)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
+    groups = int(groups)
     N, C, H, W = x.shape
     K, Cg, R, S = weight.shape
     if C % groups or K % groups:
@@ -253,6 +255,8 @@ def backward_filter(dy, x, g):
     for n0, n1, cols in _im2col_chunks(xp, x, g):
         part = xp.matmul(dyk[:, :, n0 * PQ:n1 * PQ], cols)  # (groups, K/g, R*S*C/g)
         dweight = part if dweight is None else dweight + part
+    if dweight is None:  # an empty batch: no chunks, no gradient
+        return xp.zeros((g.K, g.C // g.groups, g.R, g.S), dtype=dy.dtype)
     if not _channels_last(g):
         return dweight.reshape(g.K, g.C // g.groups, g.R, g.S)
     dweight = dweight.reshape(g.K, g.R, g.S, g.C // g.groups)

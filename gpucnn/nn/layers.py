@@ -1,5 +1,6 @@
 """The layers: each keeps what its backward needs and calls gpucnn.functional."""
 import math
+import numbers
 
 from .. import backend
 from .. import functional as F
@@ -9,9 +10,12 @@ from .module import Module, Parameter
 
 
 def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    """A positive Python or NumPy integer, as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {int(value)}")
+    return int(value)
 
 
 class Conv2D(Module):
@@ -24,9 +28,9 @@ class Conv2D(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True):
         super().__init__()
-        _positive_int(in_channels, "in_channels")
-        _positive_int(out_channels, "out_channels")
-        _positive_int(groups, "groups")
+        in_channels = _positive_int(in_channels, "in_channels")
+        out_channels = _positive_int(out_channels, "out_channels")
+        groups = _positive_int(groups, "groups")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels ({in_channels}) and "
                              f"out_channels ({out_channels})")
@@ -138,7 +142,7 @@ class Flatten(Module):
         if x.ndim < 2:
             raise ValueError(f"Flatten needs an input with a batch axis, got shape {x.shape}")
         self._saved_shape = tuple(x.shape)
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # -1 fails for an empty batch
 
     def backward(self, dy, need_input_grad=True):
         return dy.reshape(self._saved("_saved_shape"))
@@ -149,8 +153,8 @@ class Linear(Module):
 
     def __init__(self, in_features, out_features, bias=True):
         super().__init__()
-        _positive_int(in_features, "in_features")
-        _positive_int(out_features, "out_features")
+        in_features = _positive_int(in_features, "in_features")
+        out_features = _positive_int(out_features, "out_features")
         self.in_features, self.out_features = in_features, out_features
         bound = 1 / math.sqrt(in_features)
         self.weight = Parameter(random.uniform((out_features, in_features), bound))
@@ -181,7 +185,7 @@ class Dropout(Module):
 
     def __init__(self, p=0.5):
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p <= 1:
             raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
         self.p = float(p)
         self.seed = int(random.host_rng().integers(2**63))

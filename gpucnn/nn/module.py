@@ -1,4 +1,8 @@
 """Parameter, Module and Sequential: the containers around the functional math."""
+import contextlib
+import math
+import numbers
+
 import numpy
 
 from .. import backend
@@ -28,6 +32,9 @@ class Parameter:
                f"device={backend.device_of(self.data)})"
 
 
+_RELEASED = type("Released", (), {"__repr__": lambda self: "<released by backward>"})()
+
+
 class Module:
     """Base of every layer: forward(x) stores what backward(dy) needs."""
 
@@ -46,9 +53,17 @@ class Module:
         raise NotImplementedError
 
     def _saved(self, attr):
+        """What forward stored for backward. Each saved value is read once per
+        backward and then released (as PyTorch frees its graph), so a second
+        backward for one forward is an error rather than gradients added twice."""
         value = getattr(self, attr, None)
         if value is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        if value is _RELEASED:
+            raise RuntimeError(f"{type(self).__name__}.backward called a second time for one "
+                               "forward; run forward again first (the gradients would "
+                               "otherwise be added twice)")
+        setattr(self, attr, _RELEASED)
         return value
 
     def children(self):
@@ -112,27 +127,124 @@ class Module:
         """name -> array (references, on the module's device), like PyTorch."""
         return {name: p.data for name, p in self.named_parameters()}
 
-    def load_state_dict(self, state):
-        """Copy arrays in; every name and shape is checked before anything changes."""
+    def load_state_dict(self, state, allow_nonfinite=False):
+        """Copy arrays in; every name, type, shape and value is checked before
+        anything changes. ValueError names a missing, unexpected, misshapen or
+        non-finite entry (NaN/inf are refused unless allow_nonfinite=True);
+        TypeError one that is not a numeric array."""
+        if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
+            raise TypeError(f"state_dict must be a mapping of name -> array, got "
+                            f"{type(state).__name__}")
         own = dict(self.named_parameters())
         missing, unexpected = set(own) - set(state), set(state) - set(own)
         if missing or unexpected:
-            raise KeyError(f"state_dict does not fit this model: missing {sorted(missing)}, "
-                           f"unexpected {sorted(unexpected)}")
+            raise ValueError(f"state_dict does not fit this model: missing keys "
+                             f"{sorted(missing)}, unexpected keys {sorted(unexpected)}")
         for name, p in own.items():
-            if tuple(state[name].shape) != tuple(p.data.shape):
-                raise ValueError(f"state_dict[{name!r}] has shape {tuple(state[name].shape)}, "
-                                 f"the model needs {tuple(p.data.shape)}")
+            _check_state_entry(name, state[name], p.data, allow_nonfinite)
         for name, p in own.items():
             device = backend.device_of(p.data)
             p.data = backend.to_device(state[name], device).astype(p.data.dtype, copy=True)
         return self
+
+    def summary(self, input_shape, print_fn=print):
+        """Print each layer's output shape and parameter count, with totals (Keras's
+        model.summary, torchinfo's summary). input_shape: one sample's shape,
+        without the batch axis, e.g. (1, 28, 28). Runs one forward pass on zeros
+        in eval mode; the model's state, mode and saved activations are unchanged.
+        Returns the total number of parameters."""
+        shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+        if not shape or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                and v > 0 for v in shape):
+            raise ValueError(f"input_shape must be a tuple of positive ints without the batch "
+                             f"axis, e.g. (1, 28, 28), got {input_shape!r}")
+        params = self.parameters()
+        dtype = params[0].data.dtype if params else numpy.float32
+        xp = backend.xp_for(self.device)
+        rows = []
+        leaves = [(name, m) for name, m in _named_modules(self) if not m.children()]
+        saved = [(m, dict(vars(m))) for _, m in _named_modules(self)]
+        was_training = self.training
+
+        def recorder(name, module, forward):
+            def record(x):
+                y = forward(x)
+                rows.append((name, type(module).__name__, tuple(y.shape)[1:],
+                             sum(math.prod(p.shape) for p in module.parameters())))
+                return y
+            return record
+
+        try:
+            self.eval()
+            for name, m in leaves:
+                m.forward = recorder(name, m, m.forward)
+            out = self.forward(xp.zeros((1,) + shape, dtype=dtype))
+        finally:
+            for m, attrs in saved:  # removes the recorders, puts saved activations back
+                vars(m).clear()
+                vars(m).update(attrs)
+            self.train(was_training)
+        total = sum(math.prod(p.shape) for p in params)
+        lines = [f"{'Layer (type)':<32}{'Output shape':<22}{'Param #':>12}", "=" * 66,
+                 f"{'input':<32}{str(shape):<22}{'':>12}"]
+        lines += [f"{(name + ' (' + kind + ')'):<32}{str(s):<22}{n:>12,}"
+                  for name, kind, s, n in rows]
+        lines += ["=" * 66, f"Total params: {total:,}", f"Output shape: {tuple(out.shape)[1:]} "
+                  f"per sample; parameters take {total * numpy.dtype(dtype).itemsize:,} bytes "
+                  f"({numpy.dtype(dtype).name})"]
+        print_fn("\n".join(lines))
+        return total
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
 
     def extra_repr(self):
         return ""
+
+
+def _named_modules(module, prefix=""):
+    """(dotted name, module) for a module and everything inside it, in order."""
+    yield prefix or type(module).__name__, module
+    for i, child in enumerate(module.children()):
+        yield from _named_modules(child, f"{prefix}{i}" if not prefix else f"{prefix}.{i}")
+
+
+def _check_state_entry(name, value, current, allow_nonfinite):
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        raise TypeError(f"state_dict[{name!r}] must be an array, got {type(value).__name__}")
+    if value.dtype.kind not in "fiu":
+        raise TypeError(f"state_dict[{name!r}] must hold numbers, got dtype {value.dtype}")
+    if tuple(value.shape) != tuple(current.shape):
+        raise ValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, "
+                         f"the model needs {tuple(current.shape)}")
+    if not allow_nonfinite and value.dtype.kind == "f":
+        xp = backend.get_array_module(value)
+        if not bool(xp.isfinite(value).all()):
+            raise ValueError(f"state_dict[{name!r}] holds NaN or infinite values; pass "
+                             "allow_nonfinite=True to load them anyway")
+
+
+@contextlib.contextmanager
+def _naming_layer(i, layer, a, what):
+    """Prefix a layer's ValueError/TypeError with its index (dotted through nested
+    Sequentials), its type and the shape it got, so that a network whose shapes do
+    not chain says where."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        named = getattr(e, "_gpucnn_layer", None)
+        if named is not None:  # from a Sequential inside this one: extend its index
+            index, rest = named
+            e._gpucnn_layer = (f"{i}.{index}", rest)
+        elif e.args and isinstance(e.args[0], str):
+            shape = tuple(getattr(a, "shape", ()))
+            e._gpucnn_layer = (str(i), f" ({type(layer).__name__}), {what} of shape {shape}: "
+                                       f"{e.args[0]}")
+        else:
+            raise
+        index, rest = e._gpucnn_layer
+        e.args = (f"layer {index}{rest}",) + e.args[1:]
+        raise
 
 
 class Sequential(Module):
@@ -156,15 +268,17 @@ class Sequential(Module):
         return self.layers[i]
 
     def forward(self, x):
-        for layer in self.layers:
-            x = layer.forward(x)
+        for i, layer in enumerate(self.layers):
+            with _naming_layer(i, layer, x, "input"):
+                x = layer.forward(x)
         return x
 
     def backward(self, dy, need_input_grad=True):
         """Backpropagate dy; returns dx (None when need_input_grad is False)."""
         last = len(self.layers) - 1
         for i in range(last, -1, -1):
-            dy = self.layers[i].backward(dy, need_input_grad=need_input_grad or i > 0)
+            with _naming_layer(i, self.layers[i], dy, "gradient"):
+                dy = self.layers[i].backward(dy, need_input_grad=need_input_grad or i > 0)
         return dy
 
     def __repr__(self):

@@ -1,0 +1,226 @@
+"""A training run's folder: choosing it, checking it before any training,
+locking it against a second live run, and writing its metrics so that they
+always match the checkpoint. Also the run's environment that decides whether
+results repeat bit for bit (BLAS threads) and SIGTERM handled like Ctrl-C."""
+import contextlib
+import errno
+import json
+import os
+import pathlib
+import signal
+import time
+
+from .errors import DiskFullError, RunFolderError
+
+CHECKPOINT = "checkpoint.npz"
+METRICS = "metrics.jsonl"
+PLOTS = ("curves.png", "confusion.png")
+LOCK = ".gpucnn.lock"
+# What a run writes; --overwrite removes exactly these, never other files.
+RUN_FILES = (CHECKPOINT, METRICS) + PLOTS
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def default_folder(root="runs"):
+    """A new, empty runs/<date-time>, with -2, -3, ... appended when that is taken
+    (two runs started in the same second get different folders: mkdir is atomic)."""
+    stem = os.path.join(root, time.strftime("%Y%m%d-%H%M%S"))
+    _check_parents(pathlib.Path(stem), "the default output folder")
+    os.makedirs(root, exist_ok=True)
+    for i in range(1, 10_000):
+        path = stem if i == 1 else f"{stem}-{i}"
+        try:
+            os.mkdir(path)
+            return pathlib.Path(path)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunFolderError(f"cannot create the output folder {path}: {e.strerror}") from None
+    raise RunFolderError(f"{root} holds 10,000 runs started this second; pass --out")
+
+
+def _check_parents(path, what):
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            if parent == path:
+                raise RunFolderError(f"{what} {path} is a file, not a folder; pass --out with "
+                                     "a folder")
+            raise RunFolderError(f"{what} {path} lies under {parent}, which is a file, not a "
+                                 "folder; pass --out with a folder")
+
+
+def check_writable(path, what="--out"):
+    """Create the folder if needed and prove it takes a file, before any training."""
+    path = pathlib.Path(path)
+    _check_parents(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".gpucnn-write-test-{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise DiskFullError(f"{what} {path}: no space left to write there "
+                                f"({e.strerror})") from None
+        raise RunFolderError(f"{what} {path} is not writable ({e.strerror}); pass --out with a "
+                             "folder you can write to") from None
+    return path
+
+
+def holds_run(path):
+    """The run files already in a folder (empty when it holds no run)."""
+    return [name for name in (CHECKPOINT, METRICS) if (pathlib.Path(path) / name).exists()]
+
+
+class FolderLock:
+    """An exclusive lock on a run folder, held while a run writes there.
+
+    flock() on OUT/.gpucnn.lock: the kernel drops it when the process dies (even
+    with kill -9), so a crashed run never leaves the folder locked."""
+
+    def __init__(self, path):
+        self.folder = pathlib.Path(path)
+        self.path = self.folder / LOCK
+        self.fd = None
+
+    def acquire(self):
+        import fcntl
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunFolderError(f"another gpucnn run ({owner}) is writing to {self.folder}; "
+                                     "wait for it or pass another --out") from None
+            try:  # the holder before us may have removed the file: lock the one on disk
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def claim(path, *, resuming_here=False, overwrite=False):
+    """Check, lock and prepare a run folder; returns the held FolderLock.
+
+    A folder that holds a run is refused unless the run resumes there or
+    overwrite is set (its run files are then removed). Temporary checkpoint
+    files left by a killed run are removed."""
+    path = check_writable(path)
+    lock = FolderLock(path).acquire()
+    try:
+        found = holds_run(path)
+        if found and not resuming_here:
+            if not overwrite:
+                raise RunFolderError(
+                    f"--out {path} already holds a run ({', '.join(found)}); pass --resume "
+                    f"{path / CHECKPOINT} to continue it, --overwrite to replace it, or another "
+                    "--out")
+            for name in RUN_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    (path / name).unlink()
+        for stale in [*path.glob(CHECKPOINT + ".tmp-*"), *path.glob(METRICS + ".tmp-*")]:
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def write_metrics(path, history):
+    """OUT/metrics.jsonl, one line per finished epoch, rewritten from the history the
+    checkpoint holds (atomically), so it never has a duplicate, a gap or a torn line."""
+    target = pathlib.Path(path) / METRICS
+    tmp = target.with_name(f"{METRICS}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in history)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def disk_full(error, what, survivor):
+    """A DiskFullError for an OSError raised while writing `what`, saying which
+    checkpoint survives; None when the error is not a full disk."""
+    if not isinstance(error, OSError) or error.errno not in DISK_FULL:
+        return None
+    return DiskFullError(f"no space left to write {what} ({error.strerror}); free some space "
+                         f"and run again. {survivor}")
+
+
+def blas_threads():
+    """The number of threads the BLAS behind NumPy uses (the order of a matrix
+    product's sums, hence its last bits, depends on it), or None if unknown."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        threadpool_info = None
+    if threadpool_info is not None:
+        counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+        if counts:
+            return max(counts)
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived; handled exactly like Ctrl-C (checkpoint, then stop)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While training, SIGTERM raises Terminated (a KeyboardInterrupt). Only the
+    main thread can install signal handlers; elsewhere this does nothing."""
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def writing(what, survivor):
+    """Turn an OSError while writing `what` into one clear line: a full disk names
+    the checkpoint that survives (survivor() says which), anything else the file."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, (DiskFullError, RunFolderError)):
+            raise
+        full = disk_full(e, what, survivor())
+        if full is not None:
+            raise full from None
+        raise RunFolderError(f"cannot write {what}: {e.strerror or e}. {survivor()}") from None
