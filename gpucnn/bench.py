@@ -1,12 +1,17 @@
 """Benchmark: each conv pass, both pools and a LeNet training step, next to
-PyTorch measured in the same run (where torch is installed), with the ratio.
+PyTorch measured in the same run (where torch is installed), with the ratio and
+the goal it is held to; on a GPU also the peak memory of a LeNet step.
 
-    python -m gpucnn.bench [--device cpu|cuda|auto] [--repeat N] [--json FILE]
+    python -m gpucnn.bench [--device cpu|cuda|auto] [--repeat N] [--json FILE] [--smoke]
 
-Ratios above 1 mean gpucnn is slower. On the GPU, PyTorch runs with TF32 off
-and both sides are timed with CUDA events after warm-up; medians are reported.
+Ratios above 1 mean gpucnn is slower. On the GPU, PyTorch runs cuDNN in FP32
+with TF32 off and both sides are timed with CUDA events after warm-up; medians
+are reported. The goals are issue 8's on a GPU (every conv pass <= 1.2x cuDNN
+where C and K >= 32, <= 1.5x elsewhere; LeNet step >= 1.25x PyTorch's images/s
+at batch 256; peak memory <= 1.5x) and docs/benchmarks.md's on the CPU.
 """
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -17,14 +22,41 @@ import numpy
 import gpucnn
 from . import backend, functional as F, models
 from .functional import conv, pool
+from .step import train_step
 
-# (N, C, H, W, K, kernel, stride, pad[, dilation])
-CONV_SHAPES = [(64, 1, 28, 28, 32, 5, 1, 2), (64, 32, 14, 14, 64, 5, 1, 2),
-               (128, 3, 32, 32, 64, 3, 1, 1), (128, 64, 16, 16, 128, 3, 1, 1),
-               (64, 16, 32, 32, 32, 3, 2, 1), (64, 16, 32, 32, 32, 3, 1, 2, 2)]
-GPU_EXTRA_SHAPES = [(32, 64, 56, 56, 64, 3, 1, 1), (128, 128, 28, 28, 128, 3, 1, 1)]
+
+# (N, C, H, W, K, kernel, stride, pad[, dilation]): issue 8's shapes, all timed on a GPU.
+# `gpucnn tune --bench` imports this list.
+def _lenet_convs(n):
+    return [(n, 1, 28, 28, 32, 5, 1, 2), (n, 32, 14, 14, 64, 5, 1, 2)]
+
+
+_SMALL = [(128, 3, 32, 32, 64, 3, 1, 1), (128, 64, 16, 16, 128, 3, 1, 1),
+          (64, 16, 32, 32, 32, 3, 2, 1), (64, 16, 32, 32, 32, 3, 1, 2, 2)]
+_LARGE = [(32, 64, 56, 56, 64, 3, 1, 1), (128, 128, 28, 28, 128, 3, 1, 1),
+          (64, 256, 14, 14, 256, 3, 1, 1)]
+CONV_SHAPES = _lenet_convs(64) + _lenet_convs(256) + _SMALL + _LARGE
+CPU_CONV_SHAPES = _lenet_convs(64) + _SMALL  # the CPU table of docs/benchmarks.md
 # (N, C, H, W, kernel, stride, pad): the LeNet's pools and an overlapping one
 POOL_SHAPES = [(64, 32, 28, 28, 2, 2, 0), (64, 64, 14, 14, 2, 2, 0), (64, 64, 32, 32, 3, 2, 1)]
+STEP_BATCHES = {"cuda": (64, 256), "cpu": (64,)}
+MEMORY_BATCH = 256
+# --smoke: one tiny case of each kind, to check that the benchmark runs (tests, CI)
+SMOKE = dict(conv=[(2, 3, 8, 8, 4, 3, 1, 1)], pool=[(2, 4, 8, 8, 3, 2, 1)], batch=2)
+
+
+def conv_goal(device, shape):
+    """The largest time ratio to PyTorch a conv pass of this shape may have."""
+    if device == "cpu":
+        return 2.0
+    C, K = shape[1], shape[4]
+    return 1.2 if min(C, K) >= 32 else 1.5
+
+
+# Time ratio of the LeNet step (gpucnn / PyTorch): on a GPU >= 1.25x PyTorch's images/s
+# at batch 256; on the CPU at most 1.5x its time. Peak memory of a step: <= 1.5x.
+STEP_GOAL = {"cuda": {256: 1 / 1.25}, "cpu": {64: 1.5}}
+MEMORY_GOAL = 1.5
 
 
 class Timer:
@@ -44,9 +76,9 @@ class Timer:
                 end = torch.cuda.Event(enable_timing=True)
                 elapsed = start.elapsed_time
             else:
-                import cupy
-                start, end = cupy.cuda.Event(), cupy.cuda.Event()
-                elapsed = lambda e: cupy.cuda.get_elapsed_time(start, e)  # noqa: E731
+                cp = backend.xp_for("cuda")
+                start, end = cp.cuda.Event(), cp.cuda.Event()
+                elapsed = lambda e: cp.cuda.get_elapsed_time(start, e)  # noqa: E731
             for _ in range(self.repeat):
                 start.record()
                 fn()
@@ -131,87 +163,190 @@ def _pool_cases(shape, xp, torch, device, rng):
     return ours, theirs
 
 
-def _step_cases(batch, xp, torch, device, rng):
+def training_step(net, opt, x, y):
+    """gpucnn's LeNet step as bench (and gpucheck) time it: the library's one train_step."""
+    return train_step(net, opt, x, y)[0]
+
+
+def _torch_lenet(torch, dev):
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Linear(128, 10)).to(dev)
+
+
+def _step_batch(batch, rng):
+    return (rng.standard_normal((batch, 1, 28, 28)).astype(numpy.float32),
+            rng.integers(0, 10, batch))
+
+
+def _our_step(device, x, y):
     gpucnn.manual_seed(0)
     net = models.lenet().to(device)
     opt = gpucnn.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    x = xp.asarray(rng.standard_normal((batch, 1, 28, 28)).astype(numpy.float32))
-    y = xp.asarray(rng.integers(0, 10, batch))
+    x, y = backend.to_device(x, device), backend.to_device(y, device)
+    return lambda: training_step(net, opt, x, y)
 
-    def ours():
-        opt.zero_grad()
-        loss, dz = F.softmax_cross_entropy(net(x), y)
-        net.backward(dz, need_input_grad=False)
-        opt.step()
+
+def _their_step(torch, device, x, y):
+    dev = "cuda" if device == "cuda" else "cpu"
+    tnet = _torch_lenet(torch, dev)
+    topt = torch.optim.SGD(tnet.parameters(), lr=0.01, momentum=0.9)
+    tx, ty = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
+
+    def step():
+        topt.zero_grad()
+        torch.nn.functional.cross_entropy(tnet(tx), ty).backward()
+        topt.step()
+    return step
+
+
+def _step_cases(batch, torch, device, rng):
+    x, y = _step_batch(batch, rng)
+    ours = {"training step": _our_step(device, x, y)}
+    return ours, ({} if torch is None else {"training step": _their_step(torch, device, x, y)})
+
+
+def _peak_hook(cp):
+    """A public cupy.cuda.MemoryHook that records the peak of the bytes handed out by
+    CuPy's memory pool while it is installed (the pool keeps no peak of its own)."""
+    class PeakHook(cp.cuda.MemoryHook):
+        name = "gpucnn-bench-peak"
+
+        def __init__(self):
+            self.used = self.peak = 0
+
+        def malloc_postprocess(self, **kw):
+            self.used += kw["mem_size"]
+            self.peak = max(self.peak, self.used)
+
+        def free_postprocess(self, **kw):
+            self.used -= kw["mem_size"]
+    return PeakHook()
+
+
+def peak_memory(torch, rng, batch=MEMORY_BATCH):
+    """Peak device memory (MiB) of two LeNet SGD steps at `batch`, counting what is
+    allocated from the building of the model on (weights, optimizer state, the batch,
+    activations, gradients): gpucnn's through CuPy's pool, PyTorch's by
+    max_memory_allocated. Returns (gpucnn, torch), None where not measured."""
+    cp = backend.xp_for("cuda")
+    if not hasattr(cp.cuda, "MemoryHook"):  # CuPy has it; a CuPy-like module may not
+        return None, None
+    x, y = _step_batch(batch, rng)
+    gc.collect()
+    cp.cuda.Device().synchronize()
+    hook = _peak_hook(cp)
+    with hook:
+        step = _our_step("cuda", x, y)
+        for _ in range(2):  # the second step has the optimizer's state
+            step()
+        cp.cuda.Device().synchronize()
+        del step
     theirs = None
     if torch is not None:
-        dev = "cuda" if device == "cuda" else "cpu"
-        nn = torch.nn
-        tnet = nn.Sequential(nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(),
-                             nn.Linear(128, 10)).to(dev)
-        topt = torch.optim.SGD(tnet.parameters(), lr=0.01, momentum=0.9)
-        tx, ty = torch.from_numpy(backend.to_numpy(x)).to(dev), torch.from_numpy(
-            backend.to_numpy(y)).to(dev)
-
-        def theirs():
-            topt.zero_grad()
-            nn.functional.cross_entropy(tnet(tx), ty).backward()
-            topt.step()
-    return {"training step": ours}, ({"training step": theirs} if theirs else {})
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step = _their_step(torch, "cuda", x, y)
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        theirs = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return hook.peak / 2**20, theirs
 
 
-def run(device="auto", repeat=10, out=sys.stdout):
+def _fmt(v, spec, suffix=""):
+    return format(v, spec) + suffix if v is not None else "-"
+
+
+def run(device="auto", repeat=10, out=None, smoke=False):
+    """Time every case, print the table to out (stdout), return {"meta", "rows", "memory"}."""
+    out = out or sys.stdout
     device, why = backend.resolve_device(device)
     xp = backend.xp_for(device)
     torch = _torch(device)
-    timer = Timer(device, repeat)
+    timer = Timer(device, repeat, warmup=3 if device == "cuda" else 2)
     rng = numpy.random.default_rng(0)
-    print(f"gpucnn {gpucnn.__version__} benchmark on {device} ({why}); float32; median of "
-          f"{repeat} runs; torch {'(not installed)' if torch is None else torch.__version__}",
+    meta = dict(gpucnn=gpucnn.__version__, device=device, repeat=repeat, smoke=smoke,
+                torch=None if torch is None else torch.__version__)
+    if device == "cuda":
+        rt = xp.cuda.runtime
+        meta["gpu"] = rt.getDeviceProperties(rt.getDevice())["name"].decode()
+        if torch is not None:
+            meta["cudnn"] = torch.backends.cudnn.version()
+    print(f"gpucnn {gpucnn.__version__} benchmark on {device} ({why})"
+          f"{', ' + meta['gpu'] if 'gpu' in meta else ''}; float32; median of {repeat} runs; "
+          f"torch {'(not installed)' if torch is None else torch.__version__}"
+          f"{'; TF32 off' if device == 'cuda' else ''}", file=out)
+    print(f"{'case':<62}{'gpucnn ms':>11}{'torch ms':>11}{'ratio':>8}{'goal':>8}  met",
           file=out)
-    print(f"{'case':<58}{'gpucnn ms':>11}{'torch ms':>11}{'ratio':>8}", file=out)
     rows = []
 
-    def report(label, ours, theirs):
+    def report(label, ours, theirs, goal=None):
+        goal = None if smoke else goal  # the smoke shapes are held to nothing
         for name, fn in ours.items():
             t_ours = timer(fn)
             t_theirs = timer(theirs[name], torch_cuda=True) if name in theirs else None
             ratio = t_ours / t_theirs if t_theirs else None
+            met = None if ratio is None or goal is None else ratio <= goal
             rows.append(dict(case=f"{label} {name}", gpucnn_ms=t_ours, torch_ms=t_theirs,
-                             ratio=ratio))
-            print(f"{label + ' ' + name:<58}{t_ours:>11.3f}"
-                  f"{(f'{t_theirs:.3f}' if t_theirs else '-'):>11}"
-                  f"{(f'{ratio:.2f}x' if ratio else '-'):>8}", file=out, flush=True)
+                             ratio=ratio, goal=goal, met=met))
+            print(f"{label + ' ' + name:<62}{t_ours:>11.3f}{_fmt(t_theirs, '.3f'):>11}"
+                  f"{_fmt(ratio, '.2f', 'x'):>8}{_fmt(goal, '.2f', 'x'):>8}  "
+                  f"{'-' if met is None else 'yes' if met else 'NO'}", file=out, flush=True)
 
-    shapes = CONV_SHAPES + (GPU_EXTRA_SHAPES if device == "cuda" else [])
-    for shape in shapes:
+    conv_shapes = CONV_SHAPES if device == "cuda" else CPU_CONV_SHAPES
+    pool_shapes, batches = POOL_SHAPES, STEP_BATCHES[device]
+    if smoke:
+        conv_shapes, pool_shapes, batches = SMOKE["conv"], SMOKE["pool"], (SMOKE["batch"],)
+    for shape in conv_shapes:
         label = "conv N,C,H,W,K,k,s,p{} {}".format(",d" if len(shape) > 8 else "",
                                                    ",".join(map(str, shape)))
-        report(label, *_conv_cases(shape, xp, torch, device, rng))
-    for shape in POOL_SHAPES:
+        report(label, *_conv_cases(shape, xp, torch, device, rng), conv_goal(device, shape))
+    for shape in pool_shapes:
         report("pool N,C,H,W,k,s,p " + ",".join(map(str, shape)),
                *_pool_cases(shape, xp, torch, device, rng))
-    batch = 256 if device == "cuda" else 64
-    ours, theirs = _step_cases(batch, xp, torch, device, rng)
-    report(f"LeNet SGD step, batch {batch}", ours, theirs)
-    step = rows[-1]
-    print(f"LeNet images/s: gpucnn {batch / step['gpucnn_ms'] * 1e3:.0f}" +
-          (f", torch {batch / step['torch_ms'] * 1e3:.0f}" if step["torch_ms"] else ""), file=out)
-    return rows
+    for batch in batches:
+        report(f"LeNet SGD step, batch {batch}", *_step_cases(batch, torch, device, rng),
+               STEP_GOAL[device].get(batch))
+        step = rows[-1]
+        print(f"LeNet images/s: gpucnn {batch / step['gpucnn_ms'] * 1e3:.0f}" +
+              (f", torch {batch / step['torch_ms'] * 1e3:.0f}; gpucnn/torch "
+               f"{step['torch_ms'] / step['gpucnn_ms']:.2f}x" if step["torch_ms"] else "") +
+              f" (batch {batch})", file=out)
+    memory = None
+    if device == "cuda":
+        batch = SMOKE["batch"] if smoke else MEMORY_BATCH
+        mine, theirs = peak_memory(torch, rng, batch)
+        ratio = mine / theirs if mine and theirs else None
+        memory = dict(batch=batch, gpucnn_mib=mine, torch_mib=theirs, ratio=ratio,
+                      goal=MEMORY_GOAL, met=None if ratio is None else ratio <= MEMORY_GOAL)
+        print(f"peak memory of a LeNet step, batch {batch}: gpucnn {_fmt(mine, '.1f')} MiB, torch "
+              f"{_fmt(theirs, '.1f')} MiB, ratio {_fmt(ratio, '.2f', 'x')} (goal <= {MEMORY_GOAL}x)",
+              file=out)
+    missed = [r["case"] for r in rows if r["met"] is False]
+    if memory and memory["met"] is False:
+        missed.append("peak memory")
+    print(f"goals met: {sum(r['met'] is True for r in rows) + bool(memory and memory['met'])}, "
+          f"missed: {len(missed)}" + (f" ({'; '.join(missed)})" if missed else ""), file=out)
+    return dict(meta=meta, rows=rows, memory=memory)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="gpucnn bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per case (median)")
-    parser.add_argument("--json", help="also write the rows as JSON to this file")
+    parser.add_argument("--json", help="also write the results as JSON to this file")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one tiny case of each kind: checks that everything runs")
     args = parser.parse_args(argv)
-    rows = run(args.device, args.repeat)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be a positive int, got {args.repeat}")
+    results = run(args.device, args.repeat, smoke=args.smoke)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

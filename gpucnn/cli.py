@@ -60,6 +60,9 @@ def _parser():
                    help="continue a run from its checkpoint (its settings are kept)")
     t.add_argument("--limit", type=int, metavar="N", help="train on the first N samples only")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the training step from a CUDA graph (default: on with "
+                   "--device cuda; SGD only, Adam runs eagerly)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test set")
     e.add_argument("checkpoint")
@@ -109,6 +112,7 @@ def _parser():
     b.add_argument("--device", choices=devices, default="auto")
     b.add_argument("--repeat", type=int, default=10)
     b.add_argument("--json")
+    b.add_argument("--smoke", action="store_true", help="one tiny case of each kind")
     return p
 
 
@@ -119,7 +123,8 @@ def cmd_train(args):
                   device=args.device, seed=args.seed, out=args.out, resume=args.resume,
                   limit=args.limit)
     config = training.Config(**fields, overwrite=args.overwrite,
-                             progress=False if args.no_progress else None)
+                             progress=False if args.no_progress else None,
+                             cuda_graph=args.cuda_graph)
     try:
         training.train(config)
     except training.TrainingDiverged as e:
@@ -167,18 +172,23 @@ def cmd_info(args):
         return kernel_report.main()
     print(f"gpucnn {gpucnn.__version__}, Python {platform.python_version()}, "
           f"NumPy {numpy.__version__}")
-    try:
-        import cupy
-        print(f"CuPy {cupy.__version__}")
-    except ImportError:
-        print("CuPy: not installed (pip install 'gpucnn[cuda12]' or 'gpucnn[cuda13]')")
-    device, why = backend.resolve_device("auto")
-    print(f"device: {device} ({why})")
+    device, why = backend.resolve_device("auto")  # compiles and runs one tiny kernel first
     if device == "cuda":
-        import cupy
-        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
+        cp = backend.xp_for("cuda")
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
+        print(f"CuPy {cp.__version__}")
+        print(f"device: cuda ({why}; a test kernel compiled with NVRTC and ran)")
         print(f"GPU: {props['name'].decode()}, compute capability "
               f"{props['major']}.{props['minor']}")
+    else:
+        try:
+            import cupy
+            print(f"CuPy {cupy.__version__}")
+        except ImportError:
+            print("CuPy: not installed (pip install 'gpucnn[cuda12]' or 'gpucnn[cuda13]')")
+        print(f"device: cpu ({why})")
+        if why != "cpu requested (argument)":
+            print(f"cuda: not usable: {backend.cuda_unavailable_reason()}")
     ok = True
     if nvrtc.library() is None:
         print("NVRTC: not found, so the kernels were not compiled here "
@@ -192,8 +202,7 @@ def cmd_info(args):
             print(f"kernels/{filename}: {'compiles' if good else 'FAILS'} with NVRTC "
                   f"{major}.{minor} (compute_90)" + ("" if good else f"\n{log}"))
     if device == "cuda":
-        import cupy
-        loaded = cuda.kernels_for(cupy).load_all()
+        loaded = cuda.kernels_for(backend.xp_for("cuda")).load_all()
         print(f"kernels: all {len(loaded)} instantiations loaded on the GPU through CuPy")
     return 0 if ok else 1
 
@@ -235,7 +244,8 @@ def cmd_bench(args):
     if args.repeat < 1:
         raise ConfigError(f"--repeat must be a positive int, got {args.repeat}")
     return bench.main(["--device", args.device, "--repeat", str(args.repeat)] +
-                      (["--json", args.json] if args.json else [])) or 0
+                      (["--json", args.json] if args.json else []) +
+                      (["--smoke"] if args.smoke else [])) or 0
 
 
 def main(argv=None):

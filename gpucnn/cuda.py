@@ -23,6 +23,7 @@ KERNELS = {
     "conv2d.cu": ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_filter"),
     "conv2d_reduce.cu": ("conv2d_sum_slices", "conv2d_backward_bias"),
     "max_pool2d.cu": ("max_pool2d_forward", "max_pool2d_backward"),
+    "avg_pool2d.cu": ("avg_pool2d_forward", "avg_pool2d_backward"),
 }
 NVRTC_OPTIONS = ("--std=c++14",)
 THREADS = 256       # a power of two: the block reductions need one
@@ -382,20 +383,52 @@ class Kernels:
         return partial[0] if slices == 1 else self._sum_slices(partial)
 
     def max_pool2d_forward(self, x, g):
+        """(y, indices) (N, C, P, Q): one thread per output scans its window."""
         x = self._c(x)
         y = self.xp.empty((g.N, g.C, g.P, g.Q), dtype=x.dtype)
         indices = self.xp.empty((g.N, g.C, g.P, g.Q), dtype=self.xp.int64)
+        if y.size == 0:
+            return y, indices
         f = self._function("max_pool2d.cu", "max_pool2d_forward", x.dtype)
         f((_blocks(y.size),), (THREADS,),
-          (x, y, indices, *_i32(g.N, g.C, g.H, g.W, g.R, g.S, g.P, g.Q, g.sh, g.sw, g.ph, g.pw)))
+          (x, y, indices, *_i32(g.N, g.C, g.H, g.W, g.R, g.S, g.P, g.Q, g.sh, g.sw, g.ph, g.pw,
+                                g.dh, g.dw)))
         return y, indices
 
     def max_pool2d_backward(self, dy, indices, g):
+        """dx (N, C, H, W): one thread per input pixel gathers from the windows covering it."""
         dy, indices = self._c(dy), self._c(indices.astype(self.xp.int64, copy=False))
         dx = self.xp.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype)
+        if dx.size == 0:
+            return dx
         f = self._function("max_pool2d.cu", "max_pool2d_backward", dy.dtype)
         f((_blocks(dx.size),), (THREADS,),
-          (dy, indices, dx, *_i32(g.N, g.C, g.H, g.W, g.R, g.S, g.P, g.Q, g.sh, g.sw, g.ph, g.pw)))
+          (dy, indices, dx, *_i32(g.N, g.C, g.H, g.W, g.R, g.S, g.P, g.Q, g.sh, g.sw, g.ph, g.pw,
+                                  g.dh, g.dw)))
+        return dx
+
+    def _avg_args(self, g):
+        return _i32(g.N, g.C, g.H, g.W, g.R, g.S, g.P, g.Q, g.sh, g.sw, g.ph, g.pw,
+                    g.count_include_pad, g.divisor_override or 0)
+
+    def avg_pool2d_forward(self, x, g):
+        """y (N, C, P, Q): one thread per output sums its window."""
+        x = self._c(x)
+        y = self.xp.empty((g.N, g.C, g.P, g.Q), dtype=x.dtype)
+        if y.size == 0:
+            return y
+        f = self._function("avg_pool2d.cu", "avg_pool2d_forward", x.dtype)
+        f((_blocks(y.size),), (THREADS,), (x, y, *self._avg_args(g)))
+        return y
+
+    def avg_pool2d_backward(self, dy, g):
+        """dx (N, C, H, W): one thread per input pixel gathers the windows' shares."""
+        dy = self._c(dy)
+        dx = self.xp.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype)
+        if dx.size == 0:
+            return dx
+        f = self._function("avg_pool2d.cu", "avg_pool2d_backward", dy.dtype)
+        f((_blocks(dx.size),), (THREADS,), (dy, dx, *self._avg_args(g)))
         return dx
 
 

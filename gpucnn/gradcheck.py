@@ -23,8 +23,9 @@ def _spread(rng, shape, gap=0.05):
     return rng.permutation(v).reshape(shape)
 
 
-def cases(rng):
-    """name -> (inputs, forward(**inputs) -> y, backward(G, **inputs) -> {name: grad})."""
+def cases(rng, xp=numpy):
+    """name -> (inputs, forward(**inputs) -> y, backward(G, **inputs) -> {name: grad}).
+    Constant arguments (the labels) live in xp, the device's array module."""
     def conv(kw, N=2, C=4, H=7, W=6, K=4, R=3, S=2):
         g = kw.get("groups", 1)
         inputs = dict(x=rng.standard_normal((N, C, H, W)),
@@ -56,7 +57,7 @@ def cases(rng):
             return dict(x=dx, weight=dw, bias=db)
         return inputs, F.linear, bwd
 
-    labels = numpy.array([0, 3, 1, 3])
+    labels = xp.asarray(numpy.array([0, 3, 1, 3]))
 
     def loss():
         inputs = dict(logits=rng.standard_normal((4, 5)) * 3)
@@ -120,7 +121,7 @@ def run_all(device="cpu", seed=0):
     xp = backend.xp_for(device)
     rng = numpy.random.default_rng(seed)
     rows = []
-    for name, (inputs, fwd, bwd) in cases(rng).items():
+    for name, (inputs, fwd, bwd) in cases(rng, xp).items():
         err = check(inputs, fwd, bwd, rng, xp=xp)
         rows.append((name, err, err < TOLERANCE))
     return rows

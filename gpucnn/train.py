@@ -16,6 +16,7 @@ from .errors import ConfigError, UserError
 from .models import MODELS
 from .optim import SGD, Adam
 from .random import manual_seed
+from .step import check_labels, train_step
 
 DEFAULTS = {  # per dataset: what reaches the README's accuracy targets
     "digits": dict(model="digits", epochs=20, batch_size=32, optimizer="adam", lr=2e-3),
@@ -59,6 +60,7 @@ class Config:
     limit: int = None
     progress: bool = None
     overwrite: bool = False
+    cuda_graph: bool = None  # None: on where the device is cuda (gpucnn.graph)
 
     def filled(self):
         """A copy with the defaults in place of unset fields, checked."""
@@ -109,20 +111,23 @@ def make_optimizer(config, params):
 
 
 def evaluate(model, x, y, batch_size, device, num_classes):
-    """(mean loss, accuracy, confusion matrix) of a model on host arrays x, y."""
+    """(mean loss, accuracy, confusion matrix) of a model on host arrays x, y.
+    The sums stay on the device; they are read back once, at the end."""
+    check_labels(y, num_classes)
     was_training = model.training
     model.eval()
-    total, confusion = 0.0, numpy.zeros((num_classes, num_classes), dtype=numpy.int64)
+    xp = backend.xp_for(device)
+    total, confusion = xp.zeros((), dtype=xp.float64), xp.zeros(num_classes ** 2, dtype=xp.int64)
     try:
         for xb, yb in data.batches(x, y, batch_size, device):
             logits = model.forward(xb)
-            loss, _ = F.softmax_cross_entropy(logits, yb)
-            total += float(loss) * len(yb)
-            pred = backend.to_numpy(logits.argmax(axis=1))
-            confusion += numpy.bincount(backend.to_numpy(yb) * num_classes + pred,
-                                        minlength=num_classes ** 2).reshape(num_classes, -1)
+            loss, _ = F.softmax_cross_entropy(logits, yb, check_labels=False)
+            total += loss * len(yb)
+            confusion += xp.bincount(yb * num_classes + logits.argmax(axis=1),
+                                     minlength=num_classes ** 2)
     finally:
         model.train(was_training)
+    total, confusion = float(total), backend.to_numpy(confusion).reshape(num_classes, -1)
     return total / len(y), float(numpy.trace(confusion)) / len(y), confusion
 
 
@@ -256,7 +261,9 @@ def _run(config, model, log, out, resume_meta):
         with runs.writing("the plots", survivor):
             _draw_plots(out, history, confusion and numpy.array(confusion), ds.classes, config)
 
+    check_labels(train_y, len(ds.classes), "training labels")  # once, not per step
     nb = data.num_batches(len(train_y), config.batch_size)
+    step_fn = _step_function(config, device, model, optimizer, log)
     for epoch in range(start_epoch, config.epochs):
         epoch_state = rng.bit_generator.state
         order = rng.permutation(len(train_y))
@@ -266,30 +273,25 @@ def _run(config, model, log, out, resume_meta):
                                                if partial and skip else (0.0, 0, 0, 0.0))
         bar = _progress(nb, skip, f"epoch {epoch + 1}/{config.epochs}", config.progress)
         step = skip
+        # Nothing is read back inside a step: the losses and the correct count are
+        # read every READ_EVERY steps (progress bar, NaN stop) and at the epoch's end.
+        sums = _DeviceSums(backend.xp_for(device), loss_sum, correct)
         try:
             t0 = time.perf_counter()
             for xb, yb in data.batches(train_x, train_y, config.batch_size, device, order, skip):
-                optimizer.zero_grad()
-                logits = model.forward(xb)
-                loss, dlogits = F.softmax_cross_entropy(logits, yb)
-                value = float(loss)
-                if not math.isfinite(value):
-                    raise TrainingDiverged(
-                        f"the loss became {value} at epoch {epoch + 1}, step {step + 1}; training "
-                        f"stopped. The last good checkpoint is "
-                        f"{ckpt_path if ckpt_path.exists() else 'not written yet'}. Try a lower "
-                        f"learning rate, e.g. --lr {config.lr / 10:g}")
-                model.backward(dlogits, need_input_grad=False)
-                optimizer.step()
+                loss, logits = step_fn(model, optimizer, xb, yb)
                 step += 1
-                loss_sum += value * len(yb)
-                correct = correct + (logits.argmax(axis=1) == yb).sum()  # stays on the device
+                sums.add(loss, logits, yb, step)
                 seen += len(yb)
                 now = time.perf_counter()
                 train_time += now - t0
                 t0 = now
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / train_time:.0f}")
+                if sums.full():
+                    loss_sum, correct = sums.read(epoch, ckpt_path, config.lr)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}",
+                                    img_s=f"{seen / train_time:.0f}")
                 bar.update(1)
+            loss_sum, correct = sums.read(epoch, ckpt_path, config.lr)
             bar.close()
             test_loss, test_acc, epoch_confusion = evaluate(model, ds.test_x, ds.test_y,
                                                             max(config.batch_size, 256), device,
@@ -304,6 +306,7 @@ def _run(config, model, log, out, resume_meta):
             # during the steps or the evaluation: keep the epoch's work so far; a
             # resume evaluates again (an evaluation changes nothing)
             bar.close()
+            loss_sum, correct = sums.read(epoch, ckpt_path, config.lr, check=False)
             save(epoch, step, epoch_state, dict(loss_sum=loss_sum, correct=int(correct), seen=seen,
                                                 train_time=train_time))
             log(f"gpucnn: interrupted at epoch {epoch + 1}, step {step}; saved {ckpt_path} "
@@ -339,6 +342,58 @@ def _warn_environment(meta, device, threads, log):
         log(f"gpucnn: warning: this run was trained with {then_threads} BLAS threads and "
             f"resumes with {threads}; the weights will not match a straight run bit for bit "
             f"(set OMP_NUM_THREADS={then_threads} to match)")
+
+
+def _step_function(config, device, model, optimizer, log):
+    """train_step, or on a GPU (unless cuda_graph is False) its CUDA-graph replay."""
+    use_graph = config.cuda_graph if config.cuda_graph is not None else device == "cuda"
+    if not use_graph:
+        return train_step
+    if device != "cuda":
+        raise ConfigError(f"cuda_graph needs device 'cuda', got {device!r}")
+    from .graph import GraphedStep
+    graphed = GraphedStep(model, optimizer, log=log)
+    return lambda model, optimizer, x, y: graphed(x, y)
+
+
+READ_EVERY = 20  # steps between reads of the running loss (each read is a device sync)
+
+
+class _DeviceSums:
+    """The epoch's running loss and correct count without a sync per step: each
+    step's loss is written into a device buffer (one copy) and the correct count
+    summed on the device; read() fetches both in one transfer, every READ_EVERY
+    steps, and adds the losses up on the host in step order."""
+
+    def __init__(self, xp, loss_sum, correct, every=None):
+        self.every = every or READ_EVERY
+        self.buffer = xp.zeros(self.every + 1, dtype=xp.float64)  # losses, then the count
+        self.correct = xp.asarray(correct, dtype=xp.int64)
+        self.loss_sum, self.steps = loss_sum, []  # (step, batch size) of each buffered loss
+
+    def add(self, loss, logits, labels, step):
+        self.buffer[len(self.steps)] = loss
+        self.steps.append((step, len(labels)))
+        self.correct += (logits.argmax(axis=1) == labels).sum()
+
+    def full(self):
+        return len(self.steps) == self.every
+
+    def read(self, epoch, ckpt_path, lr, check=True):
+        """(loss_sum, correct) on the host: one sync. Raises TrainingDiverged naming the
+        step where the loss first became NaN or infinite."""
+        self.buffer[self.every] = self.correct
+        host = backend.to_numpy(self.buffer)
+        for (step, n), value in zip(self.steps, host.tolist()):
+            if check and not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"the loss became {value} at epoch {epoch + 1}, step {step}; training "
+                    f"stopped. The last good checkpoint is "
+                    f"{ckpt_path if ckpt_path.exists() else 'not written yet'}. Try a lower "
+                    f"learning rate, e.g. --lr {lr / 10:g}")
+            self.loss_sum += value * n
+        self.steps = []
+        return self.loss_sum, int(host[self.every])
 
 
 def _progress(total, initial, desc, enabled):

@@ -30,3 +30,18 @@ def close(actual, expected, dtype, scale=1.0):
     tol = TOL[numpy.dtype(dtype).type]
     numpy.testing.assert_allclose(backend.to_numpy(actual), backend.to_numpy(expected),
                                   rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+@pytest.fixture
+def standin():
+    """The CuPy stand-in (tests/standin) playing CuPy: device 'cuda' is then the GPU
+    path as CuPy runs it, its kernels served by the emulator. Named through the
+    backend's one seam, set_cupy_module; restored afterwards."""
+    import standin as module
+    previous = backend.set_cupy_module(module)
+    try:
+        # the device check (one tiny kernel, one sync) runs once, here, not inside a test
+        assert backend.cuda_available(), backend.cuda_unavailable_reason()
+        yield module
+    finally:
+        backend.set_cupy_module(previous)

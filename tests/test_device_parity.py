@@ -1,12 +1,15 @@
-"""Every functional op and a whole training step on each device, against the
-float64 CPU result, and the device against itself for bitwise determinism.
-The cuda cases skip where there is no GPU."""
+"""Every functional op and a whole training step on a GPU device against the CPU
+(float64 NumPy for the ops, the CPU run for the step), and the device against
+itself for bitwise determinism. The GPU is CuPy's where there is one (skipped
+elsewhere), and always the CuPy stand-in (tests/standin) with its kernels
+served by the emulator."""
 import numpy
 import pytest
 
 import gpucnn
-from conftest import DEVICES, close
+from conftest import CUDA_SKIP, close
 from gpucnn import backend, functional as F, models
+from gpucnn.step import train_step
 
 OPS = {
     "conv2d": lambda x: F.conv2d(x, x[:5, :, :3, :3] * 0.5, None, stride=2, padding=1, groups=1),
@@ -14,10 +17,23 @@ OPS = {
         x[:, :6, :3, :3], x[:, :4], x[:6, :2, :3, :3], stride=2, padding=1, dilation=2, groups=2),
     "max_pool2d": lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True),
     "max_pool2d_backward": lambda x: F.max_pool2d_backward(
-        x[:, :, :4, :4], F.max_pool2d(x, 3, 2, 1, ceil_mode=True)[1], x.shape, 3, 2, 1, True),
+        x[:, :, :4, :4], F.max_pool2d(x, 3, 2, 1, ceil_mode=True)[1], x.shape, 3, 2, 1,
+        ceil_mode=True),
+    "max_pool2d dilation": lambda x: F.max_pool2d(x, (3, 2), 1, 1, dilation=(2, 3),
+                                                  ceil_mode=True),
+    "max_pool2d_backward dilation": lambda x: F.max_pool2d_backward(
+        x[:, :, :5, :6], F.max_pool2d(x, (3, 2), 1, 1, (2, 3), True)[1], x.shape, (3, 2), 1, 1,
+        (2, 3), True),
     "avg_pool2d": lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True),
     "avg_pool2d_backward": lambda x: F.avg_pool2d_backward(x[:, :, :4, :4], x.shape, 3, 2, 1,
                                                            True),
+    "avg_pool2d count_include_pad=False": lambda x: F.avg_pool2d(
+        x, (3, 2), 2, 1, ceil_mode=True, count_include_pad=False),
+    "avg_pool2d_backward count_include_pad=False": lambda x: F.avg_pool2d_backward(
+        x[:, :, :4, :4], x.shape, (3, 2), 2, 1, True, count_include_pad=False),
+    "avg_pool2d divisor_override": lambda x: F.avg_pool2d(x, 3, 1, 1, divisor_override=4),
+    "avg_pool2d_backward divisor_override": lambda x: F.avg_pool2d_backward(
+        x[:, :, :7, :7], x.shape, 3, 1, 1, divisor_override=4),
     "relu": F.relu,
     "relu_backward": lambda x: F.relu_backward(x[::-1], x),
     "linear": lambda x: F.linear(x.reshape(8, -1), x.reshape(8, -1)[:3]),
@@ -32,10 +48,22 @@ def _flat(result):
     return [result] if not isinstance(result, tuple) else list(result)
 
 
+@pytest.fixture(params=["cuda-standin", pytest.param("cuda", marks=CUDA_SKIP)])
+def gpu(request):
+    """'cuda', played by the stand-in or by CuPy on a real GPU."""
+    if request.param == "cuda-standin":
+        standin = request.getfixturevalue("standin")
+        # each kernel launch in a shuffled thread order, checked bitwise against another
+        with standin.emulator_order(2, 1):
+            yield "cuda"
+        return
+    yield "cuda"
+
+
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
 @pytest.mark.parametrize("op", sorted(OPS))
-@pytest.mark.parametrize("device", DEVICES)
-def test_op_matches_cpu_float64(device, op, dtype):
+def test_op_matches_cpu_float64(gpu, op, dtype):
+    device = gpu
     x = numpy.random.default_rng(5).standard_normal((8, 6, 7, 7))
     reference = _flat(OPS[op](x))
     xd = backend.to_device(x.astype(dtype), device)
@@ -49,25 +77,21 @@ def test_op_matches_cpu_float64(device, op, dtype):
 
 
 def _train(device):
+    """Two SGD steps of the digits net; (weights on the host, the device they were on)."""
     gpucnn.manual_seed(0)
-    net = models.lenet().to(device)
+    net = models.digits_net().to(device)
     opt = gpucnn.SGD(net.parameters(), lr=0.05, momentum=0.9)
     rng = numpy.random.default_rng(0)
-    x = backend.to_device(rng.standard_normal((4, 1, 28, 28)).astype(numpy.float32), device)
-    y = backend.to_device(rng.integers(0, 10, 4), device)
+    x = backend.to_device(rng.standard_normal((6, 1, 8, 8)).astype(numpy.float32), device)
+    y = backend.to_device(rng.integers(0, 10, 6), device)
     for _ in range(2):
-        opt.zero_grad()
-        loss, dz = F.softmax_cross_entropy(net(x), y)
-        net.backward(dz, need_input_grad=False)
-        opt.step()
-    return {k: backend.to_numpy(v) for k, v in net.state_dict().items()}
+        train_step(net, opt, x, y)
+    return {k: backend.to_numpy(v) for k, v in net.state_dict().items()}, net.device
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_training_step(device):
-    first, second = _train(device), _train(device)
+def test_training_step(gpu):
+    (first, on), (second, _), (cpu, on_cpu) = _train(gpu), _train(gpu), _train("cpu")
+    assert (on, on_cpu) == ("cuda", "cpu")  # two devices compared, not one with itself
     for k in first:
-        assert numpy.array_equal(first[k], second[k]), f"{k} differs between two runs on {device}"
-    cpu = first if device == "cpu" else _train("cpu")
-    for k in first:
+        assert numpy.array_equal(first[k], second[k]), f"{k} differs between two runs on {gpu}"
         numpy.testing.assert_allclose(first[k], cpu[k], rtol=1e-4, atol=1e-5)

@@ -14,6 +14,14 @@ GRID = [
     ((2, 2, 10, 9), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0))),
     ((2, 2, 11, 10), dict(kernel_size=2, stride=3, ceil_mode=True)),
     ((2, 2, 5, 5), dict(kernel_size=4, stride=2, padding=2, ceil_mode=True)),
+    # dilation: overlapping dilated windows, per-axis dilation with padding and
+    # ceil_mode, a last window overhanging the end, a window longer than the input
+    ((2, 2, 9, 8), dict(kernel_size=3, stride=1, padding=1, dilation=2)),
+    ((1, 2, 11, 10), dict(kernel_size=(2, 3), stride=(2, 1), padding=1, dilation=(3, 2),
+                          ceil_mode=True)),
+    ((2, 1, 8, 9), dict(kernel_size=3, stride=2, dilation=2, ceil_mode=True)),
+    ((2, 2, 5, 6), dict(kernel_size=3, stride=3, dilation=3, ceil_mode=True)),
+    ((1, 3, 6, 7), dict(kernel_size=(1, 2), stride=1, padding=(0, 1), dilation=(5, 4))),
 ]
 
 
@@ -41,6 +49,21 @@ def test_matches_torch(torch, rng, xs, kw, dtype, ties):
         dx = F.max_pool2d_backward(dy, idx, x.shape, **geometry)
         assert dx.dtype == dtype
         close(dx, tdx, dtype)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+@pytest.mark.parametrize("xs, kw", GRID)
+def test_nan_and_minus_infinity_match_torch(torch, rng, xs, kw, dtype):
+    x = rng.standard_normal(xs).astype(dtype)
+    x[rng.random(xs) < 0.15] = numpy.nan
+    x[0, 0] = -numpy.inf  # whole planes of -inf: the first cell inside the input wins
+    x[-1, -1, :, ::2] = -numpy.inf
+    y, idx = F.max_pool2d(x, **kw)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    ty, tidx, tdx = _torch_pool(torch, x, dy, kw)
+    numpy.testing.assert_array_equal(y, ty)
+    numpy.testing.assert_array_equal(idx, tidx)
+    close(F.max_pool2d_backward(dy, idx, x.shape, **kw), tdx, dtype)
 
 
 def test_nan_and_minus_infinity_follow_torch(torch):
@@ -72,6 +95,44 @@ def test_finite_differences(name, rng):
     assert gradcheck.check(inputs, fwd, bwd, rng) < gradcheck.TOLERANCE
 
 
+@pytest.mark.parametrize("kw", [
+    dict(kernel_size=3, stride=1, padding=1, dilation=2),
+    dict(kernel_size=(2, 3), stride=(2, 1), padding=1, dilation=(3, 2), ceil_mode=True),
+])
+def test_finite_differences_dilated(rng, kw):
+    # distinct values 0.05 apart: no ties, so the max is differentiable
+    x = rng.permutation((numpy.arange(2 * 2 * 7 * 6) - 42) * 0.05).reshape(2, 2, 7, 6)
+    err = gradcheck.check(dict(x=x), lambda x: F.max_pool2d(x, **kw)[0],
+                          lambda G, x: dict(x=F.max_pool2d_backward(
+                              G, F.max_pool2d(x, **kw)[1], x.shape, **kw)), rng)
+    assert err < gradcheck.TOLERANCE
+
+
+def test_backward_adds_in_torchs_order(torch, rng):
+    # overlapping dilated windows sharing winners: float32 sums in the same order
+    x = numpy.round(rng.standard_normal((2, 3, 17, 15)), 1).astype(numpy.float32)
+    kw = dict(kernel_size=3, stride=1, padding=1, dilation=2)
+    y, idx = F.max_pool2d(x, **kw)
+    dy = rng.standard_normal(y.shape).astype(numpy.float32)
+    numpy.testing.assert_array_equal(F.max_pool2d_backward(dy, idx, x.shape, **kw),
+                                     _torch_pool(torch, x, dy, kw)[2])
+
+
+def test_dilation_reaches_the_spaced_cells():
+    x = numpy.arange(25.0).reshape(1, 1, 5, 5)
+    y, idx = F.max_pool2d(x, 2, stride=1, dilation=3)  # cells (h, w), (h+3, w), ...
+    numpy.testing.assert_array_equal(idx[0, 0], [[18, 19], [23, 24]])
+    numpy.testing.assert_array_equal(y, idx.astype(float))
+
+
+def test_empty_batch():
+    x = numpy.zeros((0, 3, 8, 8), numpy.float32)
+    y, idx = F.max_pool2d(x, 3, 2, 1, dilation=2)
+    assert y.shape == idx.shape == (0, 3, 3, 3) and y.dtype == numpy.float32
+    dx = F.max_pool2d_backward(y, idx, x.shape, 3, 2, 1, 2)
+    assert dx.shape == x.shape and dx.dtype == numpy.float32
+
+
 @pytest.mark.parametrize("kw, exc, words", [
     (dict(kernel_size=0), ValueError, "kernel_size must be positive"),
     (dict(kernel_size=2, padding=2), ValueError, "at most half of kernel_size"),
@@ -79,6 +140,13 @@ def test_finite_differences(name, rng):
     (dict(kernel_size=9), ValueError, "output height size"),
     (dict(kernel_size=2.5), TypeError, "kernel_size must be an int or a pair"),
     (dict(kernel_size=2, ceil_mode=1), TypeError, "ceil_mode must be a bool"),
+    (dict(kernel_size=2, dilation=0), ValueError, "dilation must be positive"),
+    (dict(kernel_size=2, dilation=True), TypeError, "dilation must be an int or a pair"),
+    (dict(kernel_size=3, dilation=4), ValueError, "output height size"),
+    # every tap of the first window in the padding or past the input (PyTorch
+    # would return -inf with an index outside the input)
+    (dict(kernel_size=2, stride=4, padding=1, dilation=9), ValueError,
+     "window 0 along the height (8) outside the input"),
 ])
 def test_bad_arguments(kw, exc, words):
     with pytest.raises(exc) as info:

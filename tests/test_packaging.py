@@ -22,6 +22,12 @@ def test_wheel_contains_the_kernels(tmp_path):
     for filename in cuda.KERNELS:
         assert f"gpucnn/kernels/{filename}" in names
     assert "gpucnn/functional/conv.py" in names and "gpucnn/nn/layers.py" in names
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist: cupy")]
+    # CuPy 14 compiles every kernel (its own too) with the CUDA headers: [ctk] brings them
+    for version in ("12", "13"):
+        assert any(f"cupy-cuda{version}x[ctk]>=14" in line and f'extra == "cuda{version}"' in line
+                   for line in requires), requires
 
 
 def test_every_kernel_file_is_listed():

@@ -134,7 +134,7 @@ def test_cli_errors_and_help(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["gradcheck", "--device", "cpu"]) == 0
     assert "12 passed, 0 failed" in capsys.readouterr().out
-    assert main(["info"]) in (0, 1)
+    assert main(["info"]) == 0  # every kernel compiles with NVRTC (or NVRTC is absent)
     done = subprocess.run([sys.executable, "-m", "gpucnn", "train", "--help"],
                           capture_output=True, text=True)
     assert done.returncode == 0 and "--resume CHECKPOINT" in done.stdout

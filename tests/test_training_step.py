@@ -3,7 +3,8 @@ import numpy
 import pytest
 
 import gpucnn
-from gpucnn import SGD, functional as F, models
+from gpucnn import SGD, models
+from gpucnn.step import train_step
 
 
 def _torch_lenet(torch, ours):
@@ -28,9 +29,7 @@ def test_one_sgd_step_matches_torch(torch, dtype, tol):
     opt = SGD(net.parameters(), lr=0.1, momentum=0.9)
     topt = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
 
-    loss, dz = F.softmax_cross_entropy(net(x), y)
-    net.backward(dz, need_input_grad=False)
-    opt.step()
+    loss, _ = train_step(net, opt, x, y)
     tloss = torch.nn.functional.cross_entropy(theirs(torch.tensor(x)), torch.tensor(y))
     tloss.backward()
     topt.step()
@@ -50,9 +49,6 @@ def test_loss_goes_down_on_a_fixed_batch():
     opt = SGD(net.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for _ in range(15):
-        opt.zero_grad()
-        loss, dz = F.softmax_cross_entropy(net(x), y)
-        net.backward(dz, need_input_grad=False)
-        opt.step()
+        loss, _ = train_step(net, opt, x, y)
         losses.append(float(loss))
     assert losses[-1] < 0.1 * losses[0], losses

@@ -38,7 +38,7 @@ def output_size(size, kernel, stride, pad_total, dilation=1, ceil_mode=False, na
             out -= 1
     else:
         out = span // stride + 1
-    if out < 1 or span < 0:
+    if out < 1:  # in ceil_mode a window may overhang the end: span > -stride suffices
         raise ValueError(
             f"{name} size would be {out if span >= 0 else 'below 1'}: input size {size} with "
             f"padding {pad_total} is too small for kernel {kernel} (dilation {dilation}, "

@@ -55,9 +55,14 @@ def linear_backward(dy, x, weight):
     return dy @ weight, dy.T @ x, dy.sum(axis=0)
 
 
-def softmax_cross_entropy(logits, labels):
+def softmax_cross_entropy(logits, labels, *, check_labels=True):
     """(loss, dlogits): the batch-mean cross-entropy of softmax(logits) against
-    integer labels, and its gradient. logits (N, classes), labels (N,) ints."""
+    integer labels, and its gradient. logits (N, classes), labels (N,) ints.
+
+    check_labels: raise ValueError for a label outside [0, classes). On a GPU that
+    reads one value back (a synchronisation); the training step passes False and
+    the labels are checked once per dataset instead (gpucnn.step.check_labels).
+    """
     _checks.float_array(logits, "logits", ndim=2)
     xp = backend.get_array_module(logits, labels)
     if not hasattr(labels, "dtype") or labels.dtype.kind not in "iu":
@@ -67,7 +72,7 @@ def softmax_cross_entropy(logits, labels):
     _checks.shape_is(labels, "labels", (N,))
     if N == 0:
         raise ValueError("logits must hold at least one sample, got shape (0, classes)")
-    if bool(((labels < 0) | (labels >= classes)).any()):  # one scalar sync on a GPU
+    if check_labels and bool(((labels < 0) | (labels >= classes)).any()):  # a sync on a GPU
         lo, hi = int(labels.min()), int(labels.max())
         raise ValueError(f"labels must lie in [0, {classes - 1}] for {classes} classes, "
                          f"got values from {lo} to {hi}")

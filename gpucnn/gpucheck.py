@@ -1,0 +1,202 @@
+"""The Python steps of ``.ci/gpu-check`` (the one call made on a lent GPU).
+
+    python -m gpucnn.gpucheck versions
+    python -m gpucnn.gpucheck cuda-skips JUNIT_XML
+    python -m gpucnn.gpucheck determinism --device cuda [--batch 64] [--steps 20]
+    python -m gpucnn.gpucheck train-report RUN_DIR [--min-accuracy 0.87]
+
+Each prints what it found and exits nonzero when its check fails. Loaded as a
+pytest plugin (``pytest -p gpucnn.gpucheck``) it turns CuPy's memory pool off,
+so that every array is its own cudaMalloc and compute-sanitizer's memcheck sees
+an out-of-bounds access that the pool would hide inside a larger chunk.
+"""
+import argparse
+import json
+import pathlib
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from xml.etree import ElementTree
+
+import numpy
+
+import gpucnn
+from . import backend, bench, models
+
+
+def _tool_version(command):
+    """The last line of `command --version`, or why there is none."""
+    if shutil.which(command[0]) is None:
+        return "not found"
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"failed ({e})"
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def versions(out=None):
+    """Print the GPU, driver, CUDA, CuPy, PyTorch and tool versions; return the GPU's name
+    ('none' without one)."""
+    out = out or sys.stdout
+    print(f"gpucnn {gpucnn.__version__}, Python {platform.python_version()}, "
+          f"NumPy {numpy.__version__}", file=out)
+    name = "none"
+    if backend.cuda_available():
+        cp = backend.xp_for("cuda")
+        rt = cp.cuda.runtime
+        props = rt.getDeviceProperties(rt.getDevice())
+        name = props["name"].decode()
+        print(f"GPU: {name}, compute capability {props['major']}.{props['minor']}, "
+              f"{props['multiProcessorCount']} SMs, {props['totalGlobalMem'] / 2**30:.1f} GiB",
+              file=out)
+        print(f"CUDA driver API {rt.driverGetVersion()}, runtime {rt.runtimeGetVersion()}, "
+              f"CuPy {cp.__version__}", file=out)
+    else:
+        print(f"GPU: none ({backend.cuda_unavailable_reason()})", file=out)
+    print(f"nvidia-smi: {_tool_version(['nvidia-smi', '--query-gpu=name,driver_version', '--format=csv,noheader'])}",  # noqa: E501
+          file=out)
+    try:
+        import torch
+        print(f"PyTorch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "
+              f"{torch.backends.cudnn.version() if torch.cuda.is_available() else '-'}", file=out)
+    except ImportError:
+        print("PyTorch: not installed", file=out)
+    print(f"nvcc: {_tool_version(['nvcc', '--version'])}", file=out)
+    print(f"compute-sanitizer: {_tool_version(['compute-sanitizer', '--version'])}", file=out)
+    return name
+
+
+# A skipped test is a cuda one when its id names cuda (the DEVICES parameter) or its
+# reason is the GPU's absence (conftest: "no CUDA device here: ..."; backend: "CuPy ...").
+_GPU_REASON = re.compile(r"no CUDA device|CuPy", re.IGNORECASE)
+
+
+def cuda_skips(junit_xml):
+    """'test id: reason' of each skipped cuda test in a pytest --junitxml report."""
+    found = []
+    for case in ElementTree.parse(junit_xml).iter("testcase"):
+        skipped = case.find("skipped")
+        if skipped is None:
+            continue
+        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        reason = skipped.get("message", "")
+        if "cuda" in case.get("name", "").lower() or _GPU_REASON.search(reason):
+            found.append(f"{name}: {reason}")
+    return found
+
+
+def _lenet_run(device, dtype, batch, steps, seed=0):
+    """Train a seeded LeNet with SGD + momentum for `steps` steps on a fixed stream of
+    random batches; return its parameters as host arrays."""
+    gpucnn.manual_seed(seed)
+    net = models.lenet().to(device, dtype)
+    opt = gpucnn.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    rng = numpy.random.default_rng(seed)
+    for _ in range(steps):
+        x = backend.to_device(rng.standard_normal((batch, 1, 28, 28)).astype(dtype), device)
+        y = backend.to_device(rng.integers(0, 10, batch), device)
+        bench.training_step(net, opt, x, y)
+    return {k: backend.to_numpy(v) for k, v in net.state_dict().items()}
+
+
+# One step's update (weights after minus before) in float32 against float64, from the
+# same weights: ‖a-b‖/‖b‖ per tensor. float32 arithmetic lands far under 1e-3.
+PARITY_RTOL = 1e-3
+
+
+def determinism(device, batch=64, steps=20, out=None):
+    """Two identical training runs must give the same bits; one float32 step on the device
+    must match a float64 step on the CPU. Returns True when both hold."""
+    out = out or sys.stdout
+    device, why = backend.resolve_device(device)
+    print(f"determinism and parity on {device} ({why}): LeNet, SGD momentum 0.9, "
+          f"batch {batch}", file=out)
+    first = _lenet_run(device, numpy.float32, batch, steps)
+    second = _lenet_run(device, numpy.float32, batch, steps)
+    differ = [k for k in first if not numpy.array_equal(first[k], second[k])]
+    print(f"two runs of {steps} steps: " + ("bitwise equal" if not differ else
+                                            f"DIFFER in {', '.join(differ)}"), file=out)
+    start = _lenet_run("cpu", numpy.float64, batch, 0)
+    ours = _lenet_run(device, numpy.float32, batch, 1)
+    ref = _lenet_run("cpu", numpy.float64, batch, 1)
+    worst = 0.0
+    for k in ref:
+        update, ref_update = ours[k] - start[k], ref[k] - start[k]
+        err = float(numpy.linalg.norm(update - ref_update) / numpy.linalg.norm(ref_update))
+        worst = max(worst, err)
+        print(f"  {k:<20} relative error of one step's update {err:.2e}", file=out)
+    parity = worst <= PARITY_RTOL and numpy.isfinite(worst)
+    print(f"one float32 step on {device} vs float64 on cpu: worst {worst:.2e} "
+          f"(limit {PARITY_RTOL:g}): {'pass' if parity else 'FAIL'}", file=out)
+    return not differ and parity
+
+
+def train_report(run_dir, min_accuracy=None, out=None):
+    """Print each epoch's test accuracy and images/s from a run's metrics.jsonl; True
+    unless the last accuracy is below min_accuracy."""
+    out = out or sys.stdout
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in rows:
+        print(f"epoch {r['epoch']}: test accuracy {100 * r['test_accuracy']:.2f}%, "
+              f"{r['images_per_s']:.0f} images/s", file=out)
+    if not rows:
+        print(f"{path} holds no epoch", file=out)
+        return False
+    last = rows[-1]["test_accuracy"]
+    good = min_accuracy is None or last >= min_accuracy
+    print(f"final test accuracy {100 * last:.2f}%" + (
+        "" if min_accuracy is None else f" (needs >= {100 * min_accuracy:.1f}%): "
+        f"{'pass' if good else 'FAIL'}"), file=out)
+    return good
+
+
+def pytest_configure(config):
+    """As a pytest plugin: no CuPy memory pool (see the module docstring)."""
+    try:
+        import cupy
+    except ImportError:
+        return
+    cupy.cuda.set_allocator(None)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m gpucnn.gpucheck", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("versions", help="GPU, driver, CUDA, CuPy, PyTorch, nvcc, compute-sanitizer")
+    s = sub.add_parser("cuda-skips", help="fail if a pytest --junitxml report has a skipped "
+                       "cuda test")
+    s.add_argument("junit_xml")
+    d = sub.add_parser("determinism", help="two runs bitwise equal; one step vs float64 on cpu")
+    d.add_argument("--device", default="cuda", choices=["auto", "cpu", "cuda"])
+    d.add_argument("--batch", type=int, default=64)
+    d.add_argument("--steps", type=int, default=20)
+    t = sub.add_parser("train-report", help="accuracy and images/s of a gpucnn train run")
+    t.add_argument("run_dir")
+    t.add_argument("--min-accuracy", type=float, help="fail below this final test accuracy")
+    args = p.parse_args(argv)
+    if args.command == "versions":
+        versions()
+        return 0
+    if args.command == "cuda-skips":
+        if not pathlib.Path(args.junit_xml).is_file():
+            print(f"{args.junit_xml}: no report (pytest did not finish): FAIL")
+            return 1
+        skipped = cuda_skips(args.junit_xml)
+        for line in skipped[:10]:
+            print(line if len(line) <= 160 else line[:157] + "...")
+        if len(skipped) > 10:
+            print(f"... and {len(skipped) - 10} more")
+        print(f"{len(skipped)} cuda test(s) skipped" + (": FAIL" if skipped else ""))
+        return 1 if skipped else 0
+    if args.command == "train-report":
+        return 0 if train_report(args.run_dir, args.min_accuracy) else 1
+    return 0 if determinism(args.device, args.batch, args.steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
