@@ -9,7 +9,7 @@ import numpy
 
 import gpucnn
 from . import backend, data, runs, train as training
-from .errors import ConfigError, UserError
+from .errors import ConfigError, DeviceError, UserError
 
 EPILOG = """examples:
   gpucnn train                                   # 8x8 digits, under a minute on a CPU
@@ -107,6 +107,22 @@ def _parser():
                        "finite differences on a device")
     g.add_argument("--device", choices=devices)
     g.add_argument("--seed", type=int, default=0)
+
+    u = sub.add_parser("tune", help="time the convolution kernels' tile configurations on this "
+                       "GPU and remember the fastest",
+                       description="Time every tile configuration of the convolution kernels "
+                       "on this GPU for the convolution shapes of a built-in model (or, with "
+                       "--bench, of gpucnn.bench's shapes) and cache the fastest per (GPU, "
+                       "shape, dtype) in $XDG_CACHE_HOME/gpucnn/tune.json (else "
+                       "~/.cache/gpucnn/tune.json); later runs on this GPU use them.")
+    u.add_argument("--device", choices=devices, default="cuda", help="must be a GPU (cuda)")
+    u.add_argument("--model", default="lenet", help="built-in model whose shapes to tune "
+                   "(default lenet)")
+    u.add_argument("--batch-size", type=int, help="default 64 for a model, the listed "
+                   "batch sizes for --bench")
+    u.add_argument("--bench", action="store_true", help="tune gpucnn.bench's shapes instead")
+    u.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    u.add_argument("--repeat", type=int, default=5, help="timed launches per configuration")
 
     b = sub.add_parser("bench", help="time gpucnn against PyTorch (python -m gpucnn.bench)")
     b.add_argument("--device", choices=devices, default="auto")
@@ -224,6 +240,23 @@ def cmd_gradcheck(args):
     return 1 if failed else 0
 
 
+def cmd_tune(args):
+    from . import cuda, tune
+    if args.bench:
+        shapes = tune.bench_geometries(args.batch_size)
+    else:
+        batch = 64 if args.batch_size is None else args.batch_size
+        shapes = tune.model_geometries(args.model, batch)
+    device, why = backend.resolve_device(args.device)
+    if device != "cuda":
+        raise DeviceError(f"gpucnn tune times kernels on a GPU, and there is none here ({why})")
+    import cupy
+    kernels = cuda.kernels_for(cupy)
+    chosen = tune.tune(kernels, shapes, (numpy.dtype(args.dtype),), args.repeat)
+    print(f"gpucnn: {len(chosen)} choices for {kernels.device_name} saved in {tune.cache_path()}")
+    return 0
+
+
 def cmd_bench(args):
     from . import bench
     if args.repeat < 1:
@@ -240,7 +273,7 @@ def main(argv=None):
         parser.print_help()
         return 2
     handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "info": cmd_info,
-               "gradcheck": cmd_gradcheck, "bench": cmd_bench}[args.command]
+               "gradcheck": cmd_gradcheck, "bench": cmd_bench, "tune": cmd_tune}[args.command]
     try:
         rc = handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit

@@ -24,8 +24,25 @@ __global__ void where_am_i(int* out) {
     const int t = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
     out[b * blockDim.x * blockDim.y * blockDim.z + t] = 1000 * b + t;
 }
+
+// cp.async through the emulator's wrappers: thread t copies in[t] into smem[t] in
+// two groups (even, then odd t), waits for `wait_all` or for all but the newest
+// group, then every thread reads its neighbour's element after a barrier.
+__global__ void async_copy(const float* in, float* out, int mode) {
+    extern __shared__ unsigned char smem[];
+    float* s = reinterpret_cast<float*>(smem);
+    const int t = threadIdx.x;
+    if (t % 2 == 0) cp_async(s + t, in + t, true);
+    cp_async_commit();
+    if (t % 2 == 1) cp_async(s + t, in + t, t != 3);  // t = 3: zero-filled
+    cp_async_commit();
+    if (mode == 2) cp_async_wait<0>();
+    if (mode == 1) cp_async_wait<1>();
+    __syncthreads();
+    out[t] = s[t ^ 1];
+}
 """
-NAMES = ["reverse_in_block<float>", "reverse_in_block<double>", "where_am_i"]
+NAMES = ["reverse_in_block<float>", "reverse_in_block<double>", "where_am_i", "async_copy"]
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +78,29 @@ def test_block_and_thread_indices_in_3d(module):
     module.get_function("where_am_i")(grid, block, (out,))
     b, t = numpy.divmod(numpy.arange(out.size), 24)
     numpy.testing.assert_array_equal(out, 1000 * b + t)
+
+
+def _async_copy(module, mode):
+    x = numpy.arange(1, 9, dtype=numpy.float32)
+    out = numpy.zeros(8, numpy.float32)
+    module.get_function("async_copy")((1,), (8,), (x, out, numpy.int32(mode)), shared_mem=32)
+    return x, out
+
+
+def test_cp_async_lands_at_the_wait(module):
+    x, out = _async_copy(module, mode=2)
+    expected = x[numpy.arange(8) ^ 1]
+    expected[2] = 0  # thread 2 reads element 3, copied with src-size 0: zero-filled
+    numpy.testing.assert_array_equal(out, expected)
+
+
+def test_a_missing_cp_async_wait_reads_poison(module):
+    _, out = _async_copy(module, mode=0)
+    assert numpy.isnan(out).all()  # nothing waited for: nothing landed
+    x, out = _async_copy(module, mode=1)  # all but the newest group (the odd t) landed
+    odd_read = numpy.arange(8) % 2 == 1    # odd threads read even elements: landed
+    numpy.testing.assert_array_equal(out[odd_read], x[numpy.arange(8) ^ 1][odd_read])
+    assert numpy.isnan(out[~odd_read]).all()
 
 
 # ---- thread and block orders -------------------------------------------------------

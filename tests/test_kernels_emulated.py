@@ -10,14 +10,17 @@ from gpucnn.functional import conv, pool
 from test_conv2d import GRID as CONV_GRID
 from test_max_pool2d import GRID as POOL_GRID
 
-# ragged sizes (not a multiple of the 256-thread block), reductions longer than a
-# block, weight-gradient tiles past 64 rows and columns (also within a group),
-# one slice and many slices of the N*P*Q reduction
+# Beyond test_conv2d's grid: ragged tile edges (rows past 128, K/groups = 65 and
+# 70 past a 64 tile, C = 40), 1x1 and 7x7 filters, depthwise with stride 2 and
+# dilation 2, a reduction long enough for several backward-filter slices.
 CONV_GRID = CONV_GRID + [((3, 5, 13, 11), (7, 5, 3, 3), dict(padding=1)),
                          ((1, 1, 3, 3), (1, 1, 3, 3), {}),
-                         ((2, 8, 6, 5), (70, 8, 3, 3), dict(padding=1)),
+                         ((2, 40, 6, 5), (70, 40, 1, 1), {}),
                          ((2, 8, 5, 5), (130, 4, 3, 3), dict(groups=2, stride=2)),
-                         ((4, 2, 30, 30), (3, 2, 3, 3), {})]
+                         ((2, 6, 11, 11), (6, 1, 3, 3), dict(groups=6, stride=2, dilation=2,
+                                                             padding=2)),
+                         ((1, 3, 20, 20), (9, 3, 7, 7), dict(stride=2, padding=3)),
+                         ((4, 2, 16, 16), (3, 2, 3, 3), dict(padding=1))]
 POOL_GRID = POOL_GRID + [((3, 5, 13, 11), dict(kernel_size=3, stride=2, ceil_mode=True))]
 DTYPES = [numpy.float64, numpy.float32]
 
@@ -31,22 +34,109 @@ def kernels(request):
     return emulator.kernels(order, compare_order)
 
 
+def _conv_case(rng, xs, ws, kw, dtype):
+    x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype)
+    g = conv.geometry(x, w, b, **kw)
+    dy = rng.standard_normal((g.N, g.K, g.P, g.Q)).astype(dtype)
+    return x, w, b, g, dy
+
+
+def _passes(kernels, x, w, b, g, dy, config):
+    return (kernels.conv2d_forward(x, w, b, g, config=config),
+            kernels.conv2d_forward(x, w, None, g, config=config),
+            kernels.conv2d_backward_data(dy, w, g, config=config),
+            kernels.conv2d_backward_filter(dy, x, g, config=config))
+
+
+@pytest.mark.parametrize("config", sorted(cuda.CONV_CONFIGS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("xs, ws, kw", CONV_GRID)
-def test_conv2d_backward(kernels, rng, xs, ws, kw, dtype):
-    x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
-    g = conv.geometry(x, w, None, **kw)
-    dy = rng.standard_normal((g.N, g.K, g.P, g.Q)).astype(dtype)
-    dx, dw, db = F.conv2d_backward(dy, x, w, **kw)
-    got = (kernels.conv2d_backward_data(dy, w, g), kernels.conv2d_backward_filter(dy, x, g),
-           kernels.conv2d_backward_bias(dy))
-    for a, b, scale in zip(got, (dx, dw, db), (10, 100, 100)):
-        assert a.dtype == dtype and a.shape == b.shape
-        close(a, b, dtype, scale=scale)
-    again = (kernels.conv2d_backward_data(dy, w, g), kernels.conv2d_backward_filter(dy, x, g),
-             kernels.conv2d_backward_bias(dy))
-    for a, b in zip(got, again):  # a fixed summation order: bitwise repeatable
-        assert numpy.array_equal(a, b)
+def test_conv2d_every_configuration(kernels, rng, xs, ws, kw, dtype, config):
+    x, w, b, g, dy = _conv_case(rng, xs, ws, kw, dtype)
+    got = _passes(kernels, x, w, b, g, dy, config)
+    dx, dw, _ = F.conv2d_backward(dy, x, w, **kw)
+    expected = (F.conv2d(x, w, b, **kw), F.conv2d(x, w, None, **kw), dx, dw)
+    for a, e, scale in zip(got, expected, (10, 10, 10, 100)):
+        assert a.dtype == dtype and a.shape == e.shape
+        close(a, e, dtype, scale=scale)
+    # a fixed summation order: bitwise repeatable
+    for a, e in zip(got, _passes(kernels, x, w, b, g, dy, config)):
+        assert numpy.array_equal(a, e)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("xs, ws, kw", CONV_GRID)
+def test_conv2d_backward_bias_and_default_configuration(kernels, rng, xs, ws, kw, dtype):
+    x, w, b, g, dy = _conv_case(rng, xs, ws, kw, dtype)
+    db = kernels.conv2d_backward_bias(dy)
+    close(db, dy.sum(axis=(0, 2, 3)), dtype, scale=100)
+    assert numpy.array_equal(db, kernels.conv2d_backward_bias(dy))
+    close(kernels.conv2d_forward(x, w, b, g), F.conv2d(x, w, b, **kw), dtype, scale=10)
+
+
+def test_the_grid_has_several_filter_slices_and_a_one_slice_case():
+    slices = set()
+    for xs, ws, kw in CONV_GRID:
+        x, w = numpy.zeros(xs), numpy.zeros(ws)
+        g = conv.geometry(x, w, None, **kw)
+        slices |= {cuda.filter_slices(g, c)[0] for c in cuda.CONV_CONFIGS}
+    assert 1 in slices and max(slices) >= 4
+
+
+def test_bias_gradient_in_many_slices(kernels, rng):
+    dy = rng.standard_normal((3, 2, 40, 40))  # 4800 values per channel: several slices
+    db = kernels.conv2d_backward_bias(dy)
+    close(db, dy.sum(axis=(0, 2, 3)), numpy.float64, scale=100)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_batch_launches_nothing(dtype):
+    def refuse(code, names, options):
+        raise AssertionError("a kernel was loaded for an empty batch")
+    kernels = cuda.Kernels(numpy, refuse)
+    x, w = numpy.zeros((0, 3, 8, 8), dtype), numpy.ones((4, 3, 3, 3), dtype)
+    g = conv.geometry(x, w, None, padding=1)
+    dy = numpy.zeros((0, 4, 8, 8), dtype)
+    assert kernels.conv2d_forward(x, w, numpy.ones(4, dtype), g).shape == (0, 4, 8, 8)
+    assert kernels.conv2d_backward_data(dy, w, g).shape == (0, 3, 8, 8)
+    dw = kernels.conv2d_backward_filter(dy, x, g)
+    assert dw.shape == w.shape and dw.dtype == dtype and not dw.any()
+    db = kernels.conv2d_backward_bias(dy)
+    assert db.shape == (4,) and not db.any()
+
+
+def test_grid_limits_are_checked_before_a_launch():
+    def refuse(code, names, options):
+        raise AssertionError("loaded")
+    kernels = cuda.Kernels(numpy, refuse)
+    # depthwise over 70000 channels: 70000 groups would be a grid z past 65535
+    x = numpy.zeros((1, 70000, 1, 1), numpy.float32)
+    w = numpy.zeros((70000, 1, 1, 1), numpy.float32)
+    g = conv.geometry(x, w, None, groups=70000)
+    with pytest.raises(ValueError, match="65535"):
+        kernels.conv2d_forward(x, w, None, g)
+    for c in cuda.CONV_CONFIGS:  # backward-filter's slices never push z past the limit
+        assert cuda.filter_slices(g, c)[0] * g.groups <= 65535 or cuda.filter_slices(g, c)[0] == 1
+
+
+def test_heuristic_picks_narrow_tiles_for_narrow_layers():
+    def g(N, C, H, K, R, **kw):
+        return conv.geometry(numpy.zeros((N, C, H, H)), numpy.zeros((K, C, R, R)), None, **kw)
+    lenet1, big = g(256, 1, 28, 32, 5, padding=2), g(64, 256, 14, 256, 3, padding=1)
+    assert cuda.heuristic_config("forward", lenet1) == "128x32"       # K = 32 columns
+    assert cuda.heuristic_config("backward_data", lenet1) == "128x32"  # C = 1 column
+    assert cuda.heuristic_config("backward_filter", lenet1) == "32x32"  # 32 x 25
+    for p in cuda.PASSES:
+        assert cuda.heuristic_config(p, big) == "128x128"
+    assert cuda.heuristic_config("forward", g(2, 64, 8, 64, 3, padding=1)) == "64x64"
+
+
+def test_a_configuration_once_chosen_stays(kernels):
+    g = conv.geometry(numpy.zeros((2, 3, 8, 8)), numpy.zeros((4, 3, 3, 3)), None)
+    first = kernels.config_for("forward", g, numpy.float64)
+    assert first == cuda.heuristic_config("forward", g)
+    assert kernels.config_for("forward", g, numpy.float64) == first
 
 
 @pytest.mark.parametrize("special", ["none", "ties", "nan"])
@@ -78,6 +168,8 @@ def test_non_contiguous_inputs_are_made_contiguous(kernels, rng):
     numpy.testing.assert_array_equal(y, F.max_pool2d(x, 2)[0])
 
 
-def test_every_instantiation_loads(kernels):
+def test_every_instantiation_of_every_configuration_loads(kernels):
     names = kernels.load_all()
-    assert len(names) == 2 * sum(len(k) for k in cuda.KERNELS.values())
+    units = cuda.compile_units()
+    assert len(names) == 2 * sum(len(cuda.KERNELS[u.filename]) for u in units)
+    assert {u.config for u in units if u.filename == "conv2d.cu"} == set(cuda.CONV_CONFIGS)

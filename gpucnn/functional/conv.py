@@ -8,8 +8,7 @@ Shapes: x (N, C, H, W), weight (K, C/g, R, S), bias (K,), y (N, K, P, Q).
     dx            = dy convolved with the 180-degree-rotated, channel-swapped filters
                     (a transposed convolution: dy spread out by the stride)
 
-On the CPU (and for the GPU forward) the sums are matrix products over an
-im2col matrix, per group:
+On the CPU the sums are matrix products over an im2col matrix, per group:
     cols[(n,p,q), (r,s,c')] = xp[n, g*C/g + c', p*sh + r*dh, q*sw + s*dw]
 (columns in (r,s,c') order from a channels-last copy of x, or in (c',r,s) order
 from x itself, whichever copies longer contiguous runs) and the weight matrix
@@ -18,8 +17,10 @@ y = wm @ cols^T and dw = dy @ cols, with cols built and consumed a few samples
 at a time so that it stays in cache.
 dx is the flipped-filter convolution computed one kernel offset (r,s) at a
 time: dy @ w[:, :, r, s] is added back at the input positions that tap read
-(a col2im that never builds the whole column matrix). On the GPU the two
-backward passes are the gather kernels in kernels/conv2d_backward.cu.
+(a col2im that never builds the whole column matrix). On the GPU the three
+passes are implicit-GEMM kernels (kernels/conv2d.cu) that gather the same
+matrices tile by tile into shared memory and never build them; the bias
+gradient is a fixed-order reduction (kernels/conv2d_reduce.cu).
 """
 import numbers
 from collections import namedtuple
@@ -103,12 +104,12 @@ def _im2col_chunks(xp, x, g):
     the columns are in (r,s,c') order where _channels_last(g), else in (c',r,s) order
     (then cols is the transpose of a row-major (c',r,s) x (n,p,q) matrix).
 
-    On the CPU the chunks are a few MB in one reused buffer, so the copy and the
-    matrix product that reads it stay in cache; on a GPU there is one chunk.
+    The chunks are a few MB in one reused buffer, so the copy and the matrix
+    product that reads it stay in cache.
     """
     G, Cg, J = g.groups, g.C // g.groups, g.C // g.groups * g.R * g.S
     per_sample = g.P * g.Q * J * g.groups * x.itemsize
-    B = g.N if xp is not backend.numpy else max(1, min(g.N, CHUNK_BYTES // per_sample))
+    B = max(1, min(g.N, CHUNK_BYTES // max(1, per_sample)))
     if _channels_last(g):
         xpad = _padded_nhwc(xp, x, g)
         sN, sH, sW, sC = xpad.strides
@@ -178,8 +179,12 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
 
 
 def forward(x, weight, bias, g):
-    """y for checked arguments: wm @ cols^T, chunk by chunk, into one reused buffer."""
+    """y for checked arguments: wm @ cols^T, chunk by chunk, into one reused buffer
+    (on a GPU: the implicit-GEMM kernel, bias added in its epilogue)."""
     xp = backend.get_array_module(x, weight, bias)
+    kernels = cuda.kernels_for(xp)
+    if kernels is not None:
+        return kernels.conv2d_forward(x, weight, bias, g)
     wm, PQ = _weight_matrix(xp, weight, g), g.P * g.Q
     out = xp.empty((g.N, g.K, PQ), dtype=x.dtype)
     part = None

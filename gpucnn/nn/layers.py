@@ -57,13 +57,26 @@ class Conv2D(Module):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
                     groups=self.groups)
 
+    def _geometry_for(self, x):
+        """The ConvGeometry for input x: checked and computed once per input shape
+        (and dtype and array type), then shared by forward and backward."""
+        w, b = self.weight.data, self.bias.data if self.bias else None
+        key = (x.shape, x.dtype, type(x), w.shape, w.dtype, type(w),
+               None if b is None else b.dtype)
+        if getattr(self, "_geometry_key", None) != key:
+            self.geometry = F.conv.geometry(x, w, b, **self._args())
+            self._geometry_key = key
+        return self.geometry
+
     def forward(self, x):
+        g = self._geometry_for(x)
         self._saved_x = x
-        return F.conv2d(x, self.weight.data, self.bias.data if self.bias else None, **self._args())
+        return F.conv.forward(x, self.weight.data, self.bias.data if self.bias else None, g)
 
     def backward(self, dy, need_input_grad=True):
-        dx, dw, db = F.conv2d_backward(dy, self._saved("_saved_x"), self.weight.data,
-                                       **self._args(), need_input_grad=need_input_grad)
+        x = self._saved("_saved_x")
+        dx, dw, db = F.conv.backward(dy, x, self.weight.data, self._geometry_for(x),
+                                     need_input_grad)
         self.weight.accumulate(dw)
         if self.bias is not None:
             self.bias.accumulate(db)

@@ -1,7 +1,7 @@
 """Run kernels/*.cu on the CPU: g++ compiles the unedited source against
 cuda_emu.h, and EmulatedModule answers like cupy.RawModule.
 
-    module = EmulatedModule(code, name_expressions, order=0)
+    module = EmulatedModule(code, name_expressions, options=(), order=0)
     module.get_function("conv2d_backward_data<float>")(grid, block, args, shared_mem=0)
 
 args are NumPy arrays (passed as device pointers) and NumPy scalars (typed
@@ -9,8 +9,9 @@ like the kernel's parameters, as CuPy needs too). `order` picks the order the
 threads of a block (and the blocks) run in between barriers: 0 index order,
 1 reverse, n >= 2 a seeded shuffle (cuda_emu.h); with compare_order every launch
 runs under both orders and must give the same bits (else OrderError); ORDERS are
-what the kernel tests run. Launches the driver would refuse raise LaunchError. Set
-GPUCNN_EMU_ASAN=1 to build with AddressSanitizer (python must then run with
+what the kernel tests run. The -D options among `options` (NVRTC's; a tile
+configuration) are passed to g++ too. Launches the driver would refuse raise
+LaunchError. Set GPUCNN_EMU_ASAN=1 to build with AddressSanitizer (python must then run with
 libasan preloaded).
 
 kernels(order, compare_order) gives gpucnn's own launchers (cuda.Kernels) on the
@@ -44,7 +45,7 @@ def asan_enabled():
 
 def _flags():
     flags = ["-std=c++17", "-O1", "-g", "-shared", "-fPIC", "-Wall", "-Wno-unused-function",
-             "-Werror=return-type", f"-I{HERE}"]
+             "-Wno-unknown-pragmas", "-Werror=return-type", f"-I{HERE}"]
     if asan_enabled():
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
     return flags
@@ -95,17 +96,19 @@ def _shared_declarations(code):
     return "\n".join(lines)
 
 
-def _build(code, name_expressions):
-    """Compile code + one launcher per name expression into a shared library."""
+def _build(code, name_expressions, options=()):
+    """Compile code + one launcher per name expression into a shared library; the -D
+    options among the NVRTC options (a tile configuration) go to g++ as well."""
     code = _shared_declarations(code)
     launchers = "\n".join(
         f'extern "C" const char* emu_launch_{i}(unsigned gx, unsigned gy, unsigned gz, '
         f'unsigned bx, unsigned by, unsigned bz, size_t shared, size_t max_dynamic, '
         f'unsigned order, void** args) {{\n'
+        f'    emu_async::reset();  // cp.async copies never outlive a launch\n'
         f'    return emu::launch(&{name}, dim3(gx, gy, gz), dim3(bx, by, bz), shared, '
         f'max_dynamic, order, args);\n}}'
         for i, name in enumerate(name_expressions))
-    flags = _flags()
+    flags = _flags() + [o for o in options if o.startswith("-D")]
     header = (HERE / "cuda_emu.h").read_text()
     key = hashlib.sha256("\0".join([code, launchers, header, *flags]).encode()).hexdigest()[:20]
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -194,7 +197,7 @@ class EmulatedFunction:
 
 
 class EmulatedModule:
-    """The cupy.RawModule(code=..., name_expressions=...) interface, on the CPU.
+    """The cupy.RawModule(code=..., name_expressions=..., options=...) interface, on the CPU.
 
     order: the thread and block order of its launches (see cuda_emu.h).
     compare_order: if given, every launch runs first under this order, then
@@ -202,9 +205,9 @@ class EmulatedModule:
     differ between the two raises OrderError (costs a second run).
     """
 
-    def __init__(self, code, name_expressions, *, order=0, compare_order=None):
+    def __init__(self, code, name_expressions, options=(), *, order=0, compare_order=None):
         self._names = list(name_expressions)
-        self._lib = _build(code, self._names)
+        self._lib = _build(code, self._names, tuple(options))
         self._max_dynamic = {}
         self.order = int(order)
         self.compare_order = None if compare_order is None else int(compare_order)

@@ -335,3 +335,65 @@ inline void __syncthreads() {
     emu::current->state = emu::kAtBarrier;
     emu::yield_to_scheduler();
 }
+
+// ---- kernels branch (issue 8): what the implicit-GEMM conv kernels use ----------
+// Vector types for the 128-bit shared-memory reads (16-byte aligned, as on the GPU),
+// and __launch_bounds__, a compiler hint with no effect on the CPU.
+#define GPUCNN_EMULATOR 1
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
+// ---- end of the kernels branch's section -----------------------------------------
+
+// ---- kernels branch (issue 8): cp.async with semantics that catch a missing wait ---
+// Each thread queues its copies; cp_async_commit() closes a group; cp_async_wait<N>()
+// performs every group but the N newest. Only then does the data land in shared
+// memory, so a kernel that reads a stage it did not wait for reads the 0xFF
+// poison (NaN). A thread's queue belongs to its block and launch: copies left
+// pending when either ends are dropped (on a GPU they land after nobody reads them).
+#include <cstdio>
+namespace emu_async {
+struct Copy { void* dst; const void* src; std::size_t bytes, valid; };
+struct Queue {
+    std::vector<std::vector<Copy>> groups;
+    std::vector<Copy> open;
+    uint3 block{~0u, ~0u, ~0u};
+};
+inline std::vector<Queue> queues;
+inline void reset() { queues.clear(); }
+inline Queue& queue() {
+    const std::size_t t =
+        ((std::size_t)threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+    if (queues.size() <= t) queues.resize(t + 1);
+    Queue& q = queues[t];
+    if (q.block.x != blockIdx.x || q.block.y != blockIdx.y || q.block.z != blockIdx.z) {
+        q = Queue{};
+        q.block = blockIdx;
+    }
+    return q;
+}
+}  // namespace emu_async
+
+template <typename T>
+inline void cp_async(T* dst, const T* src, bool valid) {
+    emu_async::queue().open.push_back({dst, src, sizeof(T), valid ? sizeof(T) : 0});
+}
+inline void cp_async_commit() {
+    auto& q = emu_async::queue();
+    q.groups.push_back(std::move(q.open));
+    q.open.clear();
+}
+template <int N>
+inline void cp_async_wait() {
+    auto& q = emu_async::queue();
+    while (q.groups.size() > (std::size_t)N) {
+        for (const auto& c : q.groups.front()) {
+            std::memcpy(c.dst, c.src, c.valid);
+            std::memset(static_cast<char*>(c.dst) + c.valid, 0, c.bytes - c.valid);
+        }
+        q.groups.erase(q.groups.begin());
+    }
+}
+// ---- end of the kernels branch's cp.async section ----------------------------------

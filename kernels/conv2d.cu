@@ -1,0 +1,469 @@
+// Convolution as implicit GEMM: forward, backward-data and backward-filter share
+// one tiled main loop (gemm_tile) and differ only in how their two operands and
+// their output are addressed (an IndexMap for each, as CUTLASS's fprop, dgrad
+// and wgrad iterators differ). Nothing is materialised: the im2col matrix is
+// gathered tile by tile into shared memory.
+//
+// Layouts: x, dx (N,C,H,W); w, dw (K,C/groups,R,S); y, dy (N,K,P,Q); contiguous.
+// Every output element is written once by the thread that accumulated it, in a
+// fixed order: no atomics, bitwise repeatable for a given configuration.
+//
+// The tile configuration comes from the loader as -D options (gpucnn/cuda.py
+// owns the named configurations); the defaults below let the file compile alone.
+#ifndef CONV_BM
+#define CONV_BM 128  // rows of the block tile
+#endif
+#ifndef CONV_BN
+#define CONV_BN 128  // columns of the block tile
+#endif
+#ifndef CONV_BK
+#define CONV_BK 16   // reduction depth of one shared-memory stage, float
+#endif
+#ifndef CONV_BK_DOUBLE
+#define CONV_BK_DOUBLE (CONV_BK / 2)  // the same for double
+#endif
+#ifndef CONV_TM
+#define CONV_TM 8    // rows per thread (a multiple of 4)
+#endif
+#ifndef CONV_TN
+#define CONV_TN 8    // columns per thread (a multiple of 4)
+#endif
+#ifndef CONV_UNROLL
+#define CONV_UNROLL 2  // stages per main-loop iteration (even: the two shared stages alternate)
+#endif
+
+// cp.async: a copy from global to shared memory that runs in the background until
+// cp_async_wait<N>() (all but the N newest committed groups have landed). sm_80+
+// has the instruction (the 4- and 8-byte .ca form: the operands are gathered one
+// element at a time; src-size 0 fills a masked element with zeros); below sm_80
+// it is a plain copy. tests/emulator/cuda_emu.h brings its own versions, which
+// land the data only at the wait, so that a missing wait reads poisoned memory.
+#ifndef GPUCNN_EMULATOR
+template <typename T>
+__device__ __forceinline__ void cp_async(T* dst, const T* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned to = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(to), "l"(src),
+                 "n"((int)sizeof(T)), "r"(valid ? (int)sizeof(T) : 0) : "memory");
+#else
+    *dst = valid ? *src : T(0);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+#endif  // GPUCNN_EMULATOR
+
+namespace conv {
+
+constexpr int BM = CONV_BM, BN = CONV_BN, TM = CONV_TM, TN = CONV_TN;
+// A stage holds BK reduction values, fewer for double: its 8x8 accumulators take
+// twice the registers, and two stages must still fit in 48 KiB.
+template <typename T>
+struct Depth { static constexpr int value = sizeof(T) == 4 ? CONV_BK : CONV_BK_DOUBLE; };
+constexpr int THREADS_M = BM / TM, THREADS_N = BN / TN, THREADS = THREADS_M * THREADS_N;
+// A stage is stored k-major, As[k][m]; 4 elements of padding per row put the 8
+// k-rows a warp stores at once on different banks (row stride = 4 mod 32 words)
+// and keep every row 16-byte aligned for the vector reads of the inner loop.
+constexpr int PAD = 4;
+constexpr int LDA = BM + PAD, LDB = BN + PAD;
+
+static_assert(CONV_UNROLL % 2 == 0 && CONV_UNROLL > 0, "CONV_UNROLL must be even");
+static_assert(TM % 4 == 0 && TN % 4 == 0, "TM and TN must be multiples of 4");
+static_assert(BM % TM == 0 && BN % TN == 0, "the block tile must split into thread tiles");
+static_assert(THREADS % CONV_BK == 0 && THREADS % CONV_BK_DOUBLE == 0 && THREADS <= 1024,
+              "threads must be a multiple of BK");
+static_assert((BM <= THREADS ? THREADS % BM : BM % THREADS) == 0, "BM and the threads");
+static_assert((BN <= THREADS ? THREADS % BN : BN % THREADS) == 0, "BN and the threads");
+static_assert(BM * CONV_BK_DOUBLE % THREADS == 0 && BN * CONV_BK_DOUBLE % THREADS == 0,
+              "whole loads per thread");
+
+// An index i of a GEMM dimension, read as three digits (d0, d1, d2) with radices
+// (-, r1, r2), addresses  base + d0*s0 + d1*s1 + d2*s2  and a window position
+// (hbase + d1*h1, wbase + d2*w2) that must lie inside [0,H) x [0,W) to be read.
+struct IndexMap {
+    int r1, r2;
+    long long s0, s1, s2, base;
+    int h1, hbase, w2, wbase;
+};
+
+__device__ __forceinline__ IndexMap index_map(int r1, int r2, long long s0, long long s1,
+                                              long long s2, long long base, int h1 = 0,
+                                              int hbase = 0, int w2 = 0, int wbase = 0) {
+    IndexMap m;
+    m.r1 = r1; m.r2 = r2; m.s0 = s0; m.s1 = s1; m.s2 = s2; m.base = base;
+    m.h1 = h1; m.hbase = hbase; m.w2 = w2; m.wbase = wbase;
+    return m;
+}
+
+// A position along a map: its digits d1, d2, its offset and window position.
+struct Cursor {
+    int d1, d2, h, w;
+    long long off;
+};
+
+// Divisions happen here, a few times per thread before the main loop, never in it.
+// (Indices fit in 32 bits; the launcher checks.)
+__device__ __forceinline__ Cursor locate(const IndexMap& m, int i) {
+    // unsigned: every index and radix is >= 0, and unsigned division is shorter
+    const unsigned q = (unsigned)i / (unsigned)m.r2, d0 = q / (unsigned)m.r1;
+    Cursor c;
+    c.d2 = (int)((unsigned)i - q * (unsigned)m.r2);
+    c.d1 = (int)(q - d0 * (unsigned)m.r1);
+    c.off = m.base + d0 * m.s0 + c.d1 * m.s1 + c.d2 * m.s2;
+    c.h = m.hbase + c.d1 * m.h1;
+    c.w = m.wbase + c.d2 * m.w2;
+    return c;
+}
+
+// Adding a constant step to a cursor is a mixed-radix addition with at most one
+// carry per digit: the step's digits and the carries' effects are precomputed.
+struct Step {
+    int q1, q2, dh, dw;
+    long long doff;
+};
+
+__device__ __forceinline__ Step make_step(const IndexMap& m, int step) {
+    const Cursor c = locate(index_map(m.r1, m.r2, m.s0, m.s1, m.s2, 0, m.h1, 0, m.w2, 0), step);
+    Step s;
+    s.q1 = c.d1; s.q2 = c.d2; s.dh = c.h; s.dw = c.w; s.doff = c.off;
+    return s;
+}
+
+__device__ __forceinline__ void advance(Cursor& c, const IndexMap& m, const Step& s) {
+    c.d2 += s.q2; c.d1 += s.q1; c.off += s.doff; c.h += s.dh; c.w += s.dw;
+    if (c.d2 >= m.r2) {
+        c.d2 -= m.r2; c.d1 += 1; c.off += m.s1 - m.r2 * m.s2; c.h += m.h1; c.w -= m.r2 * m.w2;
+    }
+    if (c.d1 >= m.r1) { c.d1 -= m.r1; c.off += m.s0 - m.r1 * m.s1; c.h -= m.r1 * m.h1; }
+}
+
+// One GEMM operand: O rows (A: BM, B: BN) by BK reduction values per stage,
+// element (o, k) read at ptr[omap(o).off + kmap(k).off] when both are in range
+// and, for a WINDOW operand (an image gathered through a filter window), the
+// position omap(o).(h,w) + kmap(k).(h,w) lies inside [0,Hlim) x [0,Wlim).
+// Operands without a window are weights or dy rows: their omap is linear.
+// K_FAST picks which index consecutive threads walk along: the one along which
+// the operand is contiguous in memory, so that a warp's loads coalesce.
+//   K_FAST:  k = t % BK,          o = t / BK + io * (THREADS / BK)
+//   else:    o = t % 32 + 32*io,  k = t / 32 + ik * (THREADS / 32)
+template <typename T, int O, bool K_FAST, bool WINDOW>
+struct Operand {
+    static constexpr int BK = Depth<T>::value;
+    static constexpr int E = O * BK / THREADS;               // loads per thread per stage
+    static constexpr int NO = K_FAST ? E : O / 32;           // distinct o per thread
+    static constexpr int NK = E / NO;                        // distinct k per thread
+    static constexpr int OSPACE = K_FAST ? THREADS / BK : 32;      // between a thread's o
+    static constexpr int KSPACE = K_FAST ? BK : THREADS / 32;      // between a thread's k
+    static_assert(K_FAST || (O % 32 == 0 && BK % (THREADS / 32) == 0), "o-fast layout");
+
+    const T* ptr;
+    IndexMap kmap;
+    Step step;
+    int Hlim, Wlim;
+    int oleft;  // rows left from this thread's first o to the operand's end
+    long long ooff[WINDOW ? NO : 1];
+    int ostride;  // !WINDOW: offset between a thread's o
+    int oh[WINDOW ? NO : 1], ow[WINDOW ? NO : 1];
+    Cursor k[NK];
+
+    __device__ __forceinline__ static int o_first() {
+        return K_FAST ? threadIdx.x / BK : threadIdx.x % 32;
+    }
+    __device__ __forceinline__ static int k_first() {
+        return K_FAST ? threadIdx.x % BK : threadIdx.x / 32;
+    }
+
+    __device__ __forceinline__ void init(const T* p, const IndexMap& omap, int o0, int orows,
+                                         const IndexMap& km, int k0, int hlim, int wlim) {
+        ptr = p; kmap = km; Hlim = hlim; Wlim = wlim;
+        step = make_step(km, BK);
+        oleft = orows - o0 - o_first();
+        Cursor o = locate(omap, oleft > 0 ? o0 + o_first() : 0);
+        ooff[0] = o.off;
+        if (WINDOW) {
+            // the thread's o are evenly spaced: locate the first, step to the others
+            const Step ostep = make_step(omap, OSPACE);
+#pragma unroll
+            for (int io = 0; io < (WINDOW ? NO : 1); ++io) {
+                if (io) advance(o, omap, ostep);
+                ooff[io] = o.off; oh[io] = o.h; ow[io] = o.w;
+            }
+        } else {
+            ostride = OSPACE * (int)omap.s0;
+        }
+        k[0] = locate(km, k0 + k_first());
+        if (NK > 1) {
+            const Step kstep = make_step(km, KSPACE);
+#pragma unroll
+            for (int ik = 1; ik < NK; ++ik) { k[ik] = k[ik - 1]; advance(k[ik], km, kstep); }
+        }
+    }
+
+    // Copy this thread's elements of the stage whose first k is kleft before the
+    // end into the shared stage s (As[k][o]); elements out of range become zeros.
+    __device__ __forceinline__ void copy(T* s, int kleft) const {
+        T* at = s + k_first() * (O + PAD) + o_first();
+#pragma unroll
+        for (int ik = 0; ik < NK; ++ik) {
+            const bool kin = k_first() + ik * KSPACE < kleft;
+#pragma unroll
+            for (int io = 0; io < NO; ++io) {
+                bool in = kin && io * OSPACE < oleft;
+                long long off;
+                if (WINDOW) {
+                    const int h = oh[io] + k[ik].h, w = ow[io] + k[ik].w;
+                    in = in && (unsigned)h < (unsigned)Hlim && (unsigned)w < (unsigned)Wlim;
+                    off = ooff[io] + k[ik].off;
+                } else {
+                    off = ooff[0] + k[ik].off + io * ostride;
+                }
+                cp_async(at + ik * KSPACE * (O + PAD) + io * OSPACE, in ? ptr + off : ptr, in);
+            }
+        }
+    }
+
+    __device__ __forceinline__ void next() {
+#pragma unroll
+        for (int ik = 0; ik < NK; ++ik) advance(k[ik], kmap, step);
+    }
+
+};
+
+__device__ __forceinline__ void load4(const float* p, float* v) {
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+}
+
+__device__ __forceinline__ void load4(const double* p, double* v) {
+    const double2 a = *reinterpret_cast<const double2*>(p);
+    const double2 b = *reinterpret_cast<const double2*>(p + 2);
+    v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+}
+
+// Row i of a thread's TM rows: groups of 4 adjacent rows, THREADS_M*4 apart, so
+// that a warp's stores of one group cover a contiguous run of the output.
+__device__ __forceinline__ int thread_row(int i) {
+    return (i / 4) * (4 * THREADS_M) + (threadIdx.x % THREADS_M) * 4 + i % 4;
+}
+__device__ __forceinline__ int thread_col(int j) {
+    return (j / 4) * (4 * THREADS_N) + (threadIdx.x / THREADS_M) * 4 + j % 4;
+}
+
+// One stage of the main loop, CUR being the shared-memory stage it multiplies:
+// the next stage's copies into the other stage are issued first and land while
+// this stage's products run. The other stage was last read in the previous stage,
+// before the barrier that ended it, so it can be overwritten now.
+template <int CUR, typename T, typename OpA, typename OpB>
+__device__ __forceinline__ void stage(OpA& a, OpB& b, T* As, T* Bs, int kleft, T (&acc)[TM][TN]) {
+    constexpr int BK = Depth<T>::value;
+    if (kleft > BK) {
+        a.next();
+        b.next();
+        a.copy(As + (1 - CUR) * BK * LDA, kleft - BK);
+        b.copy(Bs + (1 - CUR) * BK * LDB, kleft - BK);
+    }
+    cp_async_commit();
+    const T* as = As + CUR * BK * LDA + (threadIdx.x % THREADS_M) * 4;
+    const T* bs = Bs + CUR * BK * LDB + (threadIdx.x / THREADS_M) * 4;
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+        T ra[TM], rb[TN];
+#pragma unroll
+        for (int i = 0; i < TM; i += 4) load4(as + kk * LDA + i * THREADS_M, ra + i);
+#pragma unroll
+        for (int j = 0; j < TN; j += 4) load4(bs + kk * LDB + j * THREADS_N, rb + j);
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i][j] += ra[i] * rb[j];
+    }
+    cp_async_wait<0>();  // this thread's copies of the next stage have landed...
+    __syncthreads();     // ...and everyone's
+}
+
+// The main loop: acc[i][j] = sum over the klen reduction values, in increasing
+// order, of A(row i, k) * B(k, col j), BK at a time, through two shared stages.
+template <typename T, typename OpA, typename OpB>
+__device__ __forceinline__ void gemm_tile(OpA& a, OpB& b,
+                                          int klen, T (&acc)[TM][TN], unsigned char* smem) {
+    constexpr int BK = Depth<T>::value;
+    T* As = reinterpret_cast<T*>(smem);  // [2][BK][LDA]
+    T* Bs = As + 2 * BK * LDA;           // [2][BK][LDB]
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
+    if (klen <= 0) return;
+    a.copy(As, klen);
+    b.copy(Bs, klen);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    // CONV_UNROLL stages per iteration, so that the stage index is a constant
+    for (int kleft = klen; kleft > 0; kleft -= CONV_UNROLL * BK) {
+#pragma unroll
+        for (int u = 0; u < CONV_UNROLL; u += 2) {
+            if (kleft > u * BK) stage<0, T>(a, b, As, Bs, kleft - u * BK, acc);
+            if (kleft > (u + 1) * BK) stage<1, T>(a, b, As, Bs, kleft - (u + 1) * BK, acc);
+        }
+    }
+}
+
+// out[rows(m).off + col_base + n*col_stride] = acc (+ bias[n], 0 if null) for the thread's
+// in-range outputs. A thread's rows come in runs of 4 adjacent ones: the first
+// of a run is located, the next three are one step further each.
+template <bool HAS_BIAS, typename T>
+__device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const IndexMap& rows,
+                                           int m0, int M, long long col_base, int col_stride,
+                                           int n0, int Ncols, const T* bias) {
+    // one pointer per column; a row adds its byte offset to each
+    char* col[TN];
+    T b[TN];
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+        const int n = n0 + thread_col(j);
+        col[j] = reinterpret_cast<char*>(out + col_base + (long long)n * col_stride);
+        if (HAS_BIAS) b[j] = bias != nullptr && n < Ncols ? bias[n] : T(0);
+    }
+    const Step one = make_step(rows, 1);
+    Cursor r;
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        const int m = m0 + thread_row(i);
+        if (m >= M) break;  // rows only grow with i
+        if (i % 4 == 0) r = locate(rows, m);
+        else advance(r, rows, one);
+        const long long at = r.off * (long long)sizeof(T);
+#pragma unroll
+        for (int j = 0; j < TN; ++j)
+            if (n0 + thread_col(j) < Ncols)
+                *reinterpret_cast<T*>(col[j] + at) = HAS_BIAS ? acc[i][j] + b[j] : acc[i][j];
+    }
+}
+
+}  // namespace conv
+
+// The kernels take the convolution's geometry as ints (every index and count
+// fits in 32 bits; offsets are 64-bit). pt/pl are the top/left padding; the
+// bottom/right padding needs no argument: positions past the input read zeros.
+
+// y[n,k,p,q] = bias[k] + sum_{c',r,s} x[n, g*Cg + c', p*sh - pt + r*dh, q*sw - pl + s*dw]
+//                                     * w[k, c', r, s],   k in group g = blockIdx.z.
+// GEMM rows (n,p,q), columns k of the group, reduction (c',r,s); bias in the epilogue.
+// Grid (ceil(N*P*Q/BM), ceil(K/groups/BN), groups), conv::THREADS threads.
+template <typename T>
+__global__ void __launch_bounds__(conv::THREADS, 1)
+conv2d_forward(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+               T* __restrict__ y, int N, int C, int H, int W, int K, int R, int S, int P, int Q,
+               int sh, int sw, int pt, int pl, int dh, int dw, int groups, int has_bias) {
+    using namespace conv;
+    extern __shared__ unsigned char smem[];  // 2 stages of A and B (cuda.py: smem_bytes)
+    const int g = blockIdx.z, Cg = C / groups, Kg = K / groups, RS = R * S, Jg = Cg * RS;
+    const int PQ = P * Q, M = N * PQ, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const long long HW = (long long)H * W;
+    if (m0 >= M) return;
+    Operand<T, BM, false, true> a;  // x gathered: consecutive threads take consecutive q
+    a.init(x, index_map(P, Q, C * HW, (long long)sh * W, sw, g * Cg * HW - (long long)pt * W - pl,
+                        sh, -pt, sw, -pl),
+           m0, M, index_map(R, S, HW, (long long)dh * W, dw, 0, dh, 0, dw, 0), 0, H, W);
+    Operand<T, BN, true, false> b;   // w as a (K, Jg) matrix, read along its rows
+    b.init(w, index_map(1, 1, Jg, 0, 0, (long long)g * Kg * Jg), n0, Kg,
+           index_map(R, S, RS, S, 1, 0), 0, 1, 1);
+    T acc[TM][TN];
+    gemm_tile(a, b, Jg, acc, smem);
+    const IndexMap rows = index_map(1, PQ, (long long)K * PQ, 0, 1, 0);  // (n, pq)
+    store_tile<true>(y, acc, rows, m0, M, (long long)g * Kg * PQ, PQ, n0, Kg,
+               has_bias ? bias + g * Kg : (const T*)nullptr);
+}
+
+// dx[n,c,h,w] = sum over k of c's group and the taps (r,s) that reach (h,w) of
+// dy[n,k,(h+pt-r*dh)/sh,(w+pl-s*dw)/sw] * w[k,c',r,s]. Split into stride phases:
+// phase (ph,pw) holds the pixels with (h+pt) mod sh == ph and (w+pl) mod sw == pw,
+// whose taps are exactly the r with r*dh = ph (mod sh): an arithmetic progression
+// r0, r0+rstep, ... along which the dy row moves by -dph. So every tap of the
+// reduction lands on a real dy element (no multiplication by an inserted zero).
+// GEMM per (group, phase) = blockIdx.z: rows (n,ih,iw) with h = h1st + ih*sh,
+// columns c', reduction (k, tap row, tap column).
+// phase_table[phase] holds the phase's PHASE_FIELDS ints, computed by the launcher
+// (gpucnn/cuda.py: dgrad_phases): h1st w1st Hph Wph r0 s0 rstep sstep nr ns offh
+// offw dph dpw, where p = ih + offh - i*dph for the i-th tap row (likewise q).
+// Grid (ceil(N*ceil(H/sh)*ceil(W/sw)/BM), ceil(C/groups/BN), groups*sh*sw).
+template <typename T>
+__global__ void __launch_bounds__(conv::THREADS, 1)
+conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __restrict__ dx,
+                     const int* __restrict__ phase_table, int N, int C, int H, int W, int K,
+                     int R, int S, int P, int Q, int sh, int sw, int pt, int pl, int dh, int dw,
+                     int groups) {
+    using namespace conv;
+    extern __shared__ unsigned char smem[];  // 2 stages of A and B (cuda.py: smem_bytes)
+    const int phases = sh * sw, g = blockIdx.z / phases;
+    const int* ph = phase_table + (blockIdx.z - g * phases) * 14;
+    const int h1st = ph[0], w1st = ph[1], Hph = ph[2], Wph = ph[3], r0 = ph[4], s0 = ph[5];
+    const int rstep = ph[6], sstep = ph[7], nr = ph[8], ns = ph[9], offh = ph[10];
+    const int offw = ph[11], dph = ph[12], dpw = ph[13];
+    const int Cg = C / groups, Kg = K / groups, RS = R * S, PQ = P * Q;
+    const long long HW = (long long)H * W;
+    const int M = N * Hph * Wph, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    if (m0 >= M) return;
+    const int klen = Kg * nr * ns;
+    Operand<T, BM, false, true> a;  // dy gathered: consecutive threads take consecutive iw
+    Operand<T, BN, true, false> b;   // w, read along the phase's taps
+    if (klen > 0) {
+        a.init(dy, index_map(Hph, Wph, (long long)K * PQ, Q, 1,
+                             (long long)g * Kg * PQ + (long long)offh * Q + offw, 1, offh, 1, offw),
+               m0, M, index_map(nr, ns, PQ, -(long long)dph * Q, -dpw, 0, -dph, 0, -dpw, 0),
+               0, P, Q);
+        b.init(w, index_map(1, 1, RS, 0, 0, (long long)g * Kg * Cg * RS + r0 * S + s0), n0, Cg,
+               index_map(nr, ns, (long long)Cg * RS, (long long)rstep * S, sstep, 0), 0, 1, 1);
+    }
+    T acc[TM][TN];
+    gemm_tile(a, b, klen, acc, smem);  // klen == 0 (no tap reaches this phase): zeros
+    store_tile<false>(dx, acc, index_map(Hph, Wph, C * HW, (long long)sh * W, sw,
+                                         (long long)h1st * W + w1st),
+                      m0, M, g * Cg * HW, (int)HW, n0, Cg, (const T*)nullptr);
+}
+
+// dw[k,c',r,s] = sum over (n,p,q) of
+//               dy[n,k,p,q] * x[n, g*Cg + c', p*sh - pt + r*dh, q*sw - pl + s*dw].
+// GEMM rows k of the group, columns (c',r,s), reduction (n,p,q) split into
+// `slices` consecutive ranges of slice_len (a multiple of BK):
+// blockIdx.z = g * slices + slice writes partial[slice] (K, Cg*R*S); with one
+// slice, partial is dw itself; else conv2d_sum_slices adds the slices in order.
+// Grid (ceil(K/groups/BM), ceil(Cg*R*S/BN), groups*slices).
+template <typename T>
+__global__ void __launch_bounds__(conv::THREADS, 1)
+conv2d_backward_filter(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ partial,
+                       int N, int C, int H, int W, int K, int R, int S, int P, int Q, int sh,
+                       int sw, int pt, int pl, int dh, int dw, int groups, int slices,
+                       int slice_len) {
+    using namespace conv;
+    extern __shared__ unsigned char smem[];  // 2 stages of A and B (cuda.py: smem_bytes)
+    const int g = blockIdx.z / slices, slice = blockIdx.z % slices;
+    const int Cg = C / groups, Kg = K / groups, RS = R * S, Jg = Cg * RS, PQ = P * Q;
+    const int NPQ = N * PQ, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, k0 = slice * slice_len;
+    const int klen = NPQ - k0 < slice_len ? NPQ - k0 : slice_len;
+    const long long HW = (long long)H * W;
+    Operand<T, BM, true, false> a;  // dy rows k, read along (n,p,q)
+    a.init(dy, index_map(1, 1, PQ, 0, 0, (long long)g * Kg * PQ), m0, Kg,
+           index_map(P, Q, (long long)K * PQ, Q, 1, 0), k0, 1, 1);
+    Operand<T, BN, true, true> b;  // x gathered, read along (n,p,q)
+    b.init(x, index_map(R, S, HW, (long long)dh * W, dw, g * Cg * HW - (long long)pt * W - pl,
+                        dh, -pt, dw, -pl),
+           n0, Jg, index_map(P, Q, C * HW, (long long)sh * W, sw, 0, sh, 0, sw, 0), k0, H, W);
+    T acc[TM][TN];
+    gemm_tile(a, b, klen, acc, smem);
+    const long long out0 = ((long long)slice * K + g * Kg) * Jg;
+    store_tile<false>(partial, acc, index_map(1, 1, Jg, 0, 0, out0), m0,
+               Kg, 0, 1, n0, Jg, (const T*)nullptr);
+}
