@@ -340,13 +340,139 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the results as JSON to this file")
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny case of each kind: checks that everything runs")
+    parser.add_argument("--modern", action="store_true", help="time BN, a residual block, the "
+                        "ResNet stem pool and a resnet step instead (issue 11)")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error(f"--repeat must be a positive int, got {args.repeat}")
-    results = run(args.device, args.repeat, smoke=args.smoke)
+    results = (run_modern(args.device, args.repeat) if args.modern else
+               run(args.device, args.repeat, smoke=args.smoke))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+
+# --- issue 11: BN, a residual block, the ResNet step and the ResNet stem's pool ---
+
+def torch_resnet(torch):
+    """gpucnn.models.resnet written in torch, with the same state_dict names."""
+    tn = torch.nn
+
+    class Block(tn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.body = tn.Sequential(tn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                                      tn.BatchNorm2d(cout), tn.ReLU(),
+                                      tn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                      tn.BatchNorm2d(cout))
+            self.shortcut = (tn.Sequential(tn.Conv2d(cin, cout, 1, stride, bias=False),
+                                           tn.BatchNorm2d(cout))
+                             if stride != 1 or cin != cout else tn.Identity())
+
+        def forward(self, x):
+            return self.body(x) + self.shortcut(x)
+
+    class GlobalAvgPool(tn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    def stage(cin, cout, stride):
+        return tn.Sequential(Block(cin, cout, stride), tn.ReLU())
+    return tn.Sequential(tn.Conv2d(1, 16, 3, padding=1, bias=False), tn.BatchNorm2d(16),
+                         tn.ReLU(), stage(16, 16, 1), stage(16, 32, 2), stage(32, 64, 2),
+                         GlobalAvgPool(), tn.Linear(64, 10))
+
+
+def run_modern(device="auto", repeat=10, out=sys.stdout):
+    """BN forward+backward, a residual block, the 3x3 stride-2 padding-1 max pool of
+    ResNet stems, and a resnet SGD step (batch 128) next to torch: [rows]."""
+    device, why = backend.resolve_device(device)
+    xp, torch, timer = backend.xp_for(device), _torch(device), Timer(device, repeat)
+    rng, dev = numpy.random.default_rng(0), "cuda" if device == "cuda" else "cpu"
+    arr = lambda *shape: xp.asarray(rng.standard_normal(shape).astype(numpy.float32))  # noqa
+    tens = lambda a: torch.from_numpy(backend.to_numpy(a)).to(dev)  # noqa: E731
+    cases = []
+
+    x_bn, dy_bn = arr(128, 32, 14, 14), arr(128, 32, 14, 14)
+    bn = gpucnn.BatchNorm2D(32).to(device)
+
+    def bn_ours():
+        bn(x_bn)
+        bn.backward(dy_bn)
+    theirs = None
+    if torch is not None:
+        tbn = torch.nn.BatchNorm2d(32).to(dev)
+        tx_bn, tdy_bn = tens(x_bn).requires_grad_(), tens(dy_bn)
+        theirs = lambda: tbn(tx_bn).backward(tdy_bn)  # noqa: E731
+    cases.append(("BN2d fwd+bwd 128,32,14,14", bn_ours, theirs))
+
+    gpucnn.manual_seed(0)
+    block = models.basic_block(32, 32).to(device)
+    x_blk, dy_blk = arr(128, 32, 14, 14), arr(128, 32, 14, 14)
+
+    def block_ours():
+        block.zero_grad()
+        block(x_blk)
+        block.backward(dy_blk)
+    theirs = None
+    if torch is not None:
+        block_type = type(torch_resnet(torch)[4][0])
+        tblock = block_type(32, 32, 1).to(dev)
+        tx_blk, tdy_blk = tens(x_blk).requires_grad_(), tens(dy_blk)
+
+        def theirs():
+            tblock.zero_grad()
+            torch.relu(tblock(tx_blk)).backward(tdy_blk)
+    cases.append(("residual block 32ch fwd+bwd 128,32,14,14", block_ours, theirs))
+
+    x_pool, k = arr(128, 16, 28, 28), dict(kernel_size=3, stride=2, padding=1)
+    dy_pool = arr(128, 16, 14, 14)
+
+    def pool_ours():
+        _, idx = F.max_pool2d(x_pool, **k)
+        F.max_pool2d_backward(dy_pool, idx, x_pool.shape, **k)
+    theirs = None
+    if torch is not None:
+        tx_pool, tdy_pool = tens(x_pool).requires_grad_(), tens(dy_pool)
+        theirs = lambda: torch.nn.functional.max_pool2d(  # noqa: E731
+            tx_pool, 3, 2, 1).backward(tdy_pool)
+    cases.append(("max pool 3x3 s2 p1 fwd+bwd 128,16,28,28", pool_ours, theirs))
+
+    gpucnn.manual_seed(0)
+    net = models.resnet().to(device)
+    opt = gpucnn.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x_net, y_net = arr(128, 1, 28, 28), xp.asarray(rng.integers(0, 10, 128))
+
+    def step_ours():
+        opt.zero_grad()
+        loss, dz = F.softmax_cross_entropy(net(x_net), y_net)
+        net.backward(dz, need_input_grad=False)
+        opt.step()
+    theirs = None
+    if torch is not None:
+        tnet = torch_resnet(torch).to(dev)
+        topt = torch.optim.SGD(tnet.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                               weight_decay=5e-4)
+        tx_net, ty_net = tens(x_net), tens(y_net)
+
+        def theirs():
+            topt.zero_grad()
+            torch.nn.functional.cross_entropy(tnet(tx_net), ty_net).backward()
+            topt.step()
+    cases.append(("resnet SGD step, batch 128", step_ours, theirs))
+
+    print(f"gpucnn issue-11 benchmark on {device} ({why}); float32; median of {repeat}",
+          file=out)
+    rows = []
+    for name, ours, theirs in cases:
+        t_ours = timer(ours)
+        t_theirs = timer(theirs, torch_cuda=True) if theirs else None
+        ratio = t_ours / t_theirs if t_theirs else None
+        rows.append(dict(case=name, gpucnn_ms=t_ours, torch_ms=t_theirs, ratio=ratio))
+        print(f"{name:<58}{t_ours:>11.3f}{(f'{t_theirs:.3f}' if t_theirs else '-'):>11}"
+              f"{(f'{ratio:.2f}x' if ratio else '-'):>8}", file=out, flush=True)
+    return rows
 
 
 if __name__ == "__main__":

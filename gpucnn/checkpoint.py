@@ -25,6 +25,8 @@ def save(path, model, optimizer, meta):
         for k, v in st.items():
             if hasattr(v, "shape"):
                 arrays[f"optim/{i}/{k}"] = backend.to_numpy(v)
+    # the random layers' state (Dropout), unless the caller took it at a step boundary
+    meta = dict(meta, model_rng=meta.get("model_rng", model.random_state()))
     record = dict(meta, optimizer=dict(type=type(optimizer).__name__, steps=opt_state["steps"],
                                        hyper=opt_state["hyper"], scalars=scalars),
                   params={k: list(v.shape) for k, v in model.state_dict().items()})
@@ -100,4 +102,6 @@ def restore(path, model, optimizer=None):
         model.load_state_dict(model_state)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path} cannot be loaded: {e}") from None
+    if meta.get("model_rng") is not None:
+        model.load_random_state(meta["model_rng"])
     return meta

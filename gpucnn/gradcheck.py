@@ -64,6 +64,27 @@ def cases(rng, xp=numpy):
         return (inputs, lambda logits: F.softmax_cross_entropy(logits, labels)[0],
                 lambda G, logits: dict(logits=F.softmax_cross_entropy(logits, labels)[1] * G))
 
+    def batch_norm(training):
+        stats = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
+        inputs = dict(x=rng.standard_normal((3, 3, 4, 2)), weight=rng.standard_normal(3),
+                      bias=rng.standard_normal(3))
+
+        def fwd(x, weight, bias):  # fresh copies: training updates the running statistics
+            xp = backend.get_array_module(x)
+            rm, rv = (xp.asarray(s) for s in stats)
+            return F.batch_norm(x, rm, rv, weight, bias, training=training)
+
+        def bwd(G, x, weight, bias):
+            dx, dw, db = F.batch_norm_backward(G, fwd(x, weight, bias)[1], weight)
+            return dict(x=dx, weight=dw, bias=db)
+        return inputs, lambda **a: fwd(**a)[0], bwd
+
+    def smoothed_loss():
+        inputs = dict(logits=rng.standard_normal((4, 5)) * 3)
+        loss = lambda z: F.softmax_cross_entropy(z, labels, label_smoothing=0.2)  # noqa: E731
+        return inputs, lambda logits: loss(logits)[0], lambda G, logits: dict(
+            logits=loss(logits)[1] * G)
+
     return {
         "conv2d": conv({}),
         "conv2d stride 2 pad 1": conv(dict(stride=2, padding=1)),
@@ -80,6 +101,11 @@ def cases(rng, xp=numpy):
                  lambda G, x: dict(x=F.relu_backward(G, x))),
         "linear": linear(),
         "softmax_cross_entropy": loss(),
+        "batch_norm train": batch_norm(True),
+        "batch_norm eval": batch_norm(False),
+        "global_avg_pool2d": (dict(x=rng.standard_normal((2, 3, 4, 3))), F.global_avg_pool2d,
+                              lambda G, x: dict(x=F.global_avg_pool2d_backward(G, x.shape))),
+        "softmax_cross_entropy smoothing 0.2": smoothed_loss(),
     }
 
 

@@ -1,5 +1,6 @@
 """The built-in networks. A user can pass any Sequential of their own instead."""
-from .nn import Conv2D, Flatten, Linear, MaxPool2D, ReLU, Sequential
+from .nn import (BatchNorm2D, Conv2D, Flatten, GlobalAvgPool2D, Linear, MaxPool2D, ReLU, Residual,
+                 Sequential)
 
 
 def lenet(num_classes=10, in_channels=1):
@@ -18,4 +19,35 @@ def digits_net(num_classes=10, in_channels=1):
         Flatten(), Linear(32 * 2 * 2, 64), ReLU(), Linear(64, num_classes))
 
 
-MODELS = {"lenet": lenet, "digits": digits_net}
+def basic_block(in_channels, out_channels, stride=1):
+    """ResNet's basic block: conv3x3-BN-ReLU-conv3x3-BN plus the identity (or a 1x1
+    strided conv + BN where the shape changes), then ReLU. Kaiming-normal convs."""
+    body = Sequential(
+        Conv2D(in_channels, out_channels, 3, stride=stride, padding=1, bias=False,
+               init="kaiming_normal"),
+        BatchNorm2D(out_channels), ReLU(),
+        Conv2D(out_channels, out_channels, 3, padding=1, bias=False, init="kaiming_normal"),
+        BatchNorm2D(out_channels))
+    shortcut = None
+    if stride != 1 or in_channels != out_channels:
+        shortcut = Sequential(Conv2D(in_channels, out_channels, 1, stride=stride, bias=False,
+                                     init="kaiming_normal"), BatchNorm2D(out_channels))
+    return Sequential(Residual(body, shortcut), ReLU())
+
+
+def resnet(num_classes=10, in_channels=1, widths=(16, 32, 64)):
+    """A small ResNet for 28x28 images: stem conv3x3 (no bias) + BN + ReLU, one
+    basic block per stage at widths 16, 32, 64 (28, 14, 7 pixels), global average
+    pool, Linear(64, classes). Convs Kaiming-normal (fan_out, ReLU), BN weight 1 and
+    bias 0, the Linear PyTorch's default: torchvision's ResNet initialisation."""
+    layers = [Conv2D(in_channels, widths[0], 3, padding=1, bias=False, init="kaiming_normal"),
+              BatchNorm2D(widths[0]), ReLU()]
+    prev = widths[0]
+    for i, width in enumerate(widths):
+        layers.append(basic_block(prev, width, stride=1 if i == 0 else 2))
+        prev = width
+    layers += [GlobalAvgPool2D(), Linear(prev, num_classes)]
+    return Sequential(*layers)
+
+
+MODELS = {"lenet": lenet, "digits": digits_net, "resnet": resnet}

@@ -18,3 +18,20 @@ def host_rng():
 def uniform(shape, bound, dtype=numpy.float32):
     """U(-bound, bound) on the host, the distribution of PyTorch's default init."""
     return _rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+def normal(shape, std, dtype=numpy.float32):
+    """N(0, std^2) on the host (Kaiming-normal initialisation)."""
+    return _rng.normal(0.0, std, size=shape).astype(dtype)
+
+
+def stream_seed(seed, counter):
+    """A seed for the counter-th draw of a stream: random layers and augmentation
+    draw each batch from a fresh generator seeded by (their seed, a call counter),
+    so their whole state is two ints that a checkpoint stores and restores exactly."""
+    return int(numpy.random.SeedSequence([seed, counter]).generate_state(1, numpy.uint64)[0] >> 1)
+
+
+def generator(xp, seed, counter):
+    """The device's Generator (numpy or cupy) for draw number `counter` of stream `seed`."""
+    return xp.random.default_rng(stream_seed(seed, counter))

@@ -12,9 +12,11 @@ import numpy
 
 from . import backend, checkpoint, data, plots, runs
 from . import functional as F
+from .augment import Augment
 from .errors import ConfigError, UserError
 from .models import MODELS
 from .optim import SGD, Adam
+from .schedules import SCHEDULES
 from .random import manual_seed
 from .step import check_labels, train_step
 
@@ -23,9 +25,21 @@ DEFAULTS = {  # per dataset: what reaches the README's accuracy targets
     "fashion-mnist": dict(model="lenet", epochs=3, batch_size=64, optimizer="adam", lr=1e-3),
     "mnist": dict(model="lenet", epochs=3, batch_size=64, optimizer="adam", lr=1e-3),
 }
+# Per built-in model, its recipe (issue 11's ResNet recipe); it overrides the
+# dataset's defaults, and whatever the user sets overrides both.
+MODEL_DEFAULTS = {
+    "resnet": dict(epochs=10, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9,
+                   nesterov=True, weight_decay=5e-4, schedule="cosine", augment="crop+flip"),
+}
+# Unset after both: plain training.
+FALLBACKS = dict(nesterov=False, weight_decay=0.0, schedule="none", augment="none",
+                 label_smoothing=0.0, warmup=0)
+AUGMENTS = ("none", "crop", "flip", "crop+flip")
+CROP_PADDING = 2
+NO_FLIP = ("digits", "mnist")  # a flipped digit is another symbol
 # Settings that define a run: a resumed run takes them from its checkpoint.
 RUN_KEYS = ("dataset", "model", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-            "seed", "limit")
+            "seed", "limit", "nesterov", "schedule", "augment", "label_smoothing", "warmup")
 
 
 # Unset (None) fields take these, then the dataset's DEFAULTS. A run-defining
@@ -53,6 +67,11 @@ class Config:
     lr: float = None
     momentum: float = None
     weight_decay: float = None
+    nesterov: bool = None
+    schedule: str = None
+    augment: str = None
+    label_smoothing: float = None
+    warmup: int = None
     device: str = None
     seed: int = None
     out: str = None
@@ -70,6 +89,7 @@ class Config:
             raise ConfigError(f"dataset must be one of {tuple(DEFAULTS)}, got {c.dataset!r}")
         c = dataclasses.replace(c, **{k: v for k, v in DEFAULTS[c.dataset].items()
                                      if getattr(c, k) is None})
+        c = _fill_recipe(c, self)
         for name in ("epochs", "batch_size"):
             if not _is_int(getattr(c, name)) or getattr(c, name) < 1:
                 raise ConfigError(f"{name} must be a positive int, got {getattr(c, name)!r}")
@@ -99,6 +119,56 @@ def _is_real(v):
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _fill_recipe(c, given):
+    """The model's recipe, then FALLBACKS, in place of the fields the user left unset
+    (the dataset's defaults give way to the recipe); checks the new settings."""
+    recipe = dict(MODEL_DEFAULTS.get(c.model, {}))
+    if recipe.get("augment") == "crop+flip" and c.dataset in NO_FLIP:
+        recipe["augment"] = "crop"
+    fields = {k: v for k, v in recipe.items() if getattr(given, k) is None}
+    fields.update({k: v for k, v in FALLBACKS.items()
+                   if getattr(given, k) is None and k not in recipe})
+    c = dataclasses.replace(c, **fields)
+    if c.schedule not in ("none",) + tuple(SCHEDULES):
+        raise ConfigError(f"schedule must be one of {('none',) + tuple(SCHEDULES)}, "
+                          f"got {c.schedule!r}")
+    if c.augment not in AUGMENTS:
+        raise ConfigError(f"augment must be one of {AUGMENTS}, got {c.augment!r}")
+    if not (_is_real(c.label_smoothing) and 0 <= c.label_smoothing <= 1):
+        raise ConfigError(f"label_smoothing must be in [0, 1], got {c.label_smoothing}")
+    if not _is_int(c.warmup) or c.warmup < 0:
+        raise ConfigError(f"warmup must be a number of steps >= 0, got {c.warmup!r}")
+    if c.nesterov and c.optimizer != "sgd":
+        raise ConfigError(f"nesterov applies to --optimizer sgd, got {c.optimizer!r}")
+    return c
+
+
+def make_schedule(config, optimizer, steps_per_epoch):
+    """The config's lr schedule, stepped once per batch (None for 'none').
+    cosine: from lr to 0 over all the run's batches after the warmup; step: x0.1
+    every third of the run (at least every epoch)."""
+    if config.schedule == "none":
+        if config.warmup:
+            return SCHEDULES["step"](optimizer, step_size=2**62, gamma=1.0,
+                                     warmup_steps=config.warmup)
+        return None
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "cosine":
+        return SCHEDULES["cosine"](optimizer, T_max=max(1, total - config.warmup), eta_min=0.0,
+                                   warmup_steps=config.warmup)
+    return SCHEDULES["step"](optimizer, step_size=max(1, config.epochs // 3) * steps_per_epoch,
+                             gamma=0.1, warmup_steps=config.warmup)
+
+
+def make_augment(config, stats, seed):
+    """The batch transform of --augment; pads with the standardised value of a black pixel."""
+    if config.augment == "none":
+        return None
+    fill = (0.0 - stats["mean"]) / stats["std"] if stats else 0.0
+    return Augment(padding=CROP_PADDING if "crop" in config.augment else 0,
+                   flip="flip" in config.augment, fill=fill, seed=seed)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -106,7 +176,7 @@ class TrainingDiverged(RuntimeError):
 def make_optimizer(config, params):
     if config.optimizer == "sgd":
         return SGD(params, lr=config.lr, momentum=config.momentum,
-                   weight_decay=config.weight_decay)
+                   weight_decay=config.weight_decay, nesterov=bool(config.nesterov))
     return Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -217,6 +287,9 @@ def _run(config, model, log, out, resume_meta):
         model = MODELS[config.model](num_classes=len(ds.classes), in_channels=ds.image_shape[0])
     model.to(device).train()
     optimizer = make_optimizer(config, model.parameters())
+    nb = data.num_batches(len(train_y), config.batch_size)
+    schedule = make_schedule(config, optimizer, nb)
+    augment = make_augment(config, ds.stats, config.seed + 1)
     rng = numpy.random.default_rng(config.seed)
     ckpt_path = out / runs.CHECKPOINT
     threads = runs.blas_threads()
@@ -226,6 +299,7 @@ def _run(config, model, log, out, resume_meta):
         history, start_epoch, start_step = (resume_meta["history"], resume_meta["epoch"],
                                             resume_meta["step"])
         rng.bit_generator.state = resume_meta["rng_state"]
+        _restore_extras(resume_meta, schedule, augment)
         partial = resume_meta.get("partial")
         confusion = resume_meta.get("confusion")
         _warn_environment(resume_meta, device, threads, log)
@@ -236,6 +310,9 @@ def _run(config, model, log, out, resume_meta):
             log(f"gpucnn: resumed from {config.resume} at epoch {start_epoch + 1}, "
                 f"step {start_step}")
     saved = dict(epoch=start_epoch if config.resume else None)
+
+    extras = _extras(model, schedule, augment)  # random and lr state after the last full step
+    buffers = _buffers(model)  # running statistics after the last full step
 
     def survivor():
         if saved["epoch"] is None:
@@ -249,7 +326,7 @@ def _run(config, model, log, out, resume_meta):
                     in_channels=int(ds.image_shape[0]),
                     input_shape=[int(v) for v in ds.image_shape], data_stats=ds.stats,
                     custom_model=custom_model, device=device, blas_threads=threads,
-                    confusion=confusion)
+                    confusion=confusion, **extras)
         with runs.writing(ckpt_path, survivor):
             checkpoint.save(ckpt_path, model, optimizer, meta)
         if not part:
@@ -262,7 +339,6 @@ def _run(config, model, log, out, resume_meta):
             _draw_plots(out, history, confusion and numpy.array(confusion), ds.classes, config)
 
     check_labels(train_y, len(ds.classes), "training labels")  # once, not per step
-    nb = data.num_batches(len(train_y), config.batch_size)
     step_fn = _step_function(config, device, model, optimizer, log)
     for epoch in range(start_epoch, config.epochs):
         epoch_state = rng.bit_generator.state
@@ -279,8 +355,13 @@ def _run(config, model, log, out, resume_meta):
         try:
             t0 = time.perf_counter()
             for xb, yb in data.batches(train_x, train_y, config.batch_size, device, order, skip):
+                if augment is not None:
+                    xb = augment(xb)
                 loss, logits = step_fn(model, optimizer, xb, yb)
+                if schedule is not None:
+                    schedule.step()
                 step += 1
+                extras, buffers = _extras(model, schedule, augment), _buffers(model)
                 sums.add(loss, logits, yb, step)
                 seen += len(yb)
                 now = time.perf_counter()
@@ -306,6 +387,7 @@ def _run(config, model, log, out, resume_meta):
             # during the steps or the evaluation: keep the epoch's work so far; a
             # resume evaluates again (an evaluation changes nothing)
             bar.close()
+            _restore_buffers(model, buffers)  # undo a forward cut short (BN statistics)
             loss_sum, correct = sums.read(epoch, ckpt_path, config.lr, check=False)
             save(epoch, step, epoch_state, dict(loss_sum=loss_sum, correct=int(correct), seen=seen,
                                                 train_time=train_time))
@@ -332,6 +414,34 @@ def _run(config, model, log, out, resume_meta):
     return history, model
 
 
+def _extras(model, schedule, augment):
+    """The random layers', schedule's and augmentation's state for the checkpoint's meta."""
+    return dict(model_rng=model.random_state(),
+                schedule=schedule.state_dict() if schedule is not None else None,
+                augment=augment.get_rng_state() if augment is not None else None)
+
+
+def _buffers(model):
+    """Copies of the model's buffers (device-side, a few KB for BN statistics)."""
+    return {name: b.data.copy() for name, b in model.named_buffers()}
+
+
+def _restore_buffers(model, saved):
+    for name, b in model.named_buffers():
+        b.data = saved[name]
+
+
+def _restore_extras(meta, schedule, augment):
+    for name, obj, restore in (("schedule", schedule, "load_state_dict"),
+                               ("augment", augment, "set_rng_state")):
+        state = meta.get(name)
+        if (state is None) != (obj is None):
+            raise checkpoint.CheckpointError(f"the checkpoint's {name} state ({state}) does "
+                                             f"not fit this run's ({obj!r})")
+        if state is not None:
+            getattr(obj, restore)(state)
+
+
 def _warn_environment(meta, device, threads, log):
     """Repeatability holds bit for bit on the same device and BLAS thread count only."""
     then_threads, then_device = meta.get("blas_threads"), meta.get("device")
@@ -346,9 +456,21 @@ def _warn_environment(meta, device, threads, log):
 
 def _step_function(config, device, model, optimizer, log):
     """train_step, or on a GPU (unless cuda_graph is False) its CUDA-graph replay."""
-    use_graph = config.cuda_graph if config.cuda_graph is not None else device == "cuda"
+    # a CUDA graph replays one fixed step: a changing lr, augmentation draws or label
+    # smoothing need the plain step (issue 11's options)
+    dynamic = [name for name, on in (("schedule", config.schedule != "none"),
+                                     ("warmup", config.warmup),
+                                     ("augment", config.augment != "none"),
+                                     ("label_smoothing", config.label_smoothing)) if on]
+    use_graph = (config.cuda_graph if config.cuda_graph is not None
+                 else device == "cuda" and not dynamic)
     if not use_graph:
-        return train_step
+        smoothing = config.label_smoothing
+        return lambda model, optimizer, x, y: train_step(model, optimizer, x, y,
+                                                         label_smoothing=smoothing)
+    if dynamic:
+        raise ConfigError(f"cuda_graph replays a fixed step; it cannot be used with "
+                          f"{', '.join(dynamic)}")
     if device != "cuda":
         raise ConfigError(f"cuda_graph needs device 'cuda', got {device!r}")
     from .graph import GraphedStep

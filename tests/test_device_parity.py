@@ -41,11 +41,40 @@ OPS = {
                                                    x.reshape(8, -1)[:3]),
     "softmax_cross_entropy": lambda x: F.softmax_cross_entropy(
         x.reshape(8, -1), backend.get_array_module(x).arange(8) % 5),
+    "softmax_cross_entropy label_smoothing": lambda x: F.softmax_cross_entropy(
+        x.reshape(8, -1), backend.get_array_module(x).arange(8) % 5, label_smoothing=0.1),
+    "batch_norm train": lambda x: _bn(x, True),
+    "batch_norm eval": lambda x: _bn(x, False),
+    "batch_norm_backward train": lambda x: F.batch_norm_backward(x[::-1], _bn(x, True)[1],
+                                                                 x[0, :, 0, 0] + 2),
+    "batch_norm_backward eval": lambda x: F.batch_norm_backward(x[::-1], _bn(x, False)[1],
+                                                                x[0, :, 0, 0] + 2),
+    "global_avg_pool2d": F.global_avg_pool2d,
+    "global_avg_pool2d_backward": lambda x: F.global_avg_pool2d_backward(x[:, :, 0, 0] * 1,
+                                                                         x.shape),
 }
 
 
+def _bn(x, training):
+    """batch_norm with running statistics (updated in training) derived from x; returns
+    (y, saved, running_mean, running_var) so the updated statistics are compared too."""
+    xp = backend.get_array_module(x)
+    rm, rv = x[1, :, 1, 1] * 1, xp.abs(x[2, :, 2, 2]) + 0.5
+    y, saved = F.batch_norm(x, rm, rv, x[0, :, 0, 0] + 2, x[0, :, 1, 0], training=training,
+                            momentum=0.2)
+    return y, saved, rm, rv
+
+
 def _flat(result):
-    return [result] if not isinstance(result, tuple) else list(result)
+    if not isinstance(result, tuple):
+        return [result]
+    out = []
+    for r in result:  # nested tuples (batch_norm's saved state); skip flags and Nones
+        if isinstance(r, tuple):
+            out += _flat(r)
+        elif hasattr(r, "dtype"):
+            out.append(r)
+    return out
 
 
 @pytest.fixture(params=["cuda-standin", pytest.param("cuda", marks=CUDA_SKIP)])
@@ -92,6 +121,30 @@ def _train(device):
 def test_training_step(gpu):
     (first, on), (second, _), (cpu, on_cpu) = _train(gpu), _train(gpu), _train("cpu")
     assert (on, on_cpu) == ("cuda", "cpu")  # two devices compared, not one with itself
+    for k in first:
+        assert numpy.array_equal(first[k], second[k]), f"{k} differs between two runs on {gpu}"
+        numpy.testing.assert_allclose(first[k], cpu[k], rtol=1e-4, atol=1e-5)
+
+
+def _train_resnet(device):
+    gpucnn.manual_seed(0)
+    net = models.resnet().to(device)
+    opt = gpucnn.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    aug = gpucnn.Augment(padding=2, flip=True, seed=3)
+    rng = numpy.random.default_rng(0)
+    x = backend.to_device(rng.standard_normal((4, 1, 28, 28)).astype(numpy.float32), device)
+    y = backend.to_device(rng.integers(0, 10, 4), device)
+    for _ in range(2):
+        opt.zero_grad()
+        loss, dz = F.softmax_cross_entropy(net(aug(x)), y, label_smoothing=0.1)
+        net.backward(dz, need_input_grad=False)
+        opt.step()
+    return {k: backend.to_numpy(v) for k, v in net.state_dict().items()}
+
+
+def test_resnet_training_step(gpu):
+    first, second, cpu = _train_resnet(gpu), _train_resnet(gpu), _train_resnet("cpu")
+    assert "3.0.body.1.running_var" in first
     for k in first:
         assert numpy.array_equal(first[k], second[k]), f"{k} differs between two runs on {gpu}"
         numpy.testing.assert_allclose(first[k], cpu[k], rtol=1e-4, atol=1e-5)

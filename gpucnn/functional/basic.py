@@ -2,8 +2,13 @@
 
     relu:    y = max(x, 0);           dx = dy * [x > 0]  (0 at exactly 0)
     linear:  y = x w^T + b;           dx = dy w, dw = dy^T x, db = sum_n dy   (w is (out, in))
-    loss:    L = -(1/N) sum_n log softmax(z_n)[y_n];  dz = (softmax(z) - onehot(y)) / N
+    loss:    L = -(1/N) sum_n sum_k q_nk log softmax(z_n)_k;  dz = (softmax(z) - q) / N
+             with q = (1 - s) onehot(y) + s / K  (label smoothing s, K classes; s = 0: plain
+             cross-entropy), exactly torch.nn.functional.cross_entropy(label_smoothing=s)
+    global average pool: y[n, c] = mean_hw x[n, c, h, w];  dx[n, c, h, w] = dy[n, c] / (H W)
 """
+import numbers
+
 from .. import backend
 from . import _checks
 
@@ -55,15 +60,19 @@ def linear_backward(dy, x, weight):
     return dy @ weight, dy.T @ x, dy.sum(axis=0)
 
 
-def softmax_cross_entropy(logits, labels, *, check_labels=True):
+def softmax_cross_entropy(logits, labels, label_smoothing=0.0, *, check_labels=True):
     """(loss, dlogits): the batch-mean cross-entropy of softmax(logits) against
     integer labels, and its gradient. logits (N, classes), labels (N,) ints.
+    label_smoothing in [0, 1] mixes the one-hot target with the uniform one (PyTorch's rule).
 
     check_labels: raise ValueError for a label outside [0, classes). On a GPU that
     reads one value back (a synchronisation); the training step passes False and
     the labels are checked once per dataset instead (gpucnn.step.check_labels).
     """
     _checks.float_array(logits, "logits", ndim=2)
+    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
+            or not 0 <= label_smoothing <= 1):
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
     xp = backend.get_array_module(logits, labels)
     if not hasattr(labels, "dtype") or labels.dtype.kind not in "iu":
         raise TypeError(f"labels must be an integer array, got "
@@ -80,8 +89,28 @@ def softmax_cross_entropy(logits, labels, *, check_labels=True):
     log_z = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
     log_p = shifted - log_z
     rows = xp.arange(N)
+    s = float(label_smoothing)
     loss = -log_p[rows, labels].mean()
     dlogits = xp.exp(log_p)
-    dlogits[rows, labels] -= 1
+    if s:
+        loss = (1 - s) * loss - (s / classes) * log_p.sum(axis=1).mean()
+        dlogits -= s / classes
+    dlogits[rows, labels] -= 1 - s
     dlogits /= N
     return loss, dlogits
+
+
+def global_avg_pool2d(x):
+    """x (N, C, H, W) -> (N, C): the mean of each channel's plane."""
+    _checks.float_array(x, "input", ndim=4)
+    return x.mean(axis=(2, 3))
+
+
+def global_avg_pool2d_backward(dy, input_shape):
+    """dy (N, C) -> dx of input_shape (N, C, H, W), each plane filled with dy / (H W)."""
+    N, C, H, W = _checks.nchw_shape(input_shape)
+    _checks.float_array(dy, "grad_output", ndim=2)
+    _checks.shape_is(dy, "grad_output", (N, C))
+    xp = backend.get_array_module(dy)
+    scaled = dy * dy.dtype.type(1 / (H * W))
+    return xp.broadcast_to(scaled[:, :, None, None], (N, C, H, W)).copy()

@@ -4,6 +4,7 @@ import numbers
 
 from .. import backend
 from .. import functional as F
+from .. import init as initialisers
 from .. import random
 from ..functional import _checks
 from .module import Module, Parameter
@@ -23,11 +24,14 @@ class Conv2D(Module):
 
     weight (out_channels, in_channels/groups, kH, kW) and bias (out_channels,)
     are drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_channels/groups*kH*kW.
+    init='kaiming_normal' draws the weight from N(0, 2/fan_out) instead, fan_out =
+    out_channels*kH*kW (torchvision's ResNet); the bias keeps the default.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True):
+                 groups=1, bias=True, init="default"):
         super().__init__()
+        initialisers.check_init(init)
         in_channels = _positive_int(in_channels, "in_channels")
         out_channels = _positive_int(out_channels, "out_channels")
         groups = _positive_int(groups, "groups")
@@ -39,7 +43,8 @@ class Conv2D(Module):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         bound = 1 / math.sqrt(in_channels // groups * kh * kw)
         shape = (out_channels, in_channels // groups, kh, kw)
-        self.weight = Parameter(random.uniform(shape, bound))
+        self.weight = Parameter(random.uniform(shape, bound) if init == "default" else
+                                random.normal(shape, math.sqrt(2 / (out_channels * kh * kw))))
         self._params["weight"] = self.weight
         self.bias = Parameter(random.uniform((out_channels,), bound)) if bias else None
         if bias:
@@ -169,15 +174,19 @@ class Flatten(Module):
 
 
 class Linear(Module):
-    """y = x W^T + b, torch.nn.Linear's initialisation: U(-1/sqrt(in), 1/sqrt(in))."""
+    """y = x W^T + b, torch.nn.Linear's initialisation: U(-1/sqrt(in), 1/sqrt(in)),
+    or init='kaiming_normal': weight from N(0, 2/out_features)."""
 
-    def __init__(self, in_features, out_features, bias=True):
+    def __init__(self, in_features, out_features, bias=True, init="default"):
         super().__init__()
+        initialisers.check_init(init)
         in_features = _positive_int(in_features, "in_features")
         out_features = _positive_int(out_features, "out_features")
         self.in_features, self.out_features = in_features, out_features
         bound = 1 / math.sqrt(in_features)
-        self.weight = Parameter(random.uniform((out_features, in_features), bound))
+        shape = (out_features, in_features)
+        self.weight = Parameter(random.uniform(shape, bound) if init == "default" else
+                                random.normal(shape, math.sqrt(2 / out_features)))
         self._params["weight"] = self.weight
         self.bias = Parameter(random.uniform((out_features,), bound)) if bias else None
         if bias:
@@ -209,12 +218,13 @@ class Dropout(Module):
             raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
         self.p = float(p)
         self.seed = int(random.host_rng().integers(2**63))
-        self._generators = {}
+        self.calls = 0  # masks drawn so far: with the seed, the whole random state
 
-    def _generator(self, xp):
-        if xp not in self._generators:
-            self._generators[xp] = xp.random.default_rng(self.seed)
-        return self._generators[xp]
+    def get_rng_state(self):
+        return {"seed": self.seed, "calls": self.calls}
+
+    def set_rng_state(self, state):
+        self.seed, self.calls = int(state["seed"]), int(state["calls"])
 
     def forward(self, x):
         _checks.float_array(x, "input")
@@ -222,7 +232,8 @@ class Dropout(Module):
             self._saved_mask = 1
             return x
         xp = backend.get_array_module(x)
-        keep = self._generator(xp).random(x.shape, dtype=x.dtype) >= self.p
+        keep = random.generator(xp, self.seed, self.calls).random(x.shape, dtype=x.dtype) >= self.p
+        self.calls += 1
         scale = 0.0 if self.p == 1 else 1 / (1 - self.p)
         self._saved_mask = keep.astype(x.dtype) * x.dtype.type(scale)
         return x * self._saved_mask
@@ -232,3 +243,25 @@ class Dropout(Module):
 
     def extra_repr(self):
         return f"p={self.p}"
+
+
+class GlobalAvgPool2D(Module):
+    """(N, C, H, W) -> (N, C): each channel's mean (AdaptiveAvgPool2d(1) + flatten)."""
+
+    def forward(self, x):
+        y = F.global_avg_pool2d(x)
+        self._saved_shape = tuple(x.shape)
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        return F.global_avg_pool2d_backward(dy, self._saved("_saved_shape"))
+
+
+class Identity(Module):
+    """Returns its input; backward returns dy."""
+
+    def forward(self, x):
+        return x
+
+    def backward(self, dy, need_input_grad=True):
+        return dy

@@ -32,6 +32,16 @@ class Parameter:
                f"device={backend.device_of(self.data)})"
 
 
+class Buffer:
+    """A non-trainable array in a module's state (running statistics), like
+    torch's registered buffers: saved, loaded and moved with the module, never
+    seen by an optimizer. Integer buffers keep their dtype under .to(dtype)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = None  # lets Module.to treat buffers and parameters alike
+
+
 _RELEASED = type("Released", (), {"__repr__": lambda self: "<released by backward>"})()
 
 
@@ -42,6 +52,7 @@ class Module:
 
     def __init__(self):
         self._params = {}
+        self._buffers = {}
 
     def __call__(self, x):
         return self.forward(x)
@@ -67,13 +78,51 @@ class Module:
         return value
 
     def children(self):
+        return [module for _, module in self.named_children()]
+
+    def named_children(self):
+        """(name, module) of the direct sub-modules; the names build state_dict keys."""
         return []
+
+    def named_modules(self, prefix=""):
+        """(dotted name, module) of this module and every module below it, depth first."""
+        yield prefix.rstrip("."), self
+        for name, child in self.named_children():
+            yield from child.named_modules(f"{prefix}{name}.")
 
     def named_parameters(self, prefix=""):
         for name, p in self._params.items():
             yield prefix + name, p
-        for i, child in enumerate(self.children()):
-            yield from child.named_parameters(f"{prefix}{i}.")
+        for name, child in self.named_children():
+            yield from child.named_parameters(f"{prefix}{name}.")
+
+    def named_buffers(self, prefix=""):
+        for name, b in getattr(self, "_buffers", {}).items():
+            yield prefix + name, b
+        for name, child in self.named_children():
+            yield from child.named_buffers(f"{prefix}{name}.")
+
+    def _named_state(self):
+        """What state_dict holds, in PyTorch's order: per module, parameters then buffers."""
+        for name, m in self.named_modules():
+            prefix = f"{name}." if name else ""
+            for store in (m._params, getattr(m, "_buffers", {})):
+                for key, item in store.items():
+                    yield prefix + key, item
+
+    def random_state(self):
+        """{module name: state} of every module that draws random numbers (Dropout);
+        JSON-serialisable, stored in checkpoints so that a resume is bit-exact."""
+        return {name: m.get_rng_state() for name, m in self.named_modules()
+                if hasattr(m, "get_rng_state")}
+
+    def load_random_state(self, states):
+        own = {name: m for name, m in self.named_modules() if hasattr(m, "set_rng_state")}
+        if set(own) != set(states):
+            raise ValueError(f"random state is for modules {sorted(states)}, this model's "
+                             f"random modules are {sorted(own)}")
+        for name, state in states.items():
+            own[name].set_rng_state(state)
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]
@@ -104,14 +153,14 @@ class Module:
             dtype = numpy.dtype(dtype)
             if dtype not in _checks.FLOAT_DTYPES:
                 raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        for p in self.parameters():
+        for _, p in self._named_state():
             for attr in ("data", "grad"):
                 a = getattr(p, attr)
                 if a is None:
                     continue
                 if device is not None:
                     a = backend.to_device(a, device)
-                if dtype is not None:
+                if dtype is not None and a.dtype.kind == "f":
                     a = a.astype(dtype, copy=False)
                 setattr(p, attr, a)
         self._clear_saved()
@@ -125,7 +174,7 @@ class Module:
 
     def state_dict(self):
         """name -> array (references, on the module's device), like PyTorch."""
-        return {name: p.data for name, p in self.named_parameters()}
+        return {name: p.data for name, p in self._named_state()}
 
     def load_state_dict(self, state, allow_nonfinite=False):
         """Copy arrays in; every name, type, shape and value is checked before
@@ -135,7 +184,7 @@ class Module:
         if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
             raise TypeError(f"state_dict must be a mapping of name -> array, got "
                             f"{type(state).__name__}")
-        own = dict(self.named_parameters())
+        own = dict(self._named_state())
         missing, unexpected = set(own) - set(state), set(state) - set(own)
         if missing or unexpected:
             raise ValueError(f"state_dict does not fit this model: missing keys "
@@ -205,8 +254,8 @@ class Module:
 def _named_modules(module, prefix=""):
     """(dotted name, module) for a module and everything inside it, in order."""
     yield prefix or type(module).__name__, module
-    for i, child in enumerate(module.children()):
-        yield from _named_modules(child, f"{prefix}{i}" if not prefix else f"{prefix}.{i}")
+    for name, child in module.named_children():
+        yield from _named_modules(child, f"{prefix}.{name}" if prefix else name)
 
 
 def _check_state_entry(name, value, current, allow_nonfinite):
@@ -258,8 +307,8 @@ class Sequential(Module):
                                 f"position {i}")
         self.layers = list(layers)
 
-    def children(self):
-        return self.layers
+    def named_children(self):
+        return [(str(i), layer) for i, layer in enumerate(self.layers)]
 
     def __len__(self):
         return len(self.layers)
@@ -282,5 +331,13 @@ class Sequential(Module):
         return dy
 
     def __repr__(self):
-        inner = "\n".join(f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
-        return f"Sequential(\n{inner}\n)"
+        return _tree_repr(self)
+
+
+def _tree_repr(module):
+    """PyTorch's layout: one '(name): child' line per child, nested children indented."""
+    lines = [f"({name}): {child!r}".replace("\n", "\n  ")
+             for name, child in module.named_children()]
+    extra = module.extra_repr()
+    inner = "\n  ".join(([extra] if extra else []) + lines)
+    return f"{type(module).__name__}(\n  {inner}\n)"

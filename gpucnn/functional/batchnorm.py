@@ -1,0 +1,128 @@
+"""Batch normalisation, forward and backward (Ioffe & Szegedy 2015; PyTorch's semantics).
+
+Shapes: x (N, C, *spatial) (N, C) or (N, C, H, W); weight, bias, running_mean,
+running_var (C,). Every statistic is per channel c over the M = N * prod(spatial)
+values of that channel (axes 0 and 2...).
+
+Training (batch statistics; an empty batch gives an empty output and leaves the
+running statistics as they are, as in PyTorch):
+    mu_c    = (1/M) sum x                       var_c = (1/M) sum (x - mu_c)^2   (biased)
+    x_hat   = (x - mu_c) / sqrt(var_c + eps)    y     = weight_c * x_hat + bias_c
+    running_mean <- (1 - momentum) running_mean + momentum mu_c
+    running_var  <- (1 - momentum) running_var  + momentum var_c * M / (M - 1)  (unbiased)
+Eval (running statistics):
+    x_hat   = (x - running_mean_c) / sqrt(running_var_c + eps)
+
+Backward, with g = dy and mean_c(.) the per-channel mean over the M values:
+    dbias_c   = sum g                           dweight_c = sum g * x_hat
+    training: dx = weight_c / sqrt(var_c + eps) * (g - mean_c(g) - x_hat * mean_c(g * x_hat))
+    eval:     dx = weight_c / sqrt(running_var_c + eps) * g
+The reductions are NumPy/CuPy reductions over fixed axes: the same order on every
+call, so the result is deterministic on a device.
+"""
+import math
+from collections import namedtuple
+
+from .. import backend
+from . import _checks
+
+# What backward needs from forward: the normalised input, 1/sqrt(var + eps) per
+# channel (shape (C,)), and whether batch statistics were used.
+BatchNormSaved = namedtuple("BatchNormSaved", "x_hat inv_std training")
+
+
+def _channel_sum(a):
+    """Per-channel sum over the batch and spatial axes: the contiguous spatial run of
+    each (n, c) first, then over n (much faster than one reduction over axes
+    (0, 2, ...) on the CPU; a fixed order on both devices)."""
+    return a.reshape(a.shape[0], a.shape[1], math.prod(a.shape[2:])).sum(axis=2).sum(axis=0)
+
+
+def _per_channel(v, x):
+    """(C,) -> (1, C, 1, ...) for broadcasting against x."""
+    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def _checks_all(x, running_mean, running_var, weight, bias, training):
+    _checks.float_array(x, "input")
+    if x.ndim < 2:
+        raise ValueError(f"input must be (N, C) or (N, C, ...), got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    arrays = dict(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    for name, a in arrays.items():
+        if a is not None:
+            _checks.float_array(a, name, ndim=1)
+            if a.shape[0] != C:
+                raise ValueError(f"{name} has shape {tuple(a.shape)} but input {tuple(x.shape)} "
+                                 f"has {C} channels; it needs ({C},)")
+    _checks.same_dtype("input", x, **arrays)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm with training=False needs running_mean and running_var")
+    if training:
+        M = x.size // C if C else 0
+        if M == 1:  # an empty batch passes through unchanged, as in PyTorch
+            raise ValueError(f"batch_norm in training needs more than 1 value per channel, got "
+                             f"input of shape {tuple(x.shape)}")
+    return backend.get_array_module(x, running_mean, running_var, weight, bias)
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """(y, saved): y has x's shape; saved (BatchNormSaved) goes to batch_norm_backward.
+
+    As torch.nn.functional.batch_norm: in training the running statistics (when
+    given) are updated in place with `momentum` (a number; the layer turns
+    momentum=None into the cumulative-average factor 1/num_batches_tracked).
+    """
+    xp = _checks_all(x, running_mean, running_var, weight, bias, training)
+    if training and x.size == 0:  # PyTorch: an empty output, the statistics unchanged
+        C = x.shape[1]
+        saved = BatchNormSaved(x * 1, xp.ones(C, x.dtype), True)
+        return x * 1, saved
+    if training:
+        M = x.size // x.shape[1]
+        mean = _channel_sum(x) / x.dtype.type(M)
+        centred = x - _per_channel(mean, x)
+        var = _channel_sum(centred * centred) / x.dtype.type(M)
+        if running_mean is not None:
+            running_mean *= 1 - momentum
+            running_mean += momentum * mean
+        if running_var is not None:
+            running_var *= 1 - momentum
+            running_var += (momentum * M / (M - 1)) * var
+    else:
+        mean, var = running_mean, running_var
+        centred = x - _per_channel(mean, x)
+    inv_std = 1 / xp.sqrt(var + x.dtype.type(eps))
+    x_hat = centred  # a fresh array: scaled in place
+    x_hat *= _per_channel(inv_std, x)
+    if weight is not None:
+        y = x_hat * _per_channel(weight, x)
+        if bias is not None:
+            y += _per_channel(bias, x)
+    else:
+        y = x_hat if bias is None else x_hat + _per_channel(bias, x)
+    return y, BatchNormSaved(x_hat, inv_std, bool(training))
+
+
+def batch_norm_backward(dy, saved, weight=None):
+    """(dx, dweight, dbias) for dy of x's shape; dweight/dbias are None without weight."""
+    x_hat, inv_std, training = saved
+    _checks.float_array(dy, "grad_output")
+    _checks.same_dtype("input", x_hat, grad_output=dy)
+    _checks.shape_is(dy, "grad_output", x_hat.shape)
+    backend.get_array_module(dy, x_hat, weight)
+    dbias = _channel_sum(dy)
+    dweight = _channel_sum(dy * x_hat)
+    scale = inv_std if weight is None else inv_std * weight
+    if training:
+        M = dy.dtype.type(max(dy.size // dy.shape[1], 1))
+        dx = x_hat * _per_channel(-dweight / M, dy)
+        dx += dy
+        dx -= _per_channel(dbias / M, dy)
+        dx *= _per_channel(scale, dy)
+    else:
+        dx = dy * _per_channel(scale, dy)
+    if weight is None:
+        return dx, None, None
+    return dx, dweight, dbias

@@ -1,0 +1,41 @@
+"""Weight initialisation schemes beyond PyTorch's default (which the layers use unless told).
+
+kaiming_normal_: w ~ N(0, std^2), std = gain / sqrt(fan), gain = sqrt(2) for ReLU;
+fan = out_channels * kH * kW (mode 'fan_out', torchvision's ResNet) or
+in_channels/groups * kH * kW ('fan_in'). torch.nn.init.kaiming_normal_'s formula,
+drawn from gpucnn's seeded host generator.
+"""
+import math
+
+from . import backend, random
+
+GAINS = {"relu": math.sqrt(2.0), "linear": 1.0}
+INITS = ("default", "kaiming_normal")
+
+
+def fans(shape):
+    """(fan_in, fan_out) of a weight (out, in[, kH, kW]), PyTorch's rule."""
+    if len(shape) < 2:
+        raise ValueError(f"fan in/out needs a weight with at least 2 dims, got shape {shape}")
+    receptive = math.prod(shape[2:])
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def kaiming_normal_(param, mode="fan_out", nonlinearity="relu"):
+    """Redraw param.data (a Parameter) in place, keeping its device and dtype; returns it."""
+    if mode not in ("fan_in", "fan_out"):
+        raise ValueError(f"mode must be 'fan_in' or 'fan_out', got {mode!r}")
+    if nonlinearity not in GAINS:
+        raise ValueError(f"nonlinearity must be one of {tuple(GAINS)}, got {nonlinearity!r}")
+    shape = tuple(param.data.shape)
+    fan_in, fan_out = fans(shape)
+    std = GAINS[nonlinearity] / math.sqrt(fan_in if mode == "fan_in" else fan_out)
+    values = random.normal(shape, std).astype(param.data.dtype)
+    param.data = backend.to_device(values, backend.device_of(param.data))
+    return param
+
+
+def check_init(init):
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    return init
