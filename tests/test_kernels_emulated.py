@@ -8,7 +8,6 @@ import emulator
 from gpucnn import cuda, functional as F
 from gpucnn.functional import conv, pool
 from test_conv2d import GRID as CONV_GRID
-from test_max_pool2d import GRID as POOL_GRID
 
 # Beyond test_conv2d's grid: ragged tile edges (rows past 128, K/groups = 65 and
 # 70 past a 64 tile, C = 40), 1x1 and 7x7 filters, depthwise with stride 2 and
@@ -21,7 +20,6 @@ CONV_GRID = CONV_GRID + [((3, 5, 13, 11), (7, 5, 3, 3), dict(padding=1)),
                                                              padding=2)),
                          ((1, 3, 20, 20), (9, 3, 7, 7), dict(stride=2, padding=3)),
                          ((4, 2, 16, 16), (3, 2, 3, 3), dict(padding=1))]
-POOL_GRID = POOL_GRID + [((3, 5, 13, 11), dict(kernel_size=3, stride=2, ceil_mode=True))]
 DTYPES = [numpy.float64, numpy.float32]
 
 
@@ -137,28 +135,6 @@ def test_a_configuration_once_chosen_stays(kernels):
     first = kernels.config_for("forward", g, numpy.float64)
     assert first == cuda.heuristic_config("forward", g)
     assert kernels.config_for("forward", g, numpy.float64) == first
-
-
-@pytest.mark.parametrize("special", ["none", "ties", "nan"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("xs, kw", POOL_GRID)
-def test_max_pool2d(kernels, rng, xs, kw, dtype, special):
-    x = rng.standard_normal(xs).astype(dtype)
-    if special == "ties":
-        x = numpy.round(x).clip(0, 1)
-    elif special == "nan":
-        x[rng.random(xs) < 0.1] = numpy.nan
-        x[0, 0] = -numpy.inf
-    g = pool.geometry(x, **kw)
-    y, idx = F.max_pool2d(x, **kw)
-    y2, idx2 = kernels.max_pool2d_forward(x, g)
-    numpy.testing.assert_array_equal(y2, y)
-    numpy.testing.assert_array_equal(idx2, idx)
-    dy = rng.standard_normal(y.shape).astype(dtype)
-    dx = kernels.max_pool2d_backward(dy, idx, g)
-    assert dx.dtype == dtype
-    close(dx, F.max_pool2d_backward(dy, idx, x.shape), dtype)
-    assert numpy.array_equal(dx, kernels.max_pool2d_backward(dy, idx, g))
 
 
 def test_non_contiguous_inputs_are_made_contiguous(kernels, rng):
