@@ -5,45 +5,15 @@ import pytest
 
 import gpucnn
 from conftest import close
-from gpucnn import checkpoint, functional as F, models, train
+from gpucnn import bench, checkpoint, functional as F, models, train
 from gpucnn.cli import main
 from gpucnn.nn import Dropout, Module, Sequential
-
-
-def _torch_resnet(torch):
-    tn = torch.nn
-
-    class Block(tn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.body = tn.Sequential(tn.Conv2d(cin, cout, 3, stride, 1, bias=False),
-                                      tn.BatchNorm2d(cout), tn.ReLU(),
-                                      tn.Conv2d(cout, cout, 3, 1, 1, bias=False),
-                                      tn.BatchNorm2d(cout))
-            self.shortcut = (tn.Sequential(tn.Conv2d(cin, cout, 1, stride, bias=False),
-                                           tn.BatchNorm2d(cout))
-                             if stride != 1 or cin != cout else tn.Identity())
-
-        def forward(self, x):
-            return self.body(x) + self.shortcut(x)
-
-    class Stage(tn.Sequential):
-        def __init__(self, cin, cout, stride):
-            super().__init__(Block(cin, cout, stride), tn.ReLU())
-
-    class GlobalAvgPool(tn.Module):
-        def forward(self, x):
-            return x.mean(dim=(2, 3))
-
-    return tn.Sequential(tn.Conv2d(1, 16, 3, padding=1, bias=False), tn.BatchNorm2d(16),
-                         tn.ReLU(), Stage(16, 16, 1), Stage(16, 32, 2), Stage(32, 64, 2),
-                         GlobalAvgPool(), tn.Linear(64, 10)).double()
 
 
 def test_resnet_matches_torch_forward_backward(torch, rng):
     gpucnn.manual_seed(0)
     ours = models.resnet().to(dtype="float64")
-    theirs = _torch_resnet(torch)
+    theirs = bench.torch_resnet(torch).double()
     assert list(ours.state_dict()) == list(theirs.state_dict())
     theirs.load_state_dict({k: torch.tensor(v) for k, v in ours.state_dict().items()})
     x, y = rng.standard_normal((4, 1, 28, 28)), rng.integers(0, 10, 4)
