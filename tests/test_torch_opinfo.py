@@ -9,9 +9,9 @@ import pytest
 from conftest import close
 from gpucnn import functional as F
 
-torch = pytest.importorskip("torch", reason="PyTorch is not installed (CI installs it)")
+torch = pytest.importorskip("torch", reason="PyTorch is not installed (the test extra installs it)")
 cmi = pytest.importorskip("torch.testing._internal.common_methods_invocations",
-                          reason="PyTorch's OpInfo samples need expecttest (CI installs it)")
+                          reason="PyTorch's OpInfo samples need expecttest (in the test extra)")
 
 
 @pytest.fixture(autouse=True, scope="module")
