@@ -9,7 +9,7 @@ import pytest
 from conftest import close
 from gpucnn import functional as F
 
-torch = pytest.importorskip("torch", reason="PyTorch is not installed (the test extra installs it)")
+torch = pytest.importorskip("torch", reason="PyTorch is not installed (CI installs torch==2.13.0)")
 cmi = pytest.importorskip("torch.testing._internal.common_methods_invocations",
                           reason="PyTorch's OpInfo samples need expecttest (in the test extra)")
 
