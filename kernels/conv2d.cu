@@ -91,9 +91,14 @@ static_assert(BM * CONV_BK_DOUBLE % THREADS == 0 && BN * CONV_BK_DOUBLE % THREAD
 // An index i of a GEMM dimension, read as three digits (d0, d1, d2) with radices
 // (-, r1, r2), addresses  base + d0*s0 + d1*s1 + d2*s2  and a window position
 // (hbase + d1*h1, wbase + d2*w2) that must lie inside [0,H) x [0,W) to be read.
+// Offsets are unsigned 32-bit and wrap: the launcher checks that every tensor has
+// fewer than 2**31 elements, so the offset of any element that is actually read or
+// written lies in [0, 2**31) and modular arithmetic gets it exactly, whatever the
+// signs of the strides and base; a masked element's offset may be anything. Half the
+// registers and instructions of 64-bit offsets in the per-element address code.
 struct IndexMap {
     int r1, r2;
-    long long s0, s1, s2, base;
+    unsigned s0, s1, s2, base;
     int h1, hbase, w2, wbase;
 };
 
@@ -101,7 +106,8 @@ __device__ __forceinline__ IndexMap index_map(int r1, int r2, long long s0, long
                                               long long s2, long long base, int h1 = 0,
                                               int hbase = 0, int w2 = 0, int wbase = 0) {
     IndexMap m;
-    m.r1 = r1; m.r2 = r2; m.s0 = s0; m.s1 = s1; m.s2 = s2; m.base = base;
+    m.r1 = r1; m.r2 = r2;
+    m.s0 = (unsigned)s0; m.s1 = (unsigned)s1; m.s2 = (unsigned)s2; m.base = (unsigned)base;
     m.h1 = h1; m.hbase = hbase; m.w2 = w2; m.wbase = wbase;
     return m;
 }
@@ -109,7 +115,7 @@ __device__ __forceinline__ IndexMap index_map(int r1, int r2, long long s0, long
 // A position along a map: its digits d1, d2, its offset and window position.
 struct Cursor {
     int d1, d2, h, w;
-    long long off;
+    unsigned off;
 };
 
 // Divisions happen here, a few times per thread before the main loop, never in it.
@@ -120,7 +126,7 @@ __device__ __forceinline__ Cursor locate(const IndexMap& m, int i) {
     Cursor c;
     c.d2 = (int)((unsigned)i - q * (unsigned)m.r2);
     c.d1 = (int)(q - d0 * (unsigned)m.r1);
-    c.off = m.base + d0 * m.s0 + c.d1 * m.s1 + c.d2 * m.s2;
+    c.off = m.base + d0 * m.s0 + (unsigned)c.d1 * m.s1 + (unsigned)c.d2 * m.s2;
     c.h = m.hbase + c.d1 * m.h1;
     c.w = m.wbase + c.d2 * m.w2;
     return c;
@@ -130,7 +136,7 @@ __device__ __forceinline__ Cursor locate(const IndexMap& m, int i) {
 // carry per digit: the step's digits and the carries' effects are precomputed.
 struct Step {
     int q1, q2, dh, dw;
-    long long doff;
+    unsigned doff;
 };
 
 __device__ __forceinline__ Step make_step(const IndexMap& m, int step) {
@@ -143,9 +149,9 @@ __device__ __forceinline__ Step make_step(const IndexMap& m, int step) {
 __device__ __forceinline__ void advance(Cursor& c, const IndexMap& m, const Step& s) {
     c.d2 += s.q2; c.d1 += s.q1; c.off += s.doff; c.h += s.dh; c.w += s.dw;
     if (c.d2 >= m.r2) {
-        c.d2 -= m.r2; c.d1 += 1; c.off += m.s1 - m.r2 * m.s2; c.h += m.h1; c.w -= m.r2 * m.w2;
+        c.d2 -= m.r2; c.d1 += 1; c.off += m.s1 - (unsigned)m.r2 * m.s2; c.h += m.h1; c.w -= m.r2 * m.w2;
     }
-    if (c.d1 >= m.r1) { c.d1 -= m.r1; c.off += m.s0 - m.r1 * m.s1; c.h -= m.r1 * m.h1; }
+    if (c.d1 >= m.r1) { c.d1 -= m.r1; c.off += m.s0 - (unsigned)m.r1 * m.s1; c.h -= m.r1 * m.h1; }
 }
 
 // One GEMM operand: O rows (A: BM, B: BN) by BK reduction values per stage,
@@ -172,8 +178,8 @@ struct Operand {
     Step step;
     int Hlim, Wlim;
     int oleft;  // rows left from this thread's first o to the operand's end
-    long long ooff[WINDOW ? NO : 1];
-    int ostride;  // !WINDOW: offset between a thread's o
+    unsigned ooff[WINDOW ? NO : 1];
+    unsigned ostride;  // !WINDOW: offset between a thread's o
     int oh[WINDOW ? NO : 1], ow[WINDOW ? NO : 1];
     Cursor k[NK];
 
@@ -200,7 +206,7 @@ struct Operand {
                 ooff[io] = o.off; oh[io] = o.h; ow[io] = o.w;
             }
         } else {
-            ostride = OSPACE * (int)omap.s0;
+            ostride = OSPACE * omap.s0;
         }
         k[0] = locate(km, k0 + k_first());
         if (NK > 1) {
@@ -220,15 +226,15 @@ struct Operand {
 #pragma unroll
             for (int io = 0; io < NO; ++io) {
                 bool in = kin && io * OSPACE < oleft;
-                long long off;
+                unsigned off;
                 if (WINDOW) {
                     const int h = oh[io] + k[ik].h, w = ow[io] + k[ik].w;
                     in = in && (unsigned)h < (unsigned)Hlim && (unsigned)w < (unsigned)Wlim;
                     off = ooff[io] + k[ik].off;
                 } else {
-                    off = ooff[0] + k[ik].off + io * ostride;
+                    off = ooff[0] + k[ik].off + (unsigned)io * ostride;
                 }
-                cp_async(at + ik * KSPACE * (O + PAD) + io * OSPACE, in ? ptr + off : ptr, in);
+                cp_async(at + ik * KSPACE * (O + PAD) + io * OSPACE, ptr + (in ? off : 0u), in);
             }
         }
     }
@@ -344,7 +350,7 @@ __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const
         if (m >= M) break;  // rows only grow with i
         if (i % 4 == 0) r = locate(rows, m);
         else advance(r, rows, one);
-        const long long at = r.off * (long long)sizeof(T);
+        const long long at = (long long)r.off * (long long)sizeof(T);
 #pragma unroll
         for (int j = 0; j < TN; ++j)
             if (n0 + thread_col(j) < Ncols)
