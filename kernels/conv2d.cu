@@ -28,6 +28,9 @@
 #ifndef CONV_TN
 #define CONV_TN 8    // columns per thread (a multiple of 4)
 #endif
+#ifndef CONV_PAD
+#define CONV_PAD 4   // elements of padding per shared-memory row (see conv::PAD)
+#endif
 #ifndef CONV_UNROLL
 #define CONV_UNROLL 2  // stages per main-loop iteration (even: the two shared stages alternate)
 #endif
@@ -72,10 +75,12 @@ constexpr int BM = CONV_BM, BN = CONV_BN, TM = CONV_TM, TN = CONV_TN;
 template <typename T>
 struct Depth { static constexpr int value = sizeof(T) == 4 ? CONV_BK : CONV_BK_DOUBLE; };
 constexpr int THREADS_M = BM / TM, THREADS_N = BN / TN, THREADS = THREADS_M * THREADS_N;
-// A stage is stored k-major, As[k][m]; 4 elements of padding per row put the 8
-// k-rows a warp stores at once on different banks (row stride = 4 mod 32 words)
-// and keep every row 16-byte aligned for the vector reads of the inner loop.
-constexpr int PAD = 4;
+// A stage is stored k-major, As[k][m]; PAD elements of padding per row (4: the
+// launcher's smem_bytes counts them) put the 8 k-rows a warp stores at once on
+// different banks (row stride = 4 mod 32 words) and keep every row 16-byte aligned
+// for the vector reads of the inner loop.
+constexpr int PAD = CONV_PAD;
+static_assert(PAD % 4 == 0, "rows must stay 16-byte aligned for the vector reads");
 constexpr int LDA = BM + PAD, LDB = BN + PAD;
 
 static_assert(CONV_UNROLL % 2 == 0 && CONV_UNROLL > 0, "CONV_UNROLL must be even");
@@ -333,13 +338,14 @@ template <bool HAS_BIAS, typename T>
 __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const IndexMap& rows,
                                            int m0, int M, long long col_base, int col_stride,
                                            int n0, int Ncols, const T* bias) {
-    // one pointer per column; a row adds its byte offset to each
-    char* col[TN];
+    // a 32-bit offset per column; a row adds it to its own pointer (one wide
+    // multiply-add per store: both offsets of a stored element lie in [0, 2**31))
+    unsigned col[TN];
     T b[TN];
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
         const int n = n0 + thread_col(j);
-        col[j] = reinterpret_cast<char*>(out + col_base + (long long)n * col_stride);
+        col[j] = (unsigned)(col_base + (long long)n * col_stride);
         if (HAS_BIAS) b[j] = bias != nullptr && n < Ncols ? bias[n] : T(0);
     }
     const Step one = make_step(rows, 1);
@@ -350,11 +356,10 @@ __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const
         if (m >= M) break;  // rows only grow with i
         if (i % 4 == 0) r = locate(rows, m);
         else advance(r, rows, one);
-        const long long at = (long long)r.off * (long long)sizeof(T);
+        T* row = out + r.off;
 #pragma unroll
         for (int j = 0; j < TN; ++j)
-            if (n0 + thread_col(j) < Ncols)
-                *reinterpret_cast<T*>(col[j] + at) = HAS_BIAS ? acc[i][j] + b[j] : acc[i][j];
+            if (n0 + thread_col(j) < Ncols) row[col[j]] = HAS_BIAS ? acc[i][j] + b[j] : acc[i][j];
     }
 }
 
