@@ -151,6 +151,14 @@ __device__ __forceinline__ Step make_step(const IndexMap& m, int step) {
     return s;
 }
 
+// The step of one, without a division: (0, 1) is a valid step for every radix
+// (with r2 == 1 the carry in advance turns it into (1, 0)).
+__device__ __forceinline__ Step unit_step(const IndexMap& m) {
+    Step s;
+    s.q1 = 0; s.q2 = 1; s.dh = 0; s.dw = m.w2; s.doff = m.s2;
+    return s;
+}
+
 __device__ __forceinline__ void advance(Cursor& c, const IndexMap& m, const Step& s) {
     c.d2 += s.q2; c.d1 += s.q1; c.off += s.doff; c.h += s.dh; c.w += s.dw;
     if (c.d2 >= m.r2) {
@@ -271,33 +279,39 @@ __device__ __forceinline__ int thread_col(int j) {
     return (j / 4) * (4 * THREADS_N) + (threadIdx.x / THREADS_M) * 4 + j % 4;
 }
 
-// One stage of the main loop, CUR being the shared-memory stage it multiplies:
-// the next stage's copies into the other stage are issued first and land while
-// this stage's products run. The other stage was last read in the previous stage,
-// before the barrier that ended it, so it can be overwritten now.
+// One stage of the main loop, CUR being the shared-memory stage it multiplies
+// (kleft reduction values left from its first): the operands' cursors point at
+// the next stage, whose copies into the other shared stage are issued first and
+// land while this stage's products run. The other stage was last read in the
+// previous stage, before the barrier that ended it, so it can be overwritten now.
+// A stage with compute false only copies: the main loop's first, which loads
+// stage 0 (one copy of the loader code in the kernel, not a second before the loop).
 template <int CUR, typename T, typename OpA, typename OpB>
-__device__ __forceinline__ void stage(OpA& a, OpB& b, T* As, T* Bs, int kleft, T (&acc)[TM][TN]) {
+__device__ __forceinline__ void stage(OpA& a, OpB& b, T* As, T* Bs, int kleft, bool compute,
+                                      T (&acc)[TM][TN]) {
     constexpr int BK = Depth<T>::value;
     if (kleft > BK) {
-        a.next();
-        b.next();
         a.copy(As + (1 - CUR) * BK * LDA, kleft - BK);
         b.copy(Bs + (1 - CUR) * BK * LDB, kleft - BK);
+        a.next();
+        b.next();
     }
     cp_async_commit();
-    const T* as = As + CUR * BK * LDA + (threadIdx.x % THREADS_M) * 4;
-    const T* bs = Bs + CUR * BK * LDB + (threadIdx.x / THREADS_M) * 4;
+    if (compute) {
+        const T* as = As + CUR * BK * LDA + (threadIdx.x % THREADS_M) * 4;
+        const T* bs = Bs + CUR * BK * LDB + (threadIdx.x / THREADS_M) * 4;
 #pragma unroll
-    for (int kk = 0; kk < BK; ++kk) {
-        T ra[TM], rb[TN];
+        for (int kk = 0; kk < BK; ++kk) {
+            T ra[TM], rb[TN];
 #pragma unroll
-        for (int i = 0; i < TM; i += 4) load4(as + kk * LDA + i * THREADS_M, ra + i);
+            for (int i = 0; i < TM; i += 4) load4(as + kk * LDA + i * THREADS_M, ra + i);
 #pragma unroll
-        for (int j = 0; j < TN; j += 4) load4(bs + kk * LDB + j * THREADS_N, rb + j);
+            for (int j = 0; j < TN; j += 4) load4(bs + kk * LDB + j * THREADS_N, rb + j);
 #pragma unroll
-        for (int i = 0; i < TM; ++i)
+            for (int i = 0; i < TM; ++i)
 #pragma unroll
-            for (int j = 0; j < TN; ++j) acc[i][j] += ra[i] * rb[j];
+                for (int j = 0; j < TN; ++j) acc[i][j] += ra[i] * rb[j];
+        }
     }
     cp_async_wait<0>();  // this thread's copies of the next stage have landed...
     __syncthreads();     // ...and everyone's
@@ -305,6 +319,8 @@ __device__ __forceinline__ void stage(OpA& a, OpB& b, T* As, T* Bs, int kleft, T
 
 // The main loop: acc[i][j] = sum over the klen reduction values, in increasing
 // order, of A(row i, k) * B(k, col j), BK at a time, through two shared stages.
+// It starts one stage early, at a stage -1 (shared stage 1, klen + BK values left)
+// that only copies stage 0 into shared stage 0.
 template <typename T, typename OpA, typename OpB>
 __device__ __forceinline__ void gemm_tile(OpA& a, OpB& b,
                                           int klen, T (&acc)[TM][TN], unsigned char* smem) {
@@ -316,17 +332,13 @@ __device__ __forceinline__ void gemm_tile(OpA& a, OpB& b,
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
     if (klen <= 0) return;
-    a.copy(As, klen);
-    b.copy(Bs, klen);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    // CONV_UNROLL stages per iteration, so that the stage index is a constant
-    for (int kleft = klen; kleft > 0; kleft -= CONV_UNROLL * BK) {
+    // CONV_UNROLL stages per iteration, so that the shared stage index is a constant
+    for (int kleft = klen + BK; kleft > 0; kleft -= CONV_UNROLL * BK) {
 #pragma unroll
         for (int u = 0; u < CONV_UNROLL; u += 2) {
-            if (kleft > u * BK) stage<0, T>(a, b, As, Bs, kleft - u * BK, acc);
-            if (kleft > (u + 1) * BK) stage<1, T>(a, b, As, Bs, kleft - (u + 1) * BK, acc);
+            if (kleft > u * BK)
+                stage<1, T>(a, b, As, Bs, kleft - u * BK, u > 0 || kleft <= klen, acc);
+            if (kleft > (u + 1) * BK) stage<0, T>(a, b, As, Bs, kleft - (u + 1) * BK, true, acc);
         }
     }
 }
@@ -348,7 +360,7 @@ __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const
         col[j] = (unsigned)(col_base + (long long)n * col_stride);
         if (HAS_BIAS) b[j] = bias != nullptr && n < Ncols ? bias[n] : T(0);
     }
-    const Step one = make_step(rows, 1);
+    const Step one = unit_step(rows);
     Cursor r;
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
