@@ -350,8 +350,8 @@ template <bool HAS_BIAS, typename T>
 __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const IndexMap& rows,
                                            int m0, int M, long long col_base, int col_stride,
                                            int n0, int Ncols, const T* bias) {
-    // a 32-bit offset per column; a row adds it to its own pointer (one wide
-    // multiply-add per store: both offsets of a stored element lie in [0, 2**31))
+    // a 32-bit offset per column, added to the row's (a stored element's offset lies
+    // in [0, 2**31), so the 32-bit sum is exact)
     unsigned col[TN];
     T b[TN];
 #pragma unroll
@@ -368,10 +368,10 @@ __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const
         if (m >= M) break;  // rows only grow with i
         if (i % 4 == 0) r = locate(rows, m);
         else advance(r, rows, one);
-        T* row = out + r.off;
 #pragma unroll
         for (int j = 0; j < TN; ++j)
-            if (n0 + thread_col(j) < Ncols) row[col[j]] = HAS_BIAS ? acc[i][j] + b[j] : acc[i][j];
+            if (n0 + thread_col(j) < Ncols)
+                out[r.off + col[j]] = HAS_BIAS ? acc[i][j] + b[j] : acc[i][j];
     }
 }
 
