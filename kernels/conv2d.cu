@@ -463,6 +463,9 @@ conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __res
 // `slices` consecutive ranges of slice_len (a multiple of BK):
 // blockIdx.z = g * slices + slice writes partial[slice] (K, Cg*R*S); with one
 // slice, partial is dw itself; else conv2d_sum_slices adds the slices in order.
+// (partial too has fewer than 2**31 elements, as the 32-bit offsets need: with
+// slices > 1 the tiles number fewer than TARGET_BLOCKS, so it is under
+// 2*TARGET_BLOCKS*BM*BN.)
 // Grid (ceil(K/groups/BM), ceil(Cg*R*S/BN), groups*slices).
 template <typename T>
 __global__ void __launch_bounds__(conv::THREADS, 1)
