@@ -43,7 +43,8 @@ CONV_CONFIGS = {
     "32x128": TileConfig(32, 128, 8, 2, 8, 8, 4),     # few GEMM rows (K <= 32, backward-filter)
     "32x32": TileConfig(32, 32, 8, 4, 8, 4, 8),       # both small: one warp, 8x4 outputs each
 }
-SMEM_PAD = 4         # as conv::PAD in conv2d.cu: shared rows are bm+4 and bn+4 long
+SMEM_PAD = 4         # floats of padding per shared-memory row (-DCONV_PAD): rows are bm+4
+                     # and bn+4 long, the 8 k-rows a warp stores at once on different banks
 REDUCE_LANES = 8     # slice lanes per output in conv2d_sum_slices (blockDim.y)
 TARGET_BLOCKS = 264  # ~2 blocks per SM of a 132-SM GPU: the split-K and bias grids aim here;
                      # a constant, so that a shape's summation order is the same on every GPU
@@ -72,7 +73,8 @@ def conv_options(config):
     c = CONV_CONFIGS[config]
     return (f"-DCONV_BM={c.bm}", f"-DCONV_BN={c.bn}", f"-DCONV_BK={c.bk}",
             f"-DCONV_BK_DOUBLE={c.bk_double}",
-            f"-DCONV_TM={c.tm}", f"-DCONV_TN={c.tn}", f"-DCONV_UNROLL={c.unroll}")
+            f"-DCONV_TM={c.tm}", f"-DCONV_TN={c.tn}", f"-DCONV_UNROLL={c.unroll}",
+            f"-DCONV_PAD={SMEM_PAD}")
 
 
 def _configs(filename):

@@ -28,6 +28,9 @@
 #ifndef CONV_TN
 #define CONV_TN 8    // columns per thread (a multiple of 4)
 #endif
+#ifndef CONV_PAD
+#define CONV_PAD 4   // elements of padding per shared-memory row (see conv::PAD)
+#endif
 #ifndef CONV_UNROLL
 #define CONV_UNROLL 2  // stages per main-loop iteration (even: the two shared stages alternate)
 #endif
@@ -72,10 +75,12 @@ constexpr int BM = CONV_BM, BN = CONV_BN, TM = CONV_TM, TN = CONV_TN;
 template <typename T>
 struct Depth { static constexpr int value = sizeof(T) == 4 ? CONV_BK : CONV_BK_DOUBLE; };
 constexpr int THREADS_M = BM / TM, THREADS_N = BN / TN, THREADS = THREADS_M * THREADS_N;
-// A stage is stored k-major, As[k][m]; 4 elements of padding per row put the 8
-// k-rows a warp stores at once on different banks (row stride = 4 mod 32 words)
-// and keep every row 16-byte aligned for the vector reads of the inner loop.
-constexpr int PAD = 4;
+// A stage is stored k-major, As[k][m]; PAD elements of padding per row (4: the
+// launcher's smem_bytes counts them) put the 8 k-rows a warp stores at once on
+// different banks (row stride = 4 mod 32 words) and keep every row 16-byte aligned
+// for the vector reads of the inner loop.
+constexpr int PAD = CONV_PAD;
+static_assert(PAD % 4 == 0, "rows must stay 16-byte aligned for the vector reads");
 constexpr int LDA = BM + PAD, LDB = BN + PAD;
 
 static_assert(CONV_UNROLL % 2 == 0 && CONV_UNROLL > 0, "CONV_UNROLL must be even");
@@ -91,9 +96,14 @@ static_assert(BM * CONV_BK_DOUBLE % THREADS == 0 && BN * CONV_BK_DOUBLE % THREAD
 // An index i of a GEMM dimension, read as three digits (d0, d1, d2) with radices
 // (-, r1, r2), addresses  base + d0*s0 + d1*s1 + d2*s2  and a window position
 // (hbase + d1*h1, wbase + d2*w2) that must lie inside [0,H) x [0,W) to be read.
+// Offsets are unsigned 32-bit and wrap: the launcher checks that every tensor has
+// fewer than 2**31 elements, so the offset of any element that is actually read or
+// written lies in [0, 2**31) and modular arithmetic gets it exactly, whatever the
+// signs of the strides and base; a masked element's offset may be anything. Half the
+// registers and instructions of 64-bit offsets in the per-element address code.
 struct IndexMap {
     int r1, r2;
-    long long s0, s1, s2, base;
+    unsigned s0, s1, s2, base;
     int h1, hbase, w2, wbase;
 };
 
@@ -101,7 +111,8 @@ __device__ __forceinline__ IndexMap index_map(int r1, int r2, long long s0, long
                                               long long s2, long long base, int h1 = 0,
                                               int hbase = 0, int w2 = 0, int wbase = 0) {
     IndexMap m;
-    m.r1 = r1; m.r2 = r2; m.s0 = s0; m.s1 = s1; m.s2 = s2; m.base = base;
+    m.r1 = r1; m.r2 = r2;
+    m.s0 = (unsigned)s0; m.s1 = (unsigned)s1; m.s2 = (unsigned)s2; m.base = (unsigned)base;
     m.h1 = h1; m.hbase = hbase; m.w2 = w2; m.wbase = wbase;
     return m;
 }
@@ -109,7 +120,7 @@ __device__ __forceinline__ IndexMap index_map(int r1, int r2, long long s0, long
 // A position along a map: its digits d1, d2, its offset and window position.
 struct Cursor {
     int d1, d2, h, w;
-    long long off;
+    unsigned off;
 };
 
 // Divisions happen here, a few times per thread before the main loop, never in it.
@@ -120,7 +131,7 @@ __device__ __forceinline__ Cursor locate(const IndexMap& m, int i) {
     Cursor c;
     c.d2 = (int)((unsigned)i - q * (unsigned)m.r2);
     c.d1 = (int)(q - d0 * (unsigned)m.r1);
-    c.off = m.base + d0 * m.s0 + c.d1 * m.s1 + c.d2 * m.s2;
+    c.off = m.base + d0 * m.s0 + (unsigned)c.d1 * m.s1 + (unsigned)c.d2 * m.s2;
     c.h = m.hbase + c.d1 * m.h1;
     c.w = m.wbase + c.d2 * m.w2;
     return c;
@@ -130,7 +141,7 @@ __device__ __forceinline__ Cursor locate(const IndexMap& m, int i) {
 // carry per digit: the step's digits and the carries' effects are precomputed.
 struct Step {
     int q1, q2, dh, dw;
-    long long doff;
+    unsigned doff;
 };
 
 __device__ __forceinline__ Step make_step(const IndexMap& m, int step) {
@@ -140,12 +151,20 @@ __device__ __forceinline__ Step make_step(const IndexMap& m, int step) {
     return s;
 }
 
+// The step of one, without a division: (0, 1) is a valid step for every radix
+// (with r2 == 1 the carry in advance turns it into (1, 0)).
+__device__ __forceinline__ Step unit_step(const IndexMap& m) {
+    Step s;
+    s.q1 = 0; s.q2 = 1; s.dh = 0; s.dw = m.w2; s.doff = m.s2;
+    return s;
+}
+
 __device__ __forceinline__ void advance(Cursor& c, const IndexMap& m, const Step& s) {
     c.d2 += s.q2; c.d1 += s.q1; c.off += s.doff; c.h += s.dh; c.w += s.dw;
     if (c.d2 >= m.r2) {
-        c.d2 -= m.r2; c.d1 += 1; c.off += m.s1 - m.r2 * m.s2; c.h += m.h1; c.w -= m.r2 * m.w2;
+        c.d2 -= m.r2; c.d1 += 1; c.off += m.s1 - (unsigned)m.r2 * m.s2; c.h += m.h1; c.w -= m.r2 * m.w2;
     }
-    if (c.d1 >= m.r1) { c.d1 -= m.r1; c.off += m.s0 - m.r1 * m.s1; c.h -= m.r1 * m.h1; }
+    if (c.d1 >= m.r1) { c.d1 -= m.r1; c.off += m.s0 - (unsigned)m.r1 * m.s1; c.h -= m.r1 * m.h1; }
 }
 
 // One GEMM operand: O rows (A: BM, B: BN) by BK reduction values per stage,
@@ -172,8 +191,8 @@ struct Operand {
     Step step;
     int Hlim, Wlim;
     int oleft;  // rows left from this thread's first o to the operand's end
-    long long ooff[WINDOW ? NO : 1];
-    int ostride;  // !WINDOW: offset between a thread's o
+    unsigned ooff[WINDOW ? NO : 1];
+    unsigned ostride;  // !WINDOW: offset between a thread's o
     int oh[WINDOW ? NO : 1], ow[WINDOW ? NO : 1];
     Cursor k[NK];
 
@@ -200,7 +219,7 @@ struct Operand {
                 ooff[io] = o.off; oh[io] = o.h; ow[io] = o.w;
             }
         } else {
-            ostride = OSPACE * (int)omap.s0;
+            ostride = OSPACE * omap.s0;
         }
         k[0] = locate(km, k0 + k_first());
         if (NK > 1) {
@@ -220,15 +239,15 @@ struct Operand {
 #pragma unroll
             for (int io = 0; io < NO; ++io) {
                 bool in = kin && io * OSPACE < oleft;
-                long long off;
+                unsigned off;
                 if (WINDOW) {
                     const int h = oh[io] + k[ik].h, w = ow[io] + k[ik].w;
                     in = in && (unsigned)h < (unsigned)Hlim && (unsigned)w < (unsigned)Wlim;
                     off = ooff[io] + k[ik].off;
                 } else {
-                    off = ooff[0] + k[ik].off + io * ostride;
+                    off = ooff[0] + k[ik].off + (unsigned)io * ostride;
                 }
-                cp_async(at + ik * KSPACE * (O + PAD) + io * OSPACE, in ? ptr + off : ptr, in);
+                cp_async(at + ik * KSPACE * (O + PAD) + io * OSPACE, ptr + (in ? off : 0u), in);
             }
         }
     }
@@ -260,33 +279,39 @@ __device__ __forceinline__ int thread_col(int j) {
     return (j / 4) * (4 * THREADS_N) + (threadIdx.x / THREADS_M) * 4 + j % 4;
 }
 
-// One stage of the main loop, CUR being the shared-memory stage it multiplies:
-// the next stage's copies into the other stage are issued first and land while
-// this stage's products run. The other stage was last read in the previous stage,
-// before the barrier that ended it, so it can be overwritten now.
+// One stage of the main loop, CUR being the shared-memory stage it multiplies
+// (kleft reduction values left from its first): the operands' cursors point at
+// the next stage, whose copies into the other shared stage are issued first and
+// land while this stage's products run. The other stage was last read in the
+// previous stage, before the barrier that ended it, so it can be overwritten now.
+// A stage with compute false only copies: the main loop's first, which loads
+// stage 0 (one copy of the loader code in the kernel, not a second before the loop).
 template <int CUR, typename T, typename OpA, typename OpB>
-__device__ __forceinline__ void stage(OpA& a, OpB& b, T* As, T* Bs, int kleft, T (&acc)[TM][TN]) {
+__device__ __forceinline__ void stage(OpA& a, OpB& b, T* As, T* Bs, int kleft, bool compute,
+                                      T (&acc)[TM][TN]) {
     constexpr int BK = Depth<T>::value;
     if (kleft > BK) {
-        a.next();
-        b.next();
         a.copy(As + (1 - CUR) * BK * LDA, kleft - BK);
         b.copy(Bs + (1 - CUR) * BK * LDB, kleft - BK);
+        a.next();
+        b.next();
     }
     cp_async_commit();
-    const T* as = As + CUR * BK * LDA + (threadIdx.x % THREADS_M) * 4;
-    const T* bs = Bs + CUR * BK * LDB + (threadIdx.x / THREADS_M) * 4;
+    if (compute) {
+        const T* as = As + CUR * BK * LDA + (threadIdx.x % THREADS_M) * 4;
+        const T* bs = Bs + CUR * BK * LDB + (threadIdx.x / THREADS_M) * 4;
 #pragma unroll
-    for (int kk = 0; kk < BK; ++kk) {
-        T ra[TM], rb[TN];
+        for (int kk = 0; kk < BK; ++kk) {
+            T ra[TM], rb[TN];
 #pragma unroll
-        for (int i = 0; i < TM; i += 4) load4(as + kk * LDA + i * THREADS_M, ra + i);
+            for (int i = 0; i < TM; i += 4) load4(as + kk * LDA + i * THREADS_M, ra + i);
 #pragma unroll
-        for (int j = 0; j < TN; j += 4) load4(bs + kk * LDB + j * THREADS_N, rb + j);
+            for (int j = 0; j < TN; j += 4) load4(bs + kk * LDB + j * THREADS_N, rb + j);
 #pragma unroll
-        for (int i = 0; i < TM; ++i)
+            for (int i = 0; i < TM; ++i)
 #pragma unroll
-            for (int j = 0; j < TN; ++j) acc[i][j] += ra[i] * rb[j];
+                for (int j = 0; j < TN; ++j) acc[i][j] += ra[i] * rb[j];
+        }
     }
     cp_async_wait<0>();  // this thread's copies of the next stage have landed...
     __syncthreads();     // ...and everyone's
@@ -294,6 +319,8 @@ __device__ __forceinline__ void stage(OpA& a, OpB& b, T* As, T* Bs, int kleft, T
 
 // The main loop: acc[i][j] = sum over the klen reduction values, in increasing
 // order, of A(row i, k) * B(k, col j), BK at a time, through two shared stages.
+// It starts one stage early, at a stage -1 (shared stage 1, klen + BK values left)
+// that only copies stage 0 into shared stage 0.
 template <typename T, typename OpA, typename OpB>
 __device__ __forceinline__ void gemm_tile(OpA& a, OpB& b,
                                           int klen, T (&acc)[TM][TN], unsigned char* smem) {
@@ -305,17 +332,13 @@ __device__ __forceinline__ void gemm_tile(OpA& a, OpB& b,
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
     if (klen <= 0) return;
-    a.copy(As, klen);
-    b.copy(Bs, klen);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    // CONV_UNROLL stages per iteration, so that the stage index is a constant
-    for (int kleft = klen; kleft > 0; kleft -= CONV_UNROLL * BK) {
+    // CONV_UNROLL stages per iteration, so that the shared stage index is a constant
+    for (int kleft = klen + BK; kleft > 0; kleft -= CONV_UNROLL * BK) {
 #pragma unroll
         for (int u = 0; u < CONV_UNROLL; u += 2) {
-            if (kleft > u * BK) stage<0, T>(a, b, As, Bs, kleft - u * BK, acc);
-            if (kleft > (u + 1) * BK) stage<1, T>(a, b, As, Bs, kleft - (u + 1) * BK, acc);
+            if (kleft > u * BK)
+                stage<1, T>(a, b, As, Bs, kleft - u * BK, u > 0 || kleft <= klen, acc);
+            if (kleft > (u + 1) * BK) stage<0, T>(a, b, As, Bs, kleft - (u + 1) * BK, true, acc);
         }
     }
 }
@@ -327,16 +350,17 @@ template <bool HAS_BIAS, typename T>
 __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const IndexMap& rows,
                                            int m0, int M, long long col_base, int col_stride,
                                            int n0, int Ncols, const T* bias) {
-    // one pointer per column; a row adds its byte offset to each
-    char* col[TN];
+    // a 32-bit offset per column, added to the row's (a stored element's offset lies
+    // in [0, 2**31), so the 32-bit sum is exact)
+    unsigned col[TN];
     T b[TN];
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
         const int n = n0 + thread_col(j);
-        col[j] = reinterpret_cast<char*>(out + col_base + (long long)n * col_stride);
+        col[j] = (unsigned)(col_base + (long long)n * col_stride);
         if (HAS_BIAS) b[j] = bias != nullptr && n < Ncols ? bias[n] : T(0);
     }
-    const Step one = make_step(rows, 1);
+    const Step one = unit_step(rows);
     Cursor r;
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
@@ -344,11 +368,10 @@ __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const
         if (m >= M) break;  // rows only grow with i
         if (i % 4 == 0) r = locate(rows, m);
         else advance(r, rows, one);
-        const long long at = r.off * (long long)sizeof(T);
 #pragma unroll
         for (int j = 0; j < TN; ++j)
             if (n0 + thread_col(j) < Ncols)
-                *reinterpret_cast<T*>(col[j] + at) = HAS_BIAS ? acc[i][j] + b[j] : acc[i][j];
+                out[r.off + col[j]] = HAS_BIAS ? acc[i][j] + b[j] : acc[i][j];
     }
 }
 
@@ -440,6 +463,9 @@ conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __res
 // `slices` consecutive ranges of slice_len (a multiple of BK):
 // blockIdx.z = g * slices + slice writes partial[slice] (K, Cg*R*S); with one
 // slice, partial is dw itself; else conv2d_sum_slices adds the slices in order.
+// (partial too has fewer than 2**31 elements, as the 32-bit offsets need: with
+// slices > 1 the tiles number fewer than TARGET_BLOCKS, so it is under
+// 2*TARGET_BLOCKS*BM*BN.)
 // Grid (ceil(K/groups/BM), ceil(Cg*R*S/BN), groups*slices).
 template <typename T>
 __global__ void __launch_bounds__(conv::THREADS, 1)
