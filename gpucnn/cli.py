@@ -129,6 +129,8 @@ def _parser():
     b.add_argument("--repeat", type=int, default=10)
     b.add_argument("--json")
     b.add_argument("--smoke", action="store_true", help="one tiny case of each kind")
+    b.add_argument("--modern", action="store_true",
+                   help="only BN, a residual block, the ResNet stem pool and a resnet step")
     return p
 
 
@@ -263,7 +265,8 @@ def cmd_bench(args):
         raise ConfigError(f"--repeat must be a positive int, got {args.repeat}")
     return bench.main(["--device", args.device, "--repeat", str(args.repeat)] +
                       (["--json", args.json] if args.json else []) +
-                      (["--smoke"] if args.smoke else [])) or 0
+                      (["--smoke"] if args.smoke else []) +
+                      (["--modern"] if args.modern else [])) or 0
 
 
 def main(argv=None):
