@@ -34,6 +34,10 @@ def _number(value, name, low=0.0, high=None, high_open=False):
 
 
 class Optimizer:
+    # True where a step reads every value that changes between steps (lr, step counts)
+    # from device arrays, so that a CUDA graph of it stays right when replayed
+    capturable = False
+
     def __init__(self, params, lr):
         params = list(params)
         if not params:
@@ -122,6 +126,8 @@ class Optimizer:
 
 
 class SGD(Optimizer):
+    capturable = True
+
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, dampening=0.0):
         super().__init__(params, lr)
         self.momentum = _number(momentum, "momentum")
@@ -152,6 +158,8 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
+    capturable = True
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, lr)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:

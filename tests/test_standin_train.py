@@ -191,13 +191,6 @@ def test_standin_cuda_graph_capture_failure_falls_back_with_one_line(standin):
         assert numpy.array_equal(v.get(), eager_net.state_dict()[k].get()), k
 
 
-def test_standin_cuda_graph_is_off_for_adam_with_one_line(standin):
-    net, opt, _ = _digits("cuda", "adam")
-    lines = []
-    graphed = graph.GraphedStep(net, opt, log=lines.append)
-    assert not graphed.capture and len(lines) == 1 and "Adam" in lines[0]
-
-
 def test_standin_cuda_graph_is_off_with_dropout(standin):
     gpucnn.manual_seed(0)
     net = gpucnn.Sequential(gpucnn.Flatten(), gpucnn.Dropout(0.2),
