@@ -10,7 +10,8 @@ import numpy
 import pytest
 
 import gpucnn
-from gpucnn import checkpoint, graph, models, schedules, train
+from conftest import CUDA_SKIP
+from gpucnn import backend, checkpoint, graph, models, schedules, train
 from gpucnn.augment import Augment
 from gpucnn.step import train_step
 
@@ -42,11 +43,11 @@ def _setup(device, optimizer="sgd", weight_decay=0.0, schedule=False, augment=Fa
     return net, opt, sched, aug, label_smoothing
 
 
-def _batches(standin, n=7, size=8):
+def _batches(xp, n=7, size=8):
     rng = numpy.random.default_rng(3)
-    xs = [standin.asarray(rng.standard_normal((size, 1, 8, 8)).astype(numpy.float32))
+    xs = [xp.asarray(rng.standard_normal((size, 1, 8, 8)).astype(numpy.float32))
           for _ in range(n)]
-    ys = [standin.asarray(rng.integers(0, 10, size)) for _ in range(n)]
+    ys = [xp.asarray(rng.integers(0, 10, size)) for _ in range(n)]
     return xs + [xs[0][:5]], ys + [ys[0][:5]]  # and a last, partial batch (run eagerly)
 
 
@@ -68,12 +69,12 @@ def _assert_same(a, b):
     assert (na, ha) == (nb, hb)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_standin_graph_matches_eager_bitwise(standin, case):
-    xs, ys = _batches(standin)
+def _graph_vs_eager(xp, case):
+    """GraphedStep (warm-up 2, capture, then replays) and eager steps side by side on
+    xp's device, bitwise; returns the GraphedStep."""
+    xs, ys = _batches(xp)
     net, opt, sched, aug, smoothing = _setup("cuda", **CASES[case])
     ref_net, ref_opt, ref_sched, ref_aug, _ = _setup("cuda", **CASES[case])
-    captures = standin.cuda.Stream.captures
     graphed = graph.GraphedStep(net, opt, label_smoothing=smoothing, warmup=2, log=quiet)
     assert graphed.capture
     lrs = []
@@ -88,7 +89,7 @@ def test_standin_graph_matches_eager_bitwise(standin, case):
         if sched:
             lrs.append(sched.step())
             ref_sched.step()
-    assert standin.cuda.Stream.captures - captures == 1 and graphed.graph is not None
+    assert graphed.graph is not None
     assert graphed.calls == len(xs) - 1  # every full batch went through the static path
     if sched:
         assert len(set(lrs)) == len(lrs)  # the lr changed at every step
@@ -98,6 +99,22 @@ def test_standin_graph_matches_eager_bitwise(standin, case):
         smooth, _ = train_step(*_setup("cuda", **CASES[case])[:2], xs[0], ys[0],
                                label_smoothing=smoothing)
         assert not numpy.array_equal(plain.get(), smooth.get())
+    return graphed
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_standin_graph_matches_eager_bitwise(standin, case):
+    captures = standin.cuda.Stream.captures
+    graphed = _graph_vs_eager(standin, case)
+    assert standin.cuda.Stream.captures - captures == 1 and graphed.replays is False
+
+
+@CUDA_SKIP
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_graph_replays_match_eager_bitwise(case):
+    """On a real GPU the capture records and every later step is a replay."""
+    graphed = _graph_vs_eager(backend.xp_for("cuda"), case)
+    assert graphed.replays is True
 
 
 @pytest.mark.parametrize("case", ["sgd-cosine-warmup", "adam-cosine"])
