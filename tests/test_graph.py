@@ -137,6 +137,8 @@ def test_standin_graph_step_hands_the_device_no_per_step_host_value(standin, cas
 def test_standin_host_value_recording_sees_a_host_lr(standin):
     """The check above can fail: an update that reads lr as a Python float bakes it in."""
     class HostLR(gpucnn.SGD):
+        capturable = False  # what such an optimizer must say, so that no graph is made
+
         def _update(self, p, state):
             p.data -= self.lr * p.grad
     xs, ys = _batches(standin)
@@ -149,6 +151,9 @@ def test_standin_host_value_recording_sees_a_host_lr(standin):
         recorded.append(ops)
     assert recorded[0] != recorded[1]
     assert [op for op in recorded[0] if op not in recorded[1]][0][1][0] == 0.05
+    lines = []
+    assert not graph.GraphedStep(net, opt, log=lines.append).capture
+    assert len(lines) == 1 and "HostLR does not read its per-step values" in lines[0]
 
 
 @pytest.mark.parametrize("case", ["sgd-cosine-warmup", "adam-cosine"])
