@@ -21,6 +21,11 @@ GRID = [
     ((2, 3, 7, 7), (4, 3, 7, 7), dict(padding="valid")),
     ((3, 1, 5, 5), (2, 1, 1, 1), {}),
     ((2, 6, 7, 9), (6, 3, 2, 4), dict(groups=2, stride=(1, 2), padding=(2, 1), dilation=(1, 2))),
+    # stride 1: dx as the forward pass over dy (groups, dilation, uneven padding), and
+    # padding beyond the filter's extent, where dx is computed tap by tap
+    ((2, 4, 9, 8), (6, 2, 3, 2), dict(groups=2, dilation=(2, 3), padding=(1, 3))),
+    ((2, 3, 6, 6), (4, 3, 1, 1), dict(padding=1)),
+    ((2, 3, 6, 5), (4, 3, 3, 3), dict(padding=(3, 1))),
 ]
 
 

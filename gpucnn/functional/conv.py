@@ -15,8 +15,9 @@ from x itself, whichever copies longer contiguous runs) and the weight matrix
 wm[k, (r,s,c')] = w[k,c',r,s], its columns in the same order. Then
 y = wm @ cols^T and dw = dy @ cols, with cols built and consumed a few samples
 at a time so that it stays in cache.
-dx is the flipped-filter convolution computed one kernel offset (r,s) at a
-time: dy @ w[:, :, r, s] is added back at the input positions that tap read
+dx, for stride 1, is the forward pass applied to dy with the rotated,
+channel-swapped filters (the full correlation); for larger strides it is computed
+one kernel offset (r,s) at a time: dy @ w[:, :, r, s] is added back at the input positions that tap read
 (a col2im that never builds the whole column matrix). On the GPU the three
 passes are implicit-GEMM kernels (kernels/conv2d.cu) that gather the same
 matrices tile by tile into shared memory and never build them; the bias
@@ -185,6 +186,10 @@ def forward(x, weight, bias, g):
     kernels = cuda.kernels_for(xp)
     if kernels is not None:
         return kernels.conv2d_forward(x, weight, bias, g)
+    return _forward_matmul(xp, x, weight, bias, g)
+
+
+def _forward_matmul(xp, x, weight, bias, g):
     wm, PQ = _weight_matrix(xp, weight, g), g.P * g.Q
     out = xp.empty((g.N, g.K, PQ), dtype=x.dtype)
     part = None
@@ -215,9 +220,10 @@ def backward(dy, x, weight, g, need_input_grad=True):
 # the device's implementation: matrix products here, CUDA kernels on a GPU.
 
 def backward_data(dy, weight, g):
-    """dx (N, C, H, W): the flipped-filter convolution, one kernel offset at a time.
-
-    For each tap (r,s), dy @ w[:, :, r, s] (rows (n,p,q), columns c') is what the
+    """dx (N, C, H, W): the flipped-filter convolution. With stride 1 that is the
+    forward pass over dy (see _full_correlation): one matrix product per chunk,
+    reducing over (r,s,k). Otherwise one kernel offset at a time:
+    for each tap (r,s), dy @ w[:, :, r, s] (rows (n,p,q), columns c') is what the
     tap sends back to input pixel (p*sh + r*dh, q*sw + s*dw) of the padded input;
     the taps' shares are added up there and the padding is cropped off.
     """
@@ -225,6 +231,9 @@ def backward_data(dy, weight, g):
     kernels = cuda.kernels_for(xp)
     if kernels is not None:
         return kernels.conv2d_backward_data(dy, weight, g)
+    full = _full_correlation(g)
+    if full is not None:
+        return _forward_matmul(xp, dy, _rotated_transposed(weight, g), None, full)
     G, Cg, PQ = g.groups, g.C // g.groups, g.P * g.Q
     dyg = _grouped_dy(xp, dy, g)  # rows (n,p,q): each tap's share comes out channels-last
     taps = xp.ascontiguousarray(weight.reshape(G, g.K // G, Cg, g.R, g.S).transpose(3, 4, 0, 1, 2))
@@ -243,6 +252,27 @@ def backward_data(dy, weight, g):
                     share.reshape(G, n1 - n0, g.P, g.Q, Cg).transpose(1, 2, 3, 0, 4)
     dx = dxp[:, g.pt:g.pt + g.H, g.pl:g.pl + g.W].reshape(g.N, g.H, g.W, g.C)
     return xp.ascontiguousarray(dx.transpose(0, 3, 1, 2))
+
+
+def _full_correlation(g):
+    """For stride 1, dx is a plain convolution of dy (as the forward pass computes
+    it) with the rotated filters, dy padded by the dilated filter extent minus the
+    forward padding: dx[n,c,h,w] = sum_{k,r,s} dy[n,k, h + pt - r*dh, w + pl - s*dw] w[k,c,r,s].
+    Its geometry, or None where that padding would be negative (or the stride > 1)."""
+    top, bottom = (g.R - 1) * g.dh - g.pt, (g.R - 1) * g.dh - g.pb
+    left, right = (g.S - 1) * g.dw - g.pl, (g.S - 1) * g.dw - g.pr
+    if (g.sh, g.sw) != (1, 1) or min(top, bottom, left, right) < 0:
+        return None
+    return ConvGeometry(g.N, g.K, g.P, g.Q, g.C, g.R, g.S, g.H, g.W, 1, 1,
+                        top, bottom, left, right, g.dh, g.dw, g.groups)
+
+
+def _rotated_transposed(weight, g):
+    """weight (K, C/g, R, S) -> (C, K/g, R, S), each group's filters with input and
+    output channels swapped and the taps rotated by 180 degrees (a view)."""
+    G = g.groups
+    w = weight.reshape(G, g.K // G, g.C // G, g.R, g.S).transpose(0, 2, 1, 3, 4)
+    return w.reshape(g.C, g.K // G, g.R, g.S)[:, :, ::-1, ::-1]
 
 
 def backward_filter(dy, x, g):
