@@ -5,7 +5,8 @@ A LeNet step is ~100 small kernels; launched one by one from Python each costs
 CUDA graph, a step is one launch. The recipe (as PyTorch's whole-network capture):
 
 1. warm-up: a few eager steps on a side stream, so that every lazily created
-   buffer (momentum, kernels' modules, CuPy's own kernels) exists;
+   buffer (momentum, Adam's moments and step counts, the device lr, kernels'
+   modules, CuPy's own kernels) exists: a capture must find them in place;
 2. static input buffers: each batch is copied into the same two device arrays;
 3. a memory pool of its own for everything the captured step allocates, so the
    addresses baked into the graph stay reserved for it;
