@@ -78,7 +78,8 @@ def _parser():
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the training step from a CUDA graph (default: on with "
-                   "--device cuda; SGD only, Adam runs eagerly)")
+                   "--device cuda; with any optimizer, schedule, warmup, augmentation or label "
+                   "smoothing; a model with Dropout runs eagerly)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test set")
     e.add_argument("checkpoint")
