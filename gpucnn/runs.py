@@ -194,21 +194,53 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived; handled exactly like Ctrl-C (checkpoint, then stop)."""
 
 
+class Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM while training. Between steps they raise at once
+    (KeyboardInterrupt, Terminated); inside ``with interrupts.step():`` they wait for
+    the step's end, so that the weights, the optimizer's state, the BN statistics and
+    the random and schedule states the checkpoint saves are all those of whole steps:
+    a signal in the middle of optimizer.step() would otherwise leave some weights
+    updated and others not."""
+
+    def __init__(self):
+        self.in_step, self.pending = False, None
+
+    def handler(self, signum, frame):
+        stop = KeyboardInterrupt() if signum == signal.SIGINT else Terminated(f"signal {signum}")
+        if self.in_step:
+            self.pending = self.pending or stop
+            return
+        raise stop
+
+    @contextlib.contextmanager
+    def step(self):
+        self.in_step = True
+        try:
+            yield
+        finally:
+            self.in_step = False
+        if self.pending is not None:
+            stop, self.pending = self.pending, None
+            raise stop
+
+
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """While training, SIGTERM raises Terminated (a KeyboardInterrupt). Only the
-    main thread can install signal handlers; elsewhere this does nothing."""
-    def handler(signum, frame):
-        raise Terminated(f"signal {signum}")
+def interrupts():
+    """Install Interrupts' handler for SIGINT and SIGTERM while training and yield it;
+    the previous handlers come back at the end. Only the main thread can install
+    signal handlers (and receives signals); elsewhere the steps are not guarded."""
+    guard = Interrupts()
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, guard.handler)
     except ValueError:  # not the main thread
-        yield
-        return
+        pass
     try:
-        yield
+        yield guard
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

@@ -259,8 +259,8 @@ def train(config, model=None, log=print):
     here = bool(config.resume) and out.resolve() == pathlib.Path(config.resume).parent.resolve()
     lock = runs.claim(out, resuming_here=here, overwrite=config.overwrite)
     try:
-        with runs.sigterm_as_interrupt():
-            return _run(config, model, log, out, resume_meta)
+        with runs.interrupts() as interrupts:
+            return _run(config, model, log, out, resume_meta, interrupts)
     except UserError:
         lock.release()
         if created:  # e.g. a dataset error: leave no empty folder behind
@@ -271,7 +271,7 @@ def train(config, model=None, log=print):
         lock.release()
 
 
-def _run(config, model, log, out, resume_meta):
+def _run(config, model, log, out, resume_meta, interrupts):
     device, why = backend.resolve_device(config.device)
     log(f"gpucnn: training on {device} ({why})")
     ds = data.load(config.dataset, config.data_dir, seed=config.seed)
@@ -311,9 +311,6 @@ def _run(config, model, log, out, resume_meta):
                 f"step {start_step}")
     saved = dict(epoch=start_epoch if config.resume else None)
 
-    extras = _extras(model, schedule, augment)  # random and lr state after the last full step
-    buffers = _buffers(model)  # running statistics after the last full step
-
     def survivor():
         if saved["epoch"] is None:
             return "No checkpoint was written."
@@ -326,7 +323,7 @@ def _run(config, model, log, out, resume_meta):
                     in_channels=int(ds.image_shape[0]),
                     input_shape=[int(v) for v in ds.image_shape], data_stats=ds.stats,
                     custom_model=custom_model, device=device, blas_threads=threads,
-                    confusion=confusion, **extras)
+                    confusion=confusion, **_extras(model, schedule, augment))
         with runs.writing(ckpt_path, survivor):
             checkpoint.save(ckpt_path, model, optimizer, meta)
         if not part:
@@ -355,15 +352,15 @@ def _run(config, model, log, out, resume_meta):
         try:
             t0 = time.perf_counter()
             for xb, yb in data.batches(train_x, train_y, config.batch_size, device, order, skip):
-                if augment is not None:
-                    xb = augment(xb)
-                loss, logits = step_fn(model, optimizer, xb, yb)
-                if schedule is not None:
-                    schedule.step()
-                step += 1
-                extras, buffers = _extras(model, schedule, augment), _buffers(model)
-                sums.add(loss, logits, yb, step)
-                seen += len(yb)
+                with interrupts.step():  # Ctrl-C waits for the step's end: a whole step
+                    if augment is not None:
+                        xb = augment(xb)
+                    loss, logits = step_fn(model, optimizer, xb, yb)
+                    if schedule is not None:
+                        schedule.step()
+                    step += 1
+                    sums.add(loss, logits, yb, step)
+                    seen += len(yb)
                 now = time.perf_counter()
                 train_time += now - t0
                 t0 = now
@@ -387,7 +384,6 @@ def _run(config, model, log, out, resume_meta):
             # during the steps or the evaluation: keep the epoch's work so far; a
             # resume evaluates again (an evaluation changes nothing)
             bar.close()
-            _restore_buffers(model, buffers)  # undo a forward cut short (BN statistics)
             loss_sum, correct = sums.read(epoch, ckpt_path, config.lr, check=False)
             save(epoch, step, epoch_state, dict(loss_sum=loss_sum, correct=int(correct), seen=seen,
                                                 train_time=train_time))
@@ -419,16 +415,6 @@ def _extras(model, schedule, augment):
     return dict(model_rng=model.random_state(),
                 schedule=schedule.state_dict() if schedule is not None else None,
                 augment=augment.get_rng_state() if augment is not None else None)
-
-
-def _buffers(model):
-    """Copies of the model's buffers (device-side, a few KB for BN statistics)."""
-    return {name: b.data.copy() for name, b in model.named_buffers()}
-
-
-def _restore_buffers(model, saved):
-    for name, b in model.named_buffers():
-        b.data = saved[name]
 
 
 def _restore_extras(meta, schedule, augment):

@@ -1,5 +1,8 @@
 """The built-in resnet against the same network in torch, its recipe, and exact
 resume with a schedule, augmentation and Dropout."""
+import os
+import signal
+
 import numpy
 import pytest
 
@@ -85,8 +88,8 @@ class _Interrupt(Module):
     def forward(self, x):
         if self.training:
             self.calls += 1
-            if self.calls == self.at:
-                raise KeyboardInterrupt
+            if self.calls == self.at:  # Ctrl-C, as the terminal sends it
+                os.kill(os.getpid(), signal.SIGINT)
         return x
 
     def backward(self, dy, need_input_grad=True):
@@ -111,11 +114,11 @@ def test_resume_is_bit_exact_with_schedule_augment_and_dropout(tmp_path):
     cut = tmp_path / "cut2"
     with pytest.raises(KeyboardInterrupt):
         train.train(train.Config(epochs=3, out=str(cut), **QUICK), model=_net(3 + 2),
-                    log=quiet)  # epoch 2, step 2: after the Dropout drew its mask
+                    log=quiet)  # epoch 2, step 2, after the Dropout drew its mask
     meta = checkpoint.read(cut / "checkpoint.npz")[0]
-    assert (meta["epoch"], meta["step"]) == (1, 1)
-    assert meta["schedule"]["last_step"] == 4 and meta["augment"]["calls"] == 4
-    assert meta["model_rng"]["7"]["calls"] == 4
+    assert (meta["epoch"], meta["step"]) == (1, 2)  # step 2 finished, then training stopped
+    assert meta["schedule"]["last_step"] == 5 and meta["augment"]["calls"] == 5
+    assert meta["model_rng"]["7"]["calls"] == 5
     train.train(train.Config(epochs=3, out=str(cut), resume=str(cut / "checkpoint.npz"),
                              **QUICK), model=_net(), log=quiet)
     a, b = _state(tmp_path / "straight/checkpoint.npz"), _state(cut / "checkpoint.npz")

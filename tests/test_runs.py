@@ -146,7 +146,7 @@ def test_config_epochs_extends_a_resumed_run_from_python(tmp_path):
 
 class _Trap(Module):
     """Identity; at its n-th forward (in training, or in eval mode when
-    during_eval) it raises Ctrl-C or sends this process SIGTERM."""
+    during_eval) it sends this process SIGTERM or SIGINT (Ctrl-C)."""
 
     def __init__(self, at, what, during_eval=False):
         super().__init__()
@@ -156,10 +156,7 @@ class _Trap(Module):
         if self.training != self.during_eval:
             self.calls += 1
             if self.calls == self.at:
-                if self.what == "sigterm":
-                    os.kill(os.getpid(), signal.SIGTERM)
-                else:
-                    raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGTERM if self.what == "sigterm" else signal.SIGINT)
         return x
 
     def backward(self, dy, need_input_grad=True):
@@ -187,18 +184,20 @@ def test_sigterm_and_ctrl_c_in_evaluation_keep_the_epoch_and_resume_exactly(tmp_
     def unhandled(signum, frame):  # were train's handler missing, fail instead of dying
         raise AssertionError("SIGTERM reached the test's handler, not train's")
 
-    previous = signal.signal(signal.SIGTERM, unhandled)
+    previous, ctrl_c = signal.signal(signal.SIGTERM, unhandled), signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(KeyboardInterrupt) as stop:
             train.train(train.Config(epochs=2, out=str(out), **QUICK), model=_trapped(*trap),
                         log=quiet)
-        assert signal.getsignal(signal.SIGTERM) is unhandled  # train's handler is removed
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # train's handlers are removed
+        assert signal.getsignal(signal.SIGINT) is ctrl_c
     finally:
         signal.signal(signal.SIGTERM, previous)
     meta = checkpoint.read(out / "checkpoint.npz")[0]
     if trap[1] == "sigterm":
         assert isinstance(stop.value, runs.Terminated)
-        assert (meta["epoch"], meta["step"]) == (1, 1)  # epoch 2, one of its 3 steps done
+        # sent in epoch 2's second step, which finished first: 2 of its 3 steps done
+        assert (meta["epoch"], meta["step"]) == (1, 2)
     else:  # all 3 steps of epoch 1 done, its evaluation interrupted
         assert (meta["epoch"], meta["step"], meta["history"]) == (0, 3, [])
     history, _ = train.train(train.Config(resume=str(out / "checkpoint.npz"), **QUICK),
@@ -307,3 +306,24 @@ def test_the_device_line_is_short_without_cupy(tmp_path):
         import cupy  # noqa: F401
     except ImportError:
         assert lines[0] == "gpucnn: training on cpu (CuPy not installed)"
+
+
+def test_a_signal_inside_a_step_waits_for_its_end():
+    """Between steps SIGINT and SIGTERM raise at once; inside one they are held until
+    it ends (so that no step is saved half done); the handlers are put back after."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with runs.interrupts() as guard:
+        with pytest.raises(runs.Terminated):
+            with guard.step():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)  # a second signal: the first one wins
+                finished = True
+        assert finished and guard.pending is None
+        with pytest.raises(KeyboardInterrupt) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10**6):  # the handler runs between bytecodes, soon
+                pass
+        assert type(stop.value) is KeyboardInterrupt
+        with guard.step():  # a step with no signal ends normally
+            pass
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
