@@ -87,6 +87,12 @@ constexpr int LDA = BM + PAD, LDB = BN + PAD;
 // in a one-warp block, where o-fast would leave each thread all BK k of a stage with
 // a cursor each to advance (8 for 32x32: 36% FFMA); k-fast leaves it one (47%).
 constexpr bool GATHER_K_FAST = THREADS == 32;
+// Blocks per SM the kernels are compiled for (__launch_bounds__): the one-warp float
+// kernels are held to 128 registers, 16 blocks (25% occupancy), where ptxas would
+// take up to 147 for backward-data (19%); the rest are left to ptxas (with 6 blocks
+// of 64 threads, 168 registers, backward-filter 32x128 spills).
+template <typename T>
+struct MinBlocks { static constexpr int value = THREADS == 32 && sizeof(T) == 4 ? 16 : 1; };
 
 static_assert(CONV_UNROLL % 2 == 0 && CONV_UNROLL > 0, "CONV_UNROLL must be even");
 static_assert(TM % 4 == 0 && TN % 4 == 0, "TM and TN must be multiples of 4");
@@ -181,8 +187,13 @@ __device__ __forceinline__ void advance(Cursor& c, const IndexMap& m, const Step
 // One GEMM operand: O rows (A: BM, B: BN) by BK reduction values per stage,
 // element (o, k) read at ptr[omap(o).off + kmap(k).off] when both are in range
 // and, for a WINDOW operand (an image gathered through a filter window), the
-// position omap(o).(h,w) + kmap(k).(h,w) lies inside [0,Hlim) x [0,Wlim).
-// Operands without a window are weights or dy rows: their omap is linear.
+// position omap(o).(h,w) + kmap(k).(h,w) lies inside [0,Hlim) x [0,Wlim); else a
+// zero. Operands without a window are weights or dy rows: their omap is linear.
+// The loader checks k and the window, never o: a row past the operand's end reads
+// zeros (WINDOW: its window row is one no k reaches) or a copy of a row in range
+// (not WINDOW; real elements, whose products land only in output rows or columns
+// that are never stored). A masked element's address is still a real element's: the
+// tensor's first (WINDOW) or its row's first (not WINDOW).
 // K_FAST picks which index consecutive threads walk along: mostly the one along
 // which the operand is contiguous in memory, so that a warp's loads coalesce
 // (but see GATHER_K_FAST).
@@ -202,9 +213,7 @@ struct Operand {
     IndexMap kmap;
     Step step;
     int Hlim, Wlim;
-    int oleft;  // rows left from this thread's first o to the operand's end
-    unsigned ooff[WINDOW ? NO : 1];
-    unsigned ostride;  // !WINDOW: offset between a thread's o
+    unsigned ooff[NO];
     int oh[WINDOW ? NO : 1], ow[WINDOW ? NO : 1];
     Cursor k[NK];
 
@@ -219,13 +228,12 @@ struct Operand {
                                          const IndexMap& km, int k0, int hlim, int wlim) {
         ptr = p; kmap = km; Hlim = hlim; Wlim = wlim;
         step = make_step(km, BK);
-        oleft = orows - o0 - o_first();
+        // the thread's o are evenly spaced: locate the first, step to the others
+        const int oleft = orows - o0 - o_first();  // rows from the first o to the end
         Cursor o = locate(omap, oleft > 0 ? o0 + o_first() : 0);
         ooff[0] = o.off;
         if (WINDOW) {
-            // the thread's o are evenly spaced: locate the first, step to the others.
-            // An o past the operand's end gets a window row that no k in range reaches
-            // (row + kmap(k).h < 0 for every d1 < r1), so that copy checks no o.
+            // a window row past every kmap(k).h: row + d1 * h1 < 0 for every d1 < r1
             const int past = -1 - (km.h1 > 0 ? (km.r1 - 1) * km.h1 : 0);
             const Step ostep = make_step(omap, OSPACE);
 #pragma unroll
@@ -234,7 +242,12 @@ struct Operand {
                 ooff[io] = o.off; oh[io] = io * OSPACE < oleft ? o.h : past; ow[io] = o.w;
             }
         } else {
-            ostride = OSPACE * omap.s0;
+            unsigned off = o.off;  // past the end, stays on a row in range
+#pragma unroll
+            for (int io = 1; io < NO; ++io) {
+                if (io * OSPACE < oleft) off += OSPACE * omap.s0;
+                ooff[io] = off;
+            }
         }
         k[0] = locate(km, k0 + k_first());
         if (NK > 1) {
@@ -251,18 +264,17 @@ struct Operand {
 #pragma unroll
         for (int ik = 0; ik < NK; ++ik) {
             const bool kin = k_first() + ik * KSPACE < kleft;
+            const unsigned koff = WINDOW || kin ? k[ik].off : 0u;
 #pragma unroll
             for (int io = 0; io < NO; ++io) {
-                bool in = kin && (WINDOW || io * OSPACE < oleft);
-                unsigned off;
+                bool in = kin;
                 if (WINDOW) {
                     const int h = oh[io] + k[ik].h, w = ow[io] + k[ik].w;
                     in = in && (unsigned)h < (unsigned)Hlim && (unsigned)w < (unsigned)Wlim;
-                    off = ooff[io] + k[ik].off;
-                } else {
-                    off = ooff[0] + k[ik].off + (unsigned)io * ostride;
                 }
-                cp_async(at + ik * KSPACE * (O + PAD) + io * OSPACE, ptr + (in ? off : 0u), in);
+                const unsigned off = ooff[io] + koff;
+                cp_async(at + ik * KSPACE * (O + PAD) + io * OSPACE,
+                         ptr + (WINDOW && !in ? 0u : off), in);
             }
         }
     }
@@ -405,7 +417,7 @@ __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const
 // GEMM rows (n,p,q), columns k of the group, reduction (c',r,s); bias in the epilogue.
 // Grid (ceil(N*P*Q/BM), ceil(K/groups/BN), groups), conv::THREADS threads.
 template <typename T>
-__global__ void __launch_bounds__(conv::THREADS, 1)
+__global__ void __launch_bounds__(conv::THREADS, conv::MinBlocks<T>::value)
 conv2d_forward(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                T* __restrict__ y, int N, int C, int H, int W, int K, int R, int S, int P, int Q,
                int sh, int sw, int pt, int pl, int dh, int dw, int groups, int has_bias) {
@@ -442,7 +454,7 @@ conv2d_forward(const T* __restrict__ x, const T* __restrict__ w, const T* __rest
 // offw dph dpw, where p = ih + offh - i*dph for the i-th tap row (likewise q).
 // Grid (ceil(N*ceil(H/sh)*ceil(W/sw)/BM), ceil(C/groups/BN), groups*sh*sw).
 template <typename T>
-__global__ void __launch_bounds__(conv::THREADS, 1)
+__global__ void __launch_bounds__(conv::THREADS, conv::MinBlocks<T>::value)
 conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __restrict__ dx,
                      const int* __restrict__ phase_table, int N, int C, int H, int W, int K,
                      int R, int S, int P, int Q, int sh, int sw, int pt, int pl, int dh, int dw,
@@ -487,7 +499,7 @@ conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __res
 // 2*TARGET_BLOCKS*BM*BN.)
 // Grid (ceil(K/groups/BM), ceil(Cg*R*S/BN), groups*slices).
 template <typename T>
-__global__ void __launch_bounds__(conv::THREADS, 1)
+__global__ void __launch_bounds__(conv::THREADS, conv::MinBlocks<T>::value)
 conv2d_backward_filter(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ partial,
                        int N, int C, int H, int W, int K, int R, int S, int P, int Q, int sh,
                        int sw, int pt, int pl, int dh, int dw, int groups, int slices,
