@@ -92,6 +92,25 @@ class Timer:
                 times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
+    def pair(self, ours, theirs):
+        """(median ms of ours, of theirs or None). On the CPU the two alternate, run by
+        run, so that a load that comes and goes on a shared machine weighs on both
+        alike; on a GPU (not shared) each is timed in turn."""
+        if theirs is None:
+            return self(ours), None
+        if self.device == "cuda":
+            return self(ours), self(theirs, torch_cuda=True)
+        for _ in range(self.warmup):
+            ours()
+            theirs()
+        times = ([], [])
+        for _ in range(self.repeat):
+            for fn, into in ((ours, times[0]), (theirs, times[1])):
+                t0 = time.perf_counter()
+                fn()
+                into.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times[0]), statistics.median(times[1])
+
 
 def _torch(device):
     try:
@@ -286,8 +305,7 @@ def run(device="auto", repeat=10, out=None, smoke=False):
     def report(label, ours, theirs, goal=None):
         goal = None if smoke else goal  # the smoke shapes are held to nothing
         for name, fn in ours.items():
-            t_ours = timer(fn)
-            t_theirs = timer(theirs[name], torch_cuda=True) if name in theirs else None
+            t_ours, t_theirs = timer.pair(fn, theirs.get(name))
             ratio = t_ours / t_theirs if t_theirs else None
             met = None if ratio is None or goal is None else ratio <= goal
             rows.append(dict(case=f"{label} {name}", gpucnn_ms=t_ours, torch_ms=t_theirs,
@@ -340,13 +358,17 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the results as JSON to this file")
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny case of each kind: checks that everything runs")
-    parser.add_argument("--modern", action="store_true", help="time BN, a residual block, the "
-                        "ResNet stem pool and a resnet step instead (issue 11)")
+    parser.add_argument("--modern", action="store_true", help="only BN, a residual block, the "
+                        "ResNet stem pool and a resnet step (which a full run ends with)")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error(f"--repeat must be a positive int, got {args.repeat}")
-    results = (run_modern(args.device, args.repeat) if args.modern else
-               run(args.device, args.repeat, smoke=args.smoke))
+    if args.modern:
+        results = run_modern(args.device, args.repeat)
+    else:
+        results = run(args.device, args.repeat, smoke=args.smoke)
+        if not args.smoke:
+            results["modern"] = run_modern(args.device, args.repeat)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -445,10 +467,7 @@ def run_modern(device="auto", repeat=10, out=sys.stdout):
     x_net, y_net = arr(128, 1, 28, 28), xp.asarray(rng.integers(0, 10, 128))
 
     def step_ours():
-        opt.zero_grad()
-        loss, dz = F.softmax_cross_entropy(net(x_net), y_net)
-        net.backward(dz, need_input_grad=False)
-        opt.step()
+        train_step(net, opt, x_net, y_net)
     theirs = None
     if torch is not None:
         tnet = torch_resnet(torch).to(dev)
@@ -466,8 +485,7 @@ def run_modern(device="auto", repeat=10, out=sys.stdout):
           file=out)
     rows = []
     for name, ours, theirs in cases:
-        t_ours = timer(ours)
-        t_theirs = timer(theirs, torch_cuda=True) if theirs else None
+        t_ours, t_theirs = timer.pair(ours, theirs)
         ratio = t_ours / t_theirs if t_theirs else None
         rows.append(dict(case=name, gpucnn_ms=t_ours, torch_ms=t_theirs, ratio=ratio))
         print(f"{name:<58}{t_ours:>11.3f}{(f'{t_theirs:.3f}' if t_theirs else '-'):>11}"

@@ -78,7 +78,8 @@ def _parser():
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the training step from a CUDA graph (default: on with "
-                   "--device cuda; SGD only, Adam runs eagerly)")
+                   "--device cuda; with any optimizer, schedule, warmup, augmentation or label "
+                   "smoothing; a model with Dropout runs eagerly)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test set")
     e.add_argument("checkpoint")
@@ -129,6 +130,8 @@ def _parser():
     b.add_argument("--repeat", type=int, default=10)
     b.add_argument("--json")
     b.add_argument("--smoke", action="store_true", help="one tiny case of each kind")
+    b.add_argument("--modern", action="store_true",
+                   help="only BN, a residual block, the ResNet stem pool and a resnet step")
     return p
 
 
@@ -263,7 +266,8 @@ def cmd_bench(args):
         raise ConfigError(f"--repeat must be a positive int, got {args.repeat}")
     return bench.main(["--device", args.device, "--repeat", str(args.repeat)] +
                       (["--json", args.json] if args.json else []) +
-                      (["--smoke"] if args.smoke else [])) or 0
+                      (["--smoke"] if args.smoke else []) +
+                      (["--modern"] if args.modern else [])) or 0
 
 
 def main(argv=None):

@@ -5,7 +5,8 @@ A LeNet step is ~100 small kernels; launched one by one from Python each costs
 CUDA graph, a step is one launch. The recipe (as PyTorch's whole-network capture):
 
 1. warm-up: a few eager steps on a side stream, so that every lazily created
-   buffer (momentum, kernels' modules, CuPy's own kernels) exists;
+   buffer (momentum, Adam's moments and step counts, the device lr, kernels'
+   modules, CuPy's own kernels) exists: a capture must find them in place;
 2. static input buffers: each batch is copied into the same two device arrays;
 3. a memory pool of its own for everything the captured step allocates, so the
    addresses baked into the graph stay reserved for it;
@@ -13,15 +14,19 @@ CUDA graph, a step is one launch. The recipe (as PyTorch's whole-network capture
    of the captured shape. A batch of another shape (the last, partial one) runs
    eagerly.
 
-The step must be replayable: only SGD is (its learning rate is read at capture
-and a change triggers a new capture); Adam's bias correction is computed on the
-host each step, and a replayed Dropout would reuse one mask, so with either the
-step runs eagerly (said once). A capture that fails falls back to eager steps
-with one line saying why.
+What the step reads that changes from step to step lives on the device, as in
+PyTorch's ``capturable`` optimizers, so one capture serves the whole run: the
+learning rate is a 0-d device array that ``optimizer.lr = x`` fills in place (a
+schedule or warmup stepped per batch changes it between replays, with no sync
+and no new capture), and Adam counts its steps and computes its bias
+corrections on the device. Label smoothing is a constant of the run, captured
+with the step; augmentation runs on the batch before it is copied into the
+static input. A replayed Dropout would draw one mask forever (its generator is
+seeded on the host per call), so with Dropout the step runs eagerly, said once.
+A capture that fails falls back to eager steps with one line saying why.
 """
 from . import backend
 from .nn.layers import Dropout
-from .optim import SGD
 from .step import train_step
 
 WARMUP = 3
@@ -32,17 +37,26 @@ class GraphedStep:
 
     Call it like train_step: ``loss, logits = graphed(x, y)``; the results are the
     graph's static outputs, overwritten by the next call (read or reduce them first).
-    capture=False runs the same static-buffer path without capturing.
+    label_smoothing: as train_step's, fixed for the run. capture=False runs the same
+    static-buffer path without capturing. warmup (>= 1) eager steps come first: they
+    create what the first step creates (momentum buffers, Adam's moments, the device
+    lr), which a capture must find in place. The graph holds the addresses of the
+    arrays it captured: load model and optimizer state before the first call.
     """
 
-    def __init__(self, model, optimizer, *, capture=True, warmup=WARMUP, log=print):
+    def __init__(self, model, optimizer, *, label_smoothing=0.0, capture=True,
+                 warmup=WARMUP, log=print):
         self.model, self.optimizer, self.log = model, optimizer, log
         self.xp = backend.get_array_module(model.parameters()[0].data)
         if self.xp is backend.numpy:
             raise ValueError("GraphedStep needs a model on a CUDA device, got one on the cpu")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an int >= 1 (eager steps before the capture), "
+                             f"got {warmup!r}")
+        self.label_smoothing = label_smoothing
         self.warmup, self.calls = warmup, 0
         self.static_x = self.static_y = None
-        self.graph, self.outputs, self.lr = None, None, None
+        self.graph, self.outputs = None, None
         self.replays = backend.graph_capture_replays(self.xp)
         self.capture = capture and self._capturable()
         cuda = self.xp.cuda
@@ -54,21 +68,23 @@ class GraphedStep:
             self.log("gpucnn: CUDA graph off: a replayed Dropout would draw the same mask at "
                      "every step; running eagerly")
             return False
-        if not isinstance(self.optimizer, SGD):
+        if not getattr(self.optimizer, "capturable", False):
             name = type(self.optimizer).__name__
-            self.log(f"gpucnn: CUDA graph off: {name}'s step computes its bias correction "
-                     "on the host each step; running eagerly")
+            self.log(f"gpucnn: CUDA graph off: {name} does not read its per-step values from "
+                     "the device (capturable = False); running eagerly")
             return False
         return True
+
+    def _eager(self, x, y):
+        return train_step(self.model, self.optimizer, x, y,
+                          label_smoothing=self.label_smoothing)
 
     def __call__(self, x, y):
         if self.static_x is None:
             self.static_x = self.xp.empty_like(x)
             self.static_y = self.xp.empty_like(y)
         if x.shape != self.static_x.shape or y.shape != self.static_y.shape:
-            return train_step(self.model, self.optimizer, x, y)  # e.g. the last partial batch
-        if self.graph is not None and self.optimizer.lr != self.lr:
-            self.graph = None  # the learning rate is baked into the graph: capture again
+            return self._eager(x, y)  # e.g. the last partial batch
         current = self.xp.cuda.get_current_stream()
         self.stream.wait_event(current.record())  # x and y were written on the current stream
         with self.stream:
@@ -85,9 +101,9 @@ class GraphedStep:
                 self.graph.launch(self.stream)
                 self.optimizer.steps += 1  # the host-side count, as the eager step keeps it
                 return self.outputs
-            return train_step(self.model, self.optimizer, self.static_x, self.static_y)
+            return self._eager(self.static_x, self.static_y)
         if not self.capture or self.calls <= self.warmup:
-            return train_step(self.model, self.optimizer, self.static_x, self.static_y)
+            return self._eager(self.static_x, self.static_y)
         return self._capture()
 
     def _capture(self):
@@ -96,15 +112,15 @@ class GraphedStep:
             with self.xp.cuda.using_allocator(self.pool.malloc):
                 self.stream.begin_capture()
                 try:
-                    outputs = train_step(self.model, self.optimizer, self.static_x, self.static_y)
+                    outputs = self._eager(self.static_x, self.static_y)
                 finally:
                     graph = self.stream.end_capture()
         except Exception as e:  # noqa: BLE001 - any failure means: run eagerly from now on
             self.log(f"gpucnn: CUDA graph capture failed ({type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''}); training continues eagerly")
             self.capture, self.optimizer.steps = False, steps
-            return train_step(self.model, self.optimizer, self.static_x, self.static_y)
-        self.graph, self.outputs, self.lr = graph, outputs, self.optimizer.lr
+            return self._eager(self.static_x, self.static_y)
+        self.graph, self.outputs = graph, outputs
         if self.replays:
             graph.launch(self.stream)  # capturing recorded the step; this runs it
         return outputs

@@ -455,26 +455,19 @@ def _warn_environment(meta, device, threads, log):
 
 
 def _step_function(config, device, model, optimizer, log):
-    """train_step, or on a GPU (unless cuda_graph is False) its CUDA-graph replay."""
-    # a CUDA graph replays one fixed step: a changing lr, augmentation draws or label
-    # smoothing need the plain step (issue 11's options)
-    dynamic = [name for name, on in (("schedule", config.schedule != "none"),
-                                     ("warmup", config.warmup),
-                                     ("augment", config.augment != "none"),
-                                     ("label_smoothing", config.label_smoothing)) if on]
-    use_graph = (config.cuda_graph if config.cuda_graph is not None
-                 else device == "cuda" and not dynamic)
+    """train_step, or on a GPU (unless cuda_graph is False) its CUDA-graph replay.
+    The graph serves every option: the schedule and warmup write optimizer.lr, which
+    the step reads from the device; label smoothing is fixed for the run; the
+    augmentation has run on the batch before the step gets it."""
+    smoothing = config.label_smoothing
+    use_graph = config.cuda_graph if config.cuda_graph is not None else device == "cuda"
     if not use_graph:
-        smoothing = config.label_smoothing
         return lambda model, optimizer, x, y: train_step(model, optimizer, x, y,
                                                          label_smoothing=smoothing)
-    if dynamic:
-        raise ConfigError(f"cuda_graph replays a fixed step; it cannot be used with "
-                          f"{', '.join(dynamic)}")
     if device != "cuda":
         raise ConfigError(f"cuda_graph needs device 'cuda', got {device!r}")
     from .graph import GraphedStep
-    graphed = GraphedStep(model, optimizer, log=log)
+    graphed = GraphedStep(model, optimizer, label_smoothing=smoothing, log=log)
     return lambda model, optimizer, x, y: graphed(x, y)
 
 

@@ -21,6 +21,11 @@ GRID = [
     ((2, 3, 7, 7), (4, 3, 7, 7), dict(padding="valid")),
     ((3, 1, 5, 5), (2, 1, 1, 1), {}),
     ((2, 6, 7, 9), (6, 3, 2, 4), dict(groups=2, stride=(1, 2), padding=(2, 1), dilation=(1, 2))),
+    # stride 1: dx as the forward pass over dy (groups, dilation, uneven padding), and
+    # padding beyond the filter's extent, where dx is computed tap by tap
+    ((2, 4, 9, 8), (6, 2, 3, 2), dict(groups=2, dilation=(2, 3), padding=(1, 3))),
+    ((2, 3, 6, 6), (4, 3, 1, 1), dict(padding=1)),
+    ((2, 3, 6, 5), (4, 3, 3, 3), dict(padding=(3, 1))),
 ]
 
 
@@ -47,6 +52,37 @@ def test_matches_torch(torch, rng, xs, ws, kw, dtype):
     close(dx, tdx, dtype, scale=10)
     close(dw, tdw, dtype, scale=100)
     close(db, tdb, dtype, scale=100)
+
+
+def _random_geometry(rng):
+    """A random valid convolution: groups, strides, dilations and paddings 0-4 in
+    every combination, filters larger than the input, padding past the filter."""
+    while True:
+        G = int(rng.choice([1, 1, 2, 3]))
+        C, K = G * int(rng.integers(1, 4)), G * int(rng.integers(1, 4))
+        R, S, dh, dw = (int(v) for v in rng.integers(1, [6, 6, 4, 4]))
+        sh, sw = (int(v) for v in rng.choice([1, 1, 2, 3], 2))
+        H, W, ph, pw = (int(v) for v in rng.integers([1, 1, 0, 0], [13, 13, 5, 5]))
+        padding = (ph, pw)
+        if (sh, sw) == (1, 1) and rng.random() < 0.5:  # uneven where a dilated extent is odd
+            padding, (ph, pw) = "same", (dh * (R - 1) // 2, dw * (S - 1) // 2)
+        if H + 2 * ph > dh * (R - 1) and W + 2 * pw > dw * (S - 1):
+            return ((int(rng.integers(1, 3)), C, H, W), (K, C // G, R, S),
+                    dict(stride=(sh, sw), padding=padding, dilation=(dh, dw), groups=G))
+
+
+def test_random_geometries_match_torch(torch, rng):
+    """200 random geometries in float64: whichever way each pass is computed (dx as
+    the forward pass over dy, or tap by tap), it is torch's result."""
+    for _ in range(200):
+        xs, ws, kw = _random_geometry(rng)
+        x, w, b = rng.standard_normal(xs), rng.standard_normal(ws), rng.standard_normal(ws[0])
+        y = F.conv2d(x, w, b, **kw)
+        dy = rng.standard_normal(y.shape)
+        ty, tdx, tdw, tdb = _torch_conv(torch, x, w, b, dy, kw)
+        dx, dw, db = F.conv2d_backward(dy, x, w, **kw)
+        for got, want in ((y, ty), (dx, tdx), (dw, tdw), (db, tdb)):
+            close(got, want, numpy.float64, scale=100)
 
 
 def test_no_bias_and_skipping_dx(rng):

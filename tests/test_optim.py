@@ -65,3 +65,62 @@ def test_state_dict_round_trip():
         param.grad = numpy.full(3, 0.5)
         o.step()
     numpy.testing.assert_array_equal(p.data, q.data)
+
+
+def test_adam_counts_steps_per_parameter_as_torch(torch):
+    """A parameter without a gradient keeps its step count t (bias corrections per
+    parameter), now counted on the parameters' device."""
+    rng = numpy.random.default_rng(1)
+    w = [rng.standard_normal((3, 2)), rng.standard_normal(4)]
+    ours = [Parameter(a.copy()) for a in w]
+    theirs = [torch.nn.Parameter(torch.tensor(a.copy())) for a in w]
+    opt, ref = Adam(ours, lr=0.01), torch.optim.Adam(theirs, lr=0.01)
+    for k in range(6):
+        for p, tp in zip(ours, theirs):
+            g = rng.standard_normal(p.data.shape)
+            p.grad, tp.grad = g.copy(), torch.tensor(g)
+        if k in (1, 2):
+            ours[1].grad = theirs[1].grad = None
+        opt.step()
+        ref.step()
+    for p, tp in zip(ours, theirs):
+        numpy.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-12, atol=1e-12)
+    assert [st["step"] for st in opt.state_dict()["state"]] == [6, 4]
+
+
+def test_lr_is_a_float_and_setting_it_is_checked():
+    p = Parameter(numpy.ones(3, numpy.float32))
+    opt = SGD([p], lr=0.1)
+    p.grad = numpy.ones(3, numpy.float32)
+    opt.step()
+    opt.lr = 0.25  # the device copy the update reads follows
+    assert type(opt.lr) is float and opt.state_dict()["hyper"]["lr"] == 0.25
+    opt.step()
+    assert (p.data == numpy.float32(1) - numpy.float32(0.1) - numpy.float32(0.25)).all()
+    with pytest.raises(ValueError, match="lr must be in"):
+        opt.lr = -0.1
+    with pytest.raises(TypeError, match="lr must be a finite number, got nan"):
+        opt.lr = float("nan")
+    assert opt.lr == 0.25
+
+
+def test_adam_loads_a_state_dict_of_plain_numbers():
+    """The format checkpoints have always held: per-parameter 'step' ints."""
+    p, q = Parameter(numpy.ones(3)), Parameter(numpy.ones(3))
+    opt = Adam([p], lr=0.1)
+    for _ in range(3):
+        p.grad = numpy.full(3, 0.5)
+        opt.step()
+    sd = opt.state_dict()
+    assert sd["state"][0]["step"] == 3 and type(sd["hyper"]["lr"]) is float
+    q.data = p.data.copy()
+    old = dict(steps=3, hyper=dict(lr=0.1, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0),
+               state=[dict(step=3, exp_avg=sd["state"][0]["exp_avg"].copy(),
+                           exp_avg_sq=sd["state"][0]["exp_avg_sq"].copy())])
+    opt2 = Adam([q], lr=0.5)
+    opt2.load_state_dict(old)
+    for o, param in ((opt, p), (opt2, q)):
+        param.grad = numpy.full(3, 0.25)
+        o.step()
+    numpy.testing.assert_array_equal(p.data, q.data)
+    assert opt2.state_dict()["state"][0]["step"] == 4

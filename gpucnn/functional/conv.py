@@ -15,8 +15,9 @@ from x itself, whichever copies longer contiguous runs) and the weight matrix
 wm[k, (r,s,c')] = w[k,c',r,s], its columns in the same order. Then
 y = wm @ cols^T and dw = dy @ cols, with cols built and consumed a few samples
 at a time so that it stays in cache.
-dx is the flipped-filter convolution computed one kernel offset (r,s) at a
-time: dy @ w[:, :, r, s] is added back at the input positions that tap read
+dx, for stride 1, is the forward pass applied to dy with the rotated,
+channel-swapped filters (the full correlation); for larger strides it is computed
+one kernel offset (r,s) at a time: dy @ w[:, :, r, s] is added back at the input positions that tap read
 (a col2im that never builds the whole column matrix). On the GPU the three
 passes are implicit-GEMM kernels (kernels/conv2d.cu) that gather the same
 matrices tile by tile into shared memory and never build them; the bias
@@ -78,10 +79,18 @@ def geometry(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return ConvGeometry(N, C, H, W, K, R, S, P, Q, sh, sw, pt, pb, pl, pr, dh, dw, groups)
 
 
-def _padded_nhwc(xp, x, g):
-    """x zero-padded and channels-last, (N, Hp, Wp, C): each (s, c) run of a
-    window row is then contiguous, which makes the im2col copy fast."""
-    xpad = xp.zeros((g.N, g.H + g.pt + g.pb, g.W + g.pl + g.pr, g.C), dtype=x.dtype)
+def im2col_source(xp, x, g):
+    """What the CPU's im2col reads: x zero-padded, channels-last (N, Hp, Wp, C) where
+    _channels_last(g) (each (s, c) run of a window row is then contiguous, which
+    makes the copy fast), else NCHW (N, C, Hp, Wp). The forward pass can hand it to
+    backward_filter, which then does not build it again."""
+    if not _channels_last(g):
+        return xp.pad(x, ((0, 0), (0, 0), (g.pt, g.pb), (g.pl, g.pr)))
+    Hp, Wp = g.H + g.pt + g.pb, g.W + g.pl + g.pr
+    xpad = xp.empty((g.N, Hp, Wp, g.C), dtype=x.dtype)
+    # only the border is zeroed: the inside is overwritten
+    xpad[:, :g.pt], xpad[:, g.pt + g.H:] = 0, 0
+    xpad[:, :, :g.pl], xpad[:, :, g.pl + g.W:] = 0, 0
     xpad[:, g.pt:g.pt + g.H, g.pl:g.pl + g.W, :] = x.transpose(0, 2, 3, 1)
     return xpad
 
@@ -98,8 +107,9 @@ def _channels_last(g):
     return run_nhwc >= run_nchw
 
 
-def _im2col_chunks(xp, x, g):
-    """Yield (n0, n1, cols) for batch chunks [n0, n1): cols (groups, (n1-n0)*P*Q, R*S*C/g)
+def _im2col_chunks(xp, xpad, g):
+    """Yield (n0, n1, cols) for batch chunks [n0, n1) of xpad = im2col_source(xp, x, g):
+    cols (groups, (n1-n0)*P*Q, R*S*C/g)
     has row (n,p,q) and, for column (c',r,s), xp[n, group*C/g + c', p*sh + r*dh, q*sw + s*dw];
     the columns are in (r,s,c') order where _channels_last(g), else in (c',r,s) order
     (then cols is the transpose of a row-major (c',r,s) x (n,p,q) matrix).
@@ -108,21 +118,19 @@ def _im2col_chunks(xp, x, g):
     product that reads it stay in cache.
     """
     G, Cg, J = g.groups, g.C // g.groups, g.C // g.groups * g.R * g.S
-    per_sample = g.P * g.Q * J * g.groups * x.itemsize
+    per_sample = g.P * g.Q * J * g.groups * xpad.itemsize
     B = max(1, min(g.N, CHUNK_BYTES // max(1, per_sample)))
     if _channels_last(g):
-        xpad = _padded_nhwc(xp, x, g)
         sN, sH, sW, sC = xpad.strides
         window = (G, B, g.P, g.Q, g.R, g.S, Cg)
         strides = (Cg * sC, sN, g.sh * sH, g.sw * sW, g.dh * sH, g.dw * sW, sC)
         batch_axis = 1
     else:
-        xpad = xp.pad(x, ((0, 0), (0, 0), (g.pt, g.pb), (g.pl, g.pr)))
         sN, sC, sH, sW = xpad.strides
         window = (G, Cg, g.R, g.S, B, g.P, g.Q)
         strides = (Cg * sC, sC, g.dh * sH, g.dw * sW, sN, g.sh * sH, g.sw * sW)
         batch_axis = 4
-    buf = xp.empty(window, dtype=x.dtype)
+    buf = xp.empty(window, dtype=xpad.dtype)
     for n0 in range(0, g.N, B):
         b = min(B, g.N - n0)
         shape = window[:batch_axis] + (b,) + window[batch_axis + 1:]
@@ -178,19 +186,31 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
     return backward(dy, x, weight, g, need_input_grad)
 
 
-def forward(x, weight, bias, g):
+def forward(x, weight, bias, g, *, save=False):
     """y for checked arguments: wm @ cols^T, chunk by chunk, into one reused buffer
-    (on a GPU: the implicit-GEMM kernel, bias added in its epilogue)."""
+    (on a GPU: the implicit-GEMM kernel, bias added in its epilogue).
+
+    save=True returns (y, saved) instead, saved being what backward_filter reads
+    (on the CPU the padded input im2col_source built; None on a GPU): a layer keeps
+    it for its backward pass, which then does not pad and transpose x again.
+    """
     xp = backend.get_array_module(x, weight, bias)
     kernels = cuda.kernels_for(xp)
     if kernels is not None:
-        return kernels.conv2d_forward(x, weight, bias, g)
+        y = kernels.conv2d_forward(x, weight, bias, g)
+        return (y, None) if save else y
+    source = im2col_source(xp, x, g)
+    y = _forward_matmul(xp, source, weight, bias, g)
+    return (y, source) if save else y
+
+
+def _forward_matmul(xp, source, weight, bias, g):
     wm, PQ = _weight_matrix(xp, weight, g), g.P * g.Q
-    out = xp.empty((g.N, g.K, PQ), dtype=x.dtype)
+    out = xp.empty((g.N, g.K, PQ), dtype=source.dtype)
     part = None
-    for n0, n1, cols in _im2col_chunks(xp, x, g):
+    for n0, n1, cols in _im2col_chunks(xp, source, g):
         if part is None:
-            part = xp.empty((g.groups, g.K // g.groups, cols.shape[1]), dtype=x.dtype)
+            part = xp.empty((g.groups, g.K // g.groups, cols.shape[1]), dtype=source.dtype)
         y = part[:, :, :cols.shape[1]]
         xp.matmul(wm, cols.transpose(0, 2, 1), out=y)  # (groups, K/g, chunk*P*Q)
         y = y.reshape(g.K, n1 - n0, PQ).transpose(1, 0, 2)
@@ -201,23 +221,25 @@ def forward(x, weight, bias, g):
     return out.reshape(g.N, g.K, g.P, g.Q)
 
 
-def backward(dy, x, weight, g, need_input_grad=True):
-    """(dx, dweight, dbias) for a checked x and weight; dy is checked here."""
+def backward(dy, x, weight, g, need_input_grad=True, *, saved=None):
+    """(dx, dweight, dbias) for a checked x and weight; dy is checked here.
+    saved: what forward(..., save=True) returned with y, or None."""
     _checks.float_array(dy, "grad_output", ndim=4)
     _checks.same_dtype("input", x, grad_output=dy)
     _checks.shape_is(dy, "grad_output", (g.N, g.K, g.P, g.Q))
     backend.get_array_module(dy, x, weight)
     dx = backward_data(dy, weight, g) if need_input_grad else None
-    return dx, backward_filter(dy, x, g), backward_bias(dy)
+    return dx, backward_filter(dy, x, g, saved), backward_bias(dy)
 
 
 # The three passes below take checked arguments and a ConvGeometry; each picks
 # the device's implementation: matrix products here, CUDA kernels on a GPU.
 
 def backward_data(dy, weight, g):
-    """dx (N, C, H, W): the flipped-filter convolution, one kernel offset at a time.
-
-    For each tap (r,s), dy @ w[:, :, r, s] (rows (n,p,q), columns c') is what the
+    """dx (N, C, H, W): the flipped-filter convolution. With stride 1 that is the
+    forward pass over dy (see _full_correlation): one matrix product per chunk,
+    reducing over (r,s,k). Otherwise one kernel offset at a time:
+    for each tap (r,s), dy @ w[:, :, r, s] (rows (n,p,q), columns c') is what the
     tap sends back to input pixel (p*sh + r*dh, q*sw + s*dw) of the padded input;
     the taps' shares are added up there and the padding is cropped off.
     """
@@ -225,6 +247,10 @@ def backward_data(dy, weight, g):
     kernels = cuda.kernels_for(xp)
     if kernels is not None:
         return kernels.conv2d_backward_data(dy, weight, g)
+    full = _full_correlation(g)
+    if full is not None:
+        return _forward_matmul(xp, im2col_source(xp, dy, full), _rotated_transposed(weight, g),
+                               None, full)
     G, Cg, PQ = g.groups, g.C // g.groups, g.P * g.Q
     dyg = _grouped_dy(xp, dy, g)  # rows (n,p,q): each tap's share comes out channels-last
     taps = xp.ascontiguousarray(weight.reshape(G, g.K // G, Cg, g.R, g.S).transpose(3, 4, 0, 1, 2))
@@ -245,14 +271,38 @@ def backward_data(dy, weight, g):
     return xp.ascontiguousarray(dx.transpose(0, 3, 1, 2))
 
 
-def backward_filter(dy, x, g):
-    """dweight (K, C/groups, R, S) = dy @ cols, summed over the chunks in order."""
+def _full_correlation(g):
+    """For stride 1, dx is a plain convolution of dy (as the forward pass computes
+    it) with the rotated filters, dy padded by the dilated filter extent minus the
+    forward padding: dx[n,c,h,w] = sum_{k,r,s} dy[n,k, h + pt - r*dh, w + pl - s*dw] w[k,c,r,s].
+    Its geometry, or None where that padding would be negative (or the stride > 1)."""
+    top, bottom = (g.R - 1) * g.dh - g.pt, (g.R - 1) * g.dh - g.pb
+    left, right = (g.S - 1) * g.dw - g.pl, (g.S - 1) * g.dw - g.pr
+    if (g.sh, g.sw) != (1, 1) or min(top, bottom, left, right) < 0:
+        return None
+    return ConvGeometry(g.N, g.K, g.P, g.Q, g.C, g.R, g.S, g.H, g.W, 1, 1,
+                        top, bottom, left, right, g.dh, g.dw, g.groups)
+
+
+def _rotated_transposed(weight, g):
+    """weight (K, C/g, R, S) -> (C, K/g, R, S), each group's filters with input and
+    output channels swapped and the taps rotated by 180 degrees (a view)."""
+    G = g.groups
+    w = weight.reshape(G, g.K // G, g.C // G, g.R, g.S).transpose(0, 2, 1, 3, 4)
+    return w.reshape(g.C, g.K // G, g.R, g.S)[:, :, ::-1, ::-1]
+
+
+def backward_filter(dy, x, g, saved=None):
+    """dweight (K, C/groups, R, S) = dy @ cols, summed over the chunks in order.
+    saved: the forward pass's im2col_source(x), built here when None."""
     xp = backend.get_array_module(dy, x)
     kernels = cuda.kernels_for(xp)
     if kernels is not None:
         return kernels.conv2d_backward_filter(dy, x, g)
+    if saved is None:
+        saved = im2col_source(xp, x, g)
     dyk, PQ, dweight = _channel_major_dy(xp, dy, g), g.P * g.Q, None
-    for n0, n1, cols in _im2col_chunks(xp, x, g):
+    for n0, n1, cols in _im2col_chunks(xp, saved, g):
         part = xp.matmul(dyk[:, :, n0 * PQ:n1 * PQ], cols)  # (groups, K/g, R*S*C/g)
         dweight = part if dweight is None else dweight + part
     if dweight is None:  # an empty batch: no chunks, no gradient

@@ -70,13 +70,16 @@ class Conv2D(Module):
 
     def forward(self, x):
         g = self._geometry_for(x)
+        y, self._saved_source = F.conv.forward(
+            x, self.weight.data, self.bias.data if self.bias else None, g, save=True)
         self._saved_x = x
-        return F.conv.forward(x, self.weight.data, self.bias.data if self.bias else None, g)
+        return y
 
     def backward(self, dy, need_input_grad=True):
         x = self._saved("_saved_x")
+        source, self._saved_source = self._saved_source, None  # None on a GPU
         dx, dw, db = F.conv.backward(dy, x, self.weight.data, self._geometry_for(x),
-                                     need_input_grad)
+                                     need_input_grad, saved=source)
         self.weight.accumulate(dw)
         if self.bias is not None:
             self.bias.accumulate(db)

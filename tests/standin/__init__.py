@@ -13,7 +13,10 @@
   unedited .cu source with the kernel emulator (tests/emulator), and its
   functions take stand-in arrays, as CuPy's take CuPy arrays;
 - ``cuda.runtime``, ``cuda.Event``, ``cuda.Stream`` (stream capture calls do
-  nothing), ``cuda.get_elapsed_time``, memory pools and ``random.default_rng``.
+  nothing), ``cuda.get_elapsed_time``, memory pools and ``random.default_rng``;
+- ``recording_host_values()`` lists each device operation with the host values it
+  is given (Python numbers, NumPy arrays, kernel arguments): what a CUDA graph
+  bakes in at capture, so two steps that must replay one graph must list the same.
 
 The backend is told that this module plays CuPy through its one seam,
 ``gpucnn.backend.set_cupy_module(standin)`` (the ``standin`` fixture in
@@ -65,6 +68,50 @@ def _sync():
     _counts["syncs"] += 1
 
 
+_recorders = []  # the lists of recording_host_values() blocks now open
+
+
+def _describe(value):
+    """A device array by its shape and dtype, a host value by its value."""
+    if isinstance(value, ndarray):
+        return ("device", value.shape, str(value.dtype))
+    if isinstance(value, numpy.ndarray):
+        return ("host", value.shape, str(value.dtype), value.tobytes())
+    if isinstance(value, numpy.generic):
+        return ("host", str(value.dtype), value.item())
+    if isinstance(value, (tuple, list)):
+        return tuple(_describe(v) for v in value)
+    if isinstance(value, slice):
+        return ("slice", _describe(value.start), _describe(value.stop), _describe(value.step))
+    if value is None or value is Ellipsis or isinstance(value, (bool, int, float, complex, str)):
+        return value
+    if isinstance(value, (numpy.dtype, type)):
+        return str(value)
+    return type(value).__name__
+
+
+def _note(name, *args, **kwargs):
+    if _recorders:
+        entry = (name, _describe(args), tuple(sorted((k, _describe(v))
+                                                     for k, v in kwargs.items())))
+        for ops in _recorders:
+            ops.append(entry)
+
+
+@contextlib.contextmanager
+def recording_host_values():
+    """with recording_host_values() as ops: ...; ops lists (name, arguments) of every
+    device operation inside the block, device arrays described by shape and dtype,
+    host values (numbers, NumPy arrays, kernel scalars) by their value: what a
+    captured CUDA graph would keep fixed."""
+    ops = []
+    _recorders.append(ops)
+    try:
+        yield ops
+    finally:
+        _recorders.remove(ops)
+
+
 @contextlib.contextmanager
 def count_syncs():
     """with count_syncs() as n: ...; n() is the number of syncs inside the block so far."""
@@ -102,10 +149,12 @@ def _wrap(value):
 def _binary(op):
     def forward(self, other):
         _counts["ops"] += 1
+        _note(op.__name__, self, other)
         return _wrap(op(self._a, _unwrap(other, what="operand")))
 
     def reflected(self, other):
         _counts["ops"] += 1
+        _note(op.__name__, other, self)
         return _wrap(op(_unwrap(other, what="operand"), self._a))
     return forward, reflected
 
@@ -113,6 +162,7 @@ def _binary(op):
 def _inplace(op):
     def method(self, other):
         _counts["ops"] += 1
+        _note(op.__name__, self, other)
         op(self._a, _unwrap(other, what="operand"))  # numpy's in-place op: views stay views
         return self
     return method
@@ -222,6 +272,7 @@ class ndarray:
 
     def __setitem__(self, key, value):
         _counts["ops"] += 1
+        _note("setitem", self, key, value)
         self._a[_unwrap(key, host_ok=True, what="index")] = _unwrap(value, host_ok=True)
 
     def __getattr__(self, name):
@@ -236,6 +287,7 @@ class ndarray:
             if name not in _NO_KERNEL and not (name == "astype" and kwargs.get("copy") is False
                                                    and numpy.dtype(args[0]) == self._a.dtype):
                 _counts["ops"] += 1
+                _note(name, self, *args, **kwargs)
             return _wrap(bound(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
         return call
 
@@ -281,10 +333,12 @@ def asarray(a, dtype=None, order=None):
             return a
         return ndarray(numpy.asarray(a._a, dtype=dtype, order=order))
     _counts["ops"] += 1
+    _note("asarray", a, dtype=dtype)
     return ndarray(numpy.array(_unwrap(a, host_ok=True), dtype=dtype, order=order or "K"))
 
 
 def array(a, dtype=None, copy=True, order="K", ndmin=0):
+    _note("array", a, dtype=dtype)
     return ndarray(numpy.array(_unwrap(a, host_ok=True), dtype=dtype, copy=copy, order=order,
                                ndmin=ndmin))
 
@@ -343,6 +397,7 @@ def _delegate(name, target):
     def function(*args, **kwargs):
         if name not in _NO_KERNEL:
             _counts["ops"] += 1
+            _note(name, *args, **kwargs)
         args = _unwrap(list(args), what=f"standin.{name}")
         kwargs = {k: _unwrap(v, what=f"standin.{name}") for k, v in kwargs.items()}
         return _wrap(target(*args, **kwargs))
@@ -377,7 +432,11 @@ class Generator:
 
     def __getattr__(self, name):
         method = getattr(self._g, name)
-        return lambda *a, **k: _wrap(numpy.asarray(method(*a, **k)))
+
+        def draw(*args, **kwargs):
+            _note(f"random.{name}", *args, **kwargs)
+            return _wrap(numpy.asarray(method(*args, **kwargs)))
+        return draw
 
 
 random = types.SimpleNamespace(
@@ -617,6 +676,7 @@ class RawKernel:
             values.append(a._a if isinstance(a, ndarray) else a)
         _counts["launches"] += 1
         _counts["ops"] += 1
+        _note(self.name, tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem)
         if not all(int(g) > 0 for g in grid) or not all(int(b) > 0 for b in block):
             raise CUDARuntimeError(f"{self.name}: invalid grid {tuple(grid)} or block "
                                    f"{tuple(block)} (cudaErrorInvalidConfiguration)")
