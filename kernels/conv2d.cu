@@ -82,6 +82,17 @@ constexpr int THREADS_M = BM / TM, THREADS_N = BN / TN, THREADS = THREADS_M * TH
 constexpr int PAD = CONV_PAD;
 static_assert(PAD % 4 == 0, "rows must stay 16-byte aligned for the vector reads");
 constexpr int LDA = BM + PAD, LDB = BN + PAD;
+// How forward and backward-data read their gathered operand (x or dy through the
+// filter window; see Operand): o-fast, a warp on 32 consecutive output pixels, except
+// in a one-warp block, where o-fast would leave each thread all BK k of a stage with
+// a cursor each to advance (8 for 32x32: 36% FFMA); k-fast leaves it one (47%).
+constexpr bool GATHER_K_FAST = THREADS == 32;
+// Blocks per SM the kernels are compiled for (__launch_bounds__): the one-warp float
+// kernels are held to 128 registers, 16 blocks (25% occupancy), where ptxas would
+// take up to 147 for backward-data (19%); the rest are left to ptxas (with 6 blocks
+// of 64 threads, 168 registers, backward-filter 32x128 spills).
+template <typename T>
+struct MinBlocks { static constexpr int value = THREADS == 32 && sizeof(T) == 4 ? 16 : 1; };
 
 static_assert(CONV_UNROLL % 2 == 0 && CONV_UNROLL > 0, "CONV_UNROLL must be even");
 static_assert(TM % 4 == 0 && TN % 4 == 0, "TM and TN must be multiples of 4");
@@ -142,13 +153,21 @@ __device__ __forceinline__ Cursor locate(const IndexMap& m, int i) {
 struct Step {
     int q1, q2, dh, dw;
     unsigned doff;
+    unsigned c2off, c1off;  // what a carry out of d2, d1 adds to the offset
+    int c2w, c1h;           // and to the window position
 };
+
+__device__ __forceinline__ Step carries(Step s, const IndexMap& m) {
+    s.c2off = m.s1 - (unsigned)m.r2 * m.s2; s.c1off = m.s0 - (unsigned)m.r1 * m.s1;
+    s.c2w = -m.r2 * m.w2; s.c1h = -m.r1 * m.h1;
+    return s;
+}
 
 __device__ __forceinline__ Step make_step(const IndexMap& m, int step) {
     const Cursor c = locate(index_map(m.r1, m.r2, m.s0, m.s1, m.s2, 0, m.h1, 0, m.w2, 0), step);
     Step s;
     s.q1 = c.d1; s.q2 = c.d2; s.dh = c.h; s.dw = c.w; s.doff = c.off;
-    return s;
+    return carries(s, m);
 }
 
 // The step of one, without a division: (0, 1) is a valid step for every radix
@@ -156,24 +175,28 @@ __device__ __forceinline__ Step make_step(const IndexMap& m, int step) {
 __device__ __forceinline__ Step unit_step(const IndexMap& m) {
     Step s;
     s.q1 = 0; s.q2 = 1; s.dh = 0; s.dw = m.w2; s.doff = m.s2;
-    return s;
+    return carries(s, m);
 }
 
 __device__ __forceinline__ void advance(Cursor& c, const IndexMap& m, const Step& s) {
     c.d2 += s.q2; c.d1 += s.q1; c.off += s.doff; c.h += s.dh; c.w += s.dw;
-    if (c.d2 >= m.r2) {
-        c.d2 -= m.r2; c.d1 += 1; c.off += m.s1 - (unsigned)m.r2 * m.s2; c.h += m.h1; c.w -= m.r2 * m.w2;
-    }
-    if (c.d1 >= m.r1) { c.d1 -= m.r1; c.off += m.s0 - (unsigned)m.r1 * m.s1; c.h -= m.r1 * m.h1; }
+    if (c.d2 >= m.r2) { c.d2 -= m.r2; c.d1 += 1; c.off += s.c2off; c.h += m.h1; c.w += s.c2w; }
+    if (c.d1 >= m.r1) { c.d1 -= m.r1; c.off += s.c1off; c.h += s.c1h; }
 }
 
 // One GEMM operand: O rows (A: BM, B: BN) by BK reduction values per stage,
 // element (o, k) read at ptr[omap(o).off + kmap(k).off] when both are in range
 // and, for a WINDOW operand (an image gathered through a filter window), the
-// position omap(o).(h,w) + kmap(k).(h,w) lies inside [0,Hlim) x [0,Wlim).
-// Operands without a window are weights or dy rows: their omap is linear.
-// K_FAST picks which index consecutive threads walk along: the one along which
-// the operand is contiguous in memory, so that a warp's loads coalesce.
+// position omap(o).(h,w) + kmap(k).(h,w) lies inside [0,Hlim) x [0,Wlim); else a
+// zero. Operands without a window are weights or dy rows: their omap is linear.
+// The loader checks k and the window, never o: a row past the operand's end reads
+// zeros (WINDOW: its window row is one no k reaches) or a copy of a row in range
+// (not WINDOW; real elements, whose products land only in output rows or columns
+// that are never stored). A masked element's address is still a real element's: the
+// tensor's first (WINDOW) or its row's first (not WINDOW).
+// K_FAST picks which index consecutive threads walk along: mostly the one along
+// which the operand is contiguous in memory, so that a warp's loads coalesce
+// (but see GATHER_K_FAST).
 //   K_FAST:  k = t % BK,          o = t / BK + io * (THREADS / BK)
 //   else:    o = t % 32 + 32*io,  k = t / 32 + ik * (THREADS / 32)
 template <typename T, int O, bool K_FAST, bool WINDOW>
@@ -190,9 +213,7 @@ struct Operand {
     IndexMap kmap;
     Step step;
     int Hlim, Wlim;
-    int oleft;  // rows left from this thread's first o to the operand's end
-    unsigned ooff[WINDOW ? NO : 1];
-    unsigned ostride;  // !WINDOW: offset between a thread's o
+    unsigned ooff[NO];
     int oh[WINDOW ? NO : 1], ow[WINDOW ? NO : 1];
     Cursor k[NK];
 
@@ -207,19 +228,26 @@ struct Operand {
                                          const IndexMap& km, int k0, int hlim, int wlim) {
         ptr = p; kmap = km; Hlim = hlim; Wlim = wlim;
         step = make_step(km, BK);
-        oleft = orows - o0 - o_first();
+        // the thread's o are evenly spaced: locate the first, step to the others
+        const int oleft = orows - o0 - o_first();  // rows from the first o to the end
         Cursor o = locate(omap, oleft > 0 ? o0 + o_first() : 0);
         ooff[0] = o.off;
         if (WINDOW) {
-            // the thread's o are evenly spaced: locate the first, step to the others
+            // a window row past every kmap(k).h: row + d1 * h1 < 0 for every d1 < r1
+            const int past = -1 - (km.h1 > 0 ? (km.r1 - 1) * km.h1 : 0);
             const Step ostep = make_step(omap, OSPACE);
 #pragma unroll
             for (int io = 0; io < (WINDOW ? NO : 1); ++io) {
                 if (io) advance(o, omap, ostep);
-                ooff[io] = o.off; oh[io] = o.h; ow[io] = o.w;
+                ooff[io] = o.off; oh[io] = io * OSPACE < oleft ? o.h : past; ow[io] = o.w;
             }
         } else {
-            ostride = OSPACE * omap.s0;
+            unsigned off = o.off;  // past the end, stays on a row in range
+#pragma unroll
+            for (int io = 1; io < NO; ++io) {
+                if (io * OSPACE < oleft) off += OSPACE * omap.s0;
+                ooff[io] = off;
+            }
         }
         k[0] = locate(km, k0 + k_first());
         if (NK > 1) {
@@ -236,18 +264,17 @@ struct Operand {
 #pragma unroll
         for (int ik = 0; ik < NK; ++ik) {
             const bool kin = k_first() + ik * KSPACE < kleft;
+            const unsigned koff = WINDOW || kin ? k[ik].off : 0u;
 #pragma unroll
             for (int io = 0; io < NO; ++io) {
-                bool in = kin && io * OSPACE < oleft;
-                unsigned off;
+                bool in = kin;
                 if (WINDOW) {
                     const int h = oh[io] + k[ik].h, w = ow[io] + k[ik].w;
                     in = in && (unsigned)h < (unsigned)Hlim && (unsigned)w < (unsigned)Wlim;
-                    off = ooff[io] + k[ik].off;
-                } else {
-                    off = ooff[0] + k[ik].off + (unsigned)io * ostride;
                 }
-                cp_async(at + ik * KSPACE * (O + PAD) + io * OSPACE, ptr + (in ? off : 0u), in);
+                const unsigned off = ooff[io] + koff;
+                cp_async(at + ik * KSPACE * (O + PAD) + io * OSPACE,
+                         ptr + (WINDOW && !in ? 0u : off), in);
             }
         }
     }
@@ -286,9 +313,10 @@ __device__ __forceinline__ int thread_col(int j) {
 // previous stage, before the barrier that ended it, so it can be overwritten now.
 // A stage with compute false only copies: the main loop's first, which loads
 // stage 0 (one copy of the loader code in the kernel, not a second before the loop).
+// af, bf: this thread's first fragment in shared stage 0 of A and B.
 template <int CUR, typename T, typename OpA, typename OpB>
-__device__ __forceinline__ void stage(OpA& a, OpB& b, T* As, T* Bs, int kleft, bool compute,
-                                      T (&acc)[TM][TN]) {
+__device__ __forceinline__ void stage(OpA& a, OpB& b, T* As, T* Bs, const T* af, const T* bf,
+                                      int kleft, bool compute, T (&acc)[TM][TN]) {
     constexpr int BK = Depth<T>::value;
     if (kleft > BK) {
         a.copy(As + (1 - CUR) * BK * LDA, kleft - BK);
@@ -298,8 +326,8 @@ __device__ __forceinline__ void stage(OpA& a, OpB& b, T* As, T* Bs, int kleft, b
     }
     cp_async_commit();
     if (compute) {
-        const T* as = As + CUR * BK * LDA + (threadIdx.x % THREADS_M) * 4;
-        const T* bs = Bs + CUR * BK * LDB + (threadIdx.x / THREADS_M) * 4;
+        const T* as = af + CUR * BK * LDA;
+        const T* bs = bf + CUR * BK * LDB;
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
             T ra[TM], rb[TN];
@@ -327,6 +355,8 @@ __device__ __forceinline__ void gemm_tile(OpA& a, OpB& b,
     constexpr int BK = Depth<T>::value;
     T* As = reinterpret_cast<T*>(smem);  // [2][BK][LDA]
     T* Bs = As + 2 * BK * LDA;           // [2][BK][LDB]
+    const T* af = As + (threadIdx.x % THREADS_M) * 4;  // computed once, not per stage
+    const T* bf = Bs + (threadIdx.x / THREADS_M) * 4;
 #pragma unroll
     for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -337,8 +367,9 @@ __device__ __forceinline__ void gemm_tile(OpA& a, OpB& b,
 #pragma unroll
         for (int u = 0; u < CONV_UNROLL; u += 2) {
             if (kleft > u * BK)
-                stage<1, T>(a, b, As, Bs, kleft - u * BK, u > 0 || kleft <= klen, acc);
-            if (kleft > (u + 1) * BK) stage<0, T>(a, b, As, Bs, kleft - (u + 1) * BK, true, acc);
+                stage<1, T>(a, b, As, Bs, af, bf, kleft - u * BK, u > 0 || kleft <= klen, acc);
+            if (kleft > (u + 1) * BK)
+                stage<0, T>(a, b, As, Bs, af, bf, kleft - (u + 1) * BK, true, acc);
         }
     }
 }
@@ -386,7 +417,7 @@ __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const
 // GEMM rows (n,p,q), columns k of the group, reduction (c',r,s); bias in the epilogue.
 // Grid (ceil(N*P*Q/BM), ceil(K/groups/BN), groups), conv::THREADS threads.
 template <typename T>
-__global__ void __launch_bounds__(conv::THREADS, 1)
+__global__ void __launch_bounds__(conv::THREADS, conv::MinBlocks<T>::value)
 conv2d_forward(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                T* __restrict__ y, int N, int C, int H, int W, int K, int R, int S, int P, int Q,
                int sh, int sw, int pt, int pl, int dh, int dw, int groups, int has_bias) {
@@ -396,7 +427,7 @@ conv2d_forward(const T* __restrict__ x, const T* __restrict__ w, const T* __rest
     const int PQ = P * Q, M = N * PQ, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const long long HW = (long long)H * W;
     if (m0 >= M) return;
-    Operand<T, BM, false, true> a;  // x gathered: consecutive threads take consecutive q
+    Operand<T, BM, GATHER_K_FAST, true> a;  // x gathered (o-fast: consecutive threads, q)
     a.init(x, index_map(P, Q, C * HW, (long long)sh * W, sw, g * Cg * HW - (long long)pt * W - pl,
                         sh, -pt, sw, -pl),
            m0, M, index_map(R, S, HW, (long long)dh * W, dw, 0, dh, 0, dw, 0), 0, H, W);
@@ -423,7 +454,7 @@ conv2d_forward(const T* __restrict__ x, const T* __restrict__ w, const T* __rest
 // offw dph dpw, where p = ih + offh - i*dph for the i-th tap row (likewise q).
 // Grid (ceil(N*ceil(H/sh)*ceil(W/sw)/BM), ceil(C/groups/BN), groups*sh*sw).
 template <typename T>
-__global__ void __launch_bounds__(conv::THREADS, 1)
+__global__ void __launch_bounds__(conv::THREADS, conv::MinBlocks<T>::value)
 conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __restrict__ dx,
                      const int* __restrict__ phase_table, int N, int C, int H, int W, int K,
                      int R, int S, int P, int Q, int sh, int sw, int pt, int pl, int dh, int dw,
@@ -440,7 +471,7 @@ conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __res
     const int M = N * Hph * Wph, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     if (m0 >= M) return;
     const int klen = Kg * nr * ns;
-    Operand<T, BM, false, true> a;  // dy gathered: consecutive threads take consecutive iw
+    Operand<T, BM, GATHER_K_FAST, true> a;  // dy gathered (o-fast: consecutive threads, iw)
     Operand<T, BN, true, false> b;   // w, read along the phase's taps
     if (klen > 0) {
         a.init(dy, index_map(Hph, Wph, (long long)K * PQ, Q, 1,
@@ -468,7 +499,7 @@ conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __res
 // 2*TARGET_BLOCKS*BM*BN.)
 // Grid (ceil(K/groups/BM), ceil(Cg*R*S/BN), groups*slices).
 template <typename T>
-__global__ void __launch_bounds__(conv::THREADS, 1)
+__global__ void __launch_bounds__(conv::THREADS, conv::MinBlocks<T>::value)
 conv2d_backward_filter(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ partial,
                        int N, int C, int H, int W, int K, int R, int S, int P, int Q, int sh,
                        int sw, int pt, int pl, int dh, int dw, int groups, int slices,
