@@ -20,7 +20,7 @@ import time
 import numpy
 
 import gpucnn
-from . import backend, functional as F, models
+from . import backend, functional as F, models, runs
 from .functional import conv, pool
 from .step import train_step
 
@@ -123,7 +123,19 @@ def _torch(device):
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
+    else:
+        # as many threads as gpucnn's BLAS has (OPENBLAS_NUM_THREADS=1 pins both)
+        threads = runs.blas_threads()
+        if threads:
+            torch.set_num_threads(threads)
     return torch
+
+
+def _threads(device, torch):
+    """'; N threads each' on the CPU, where both sides' thread counts are known."""
+    if device == "cuda" or torch is None:
+        return ""
+    return f"; {torch.get_num_threads()} thread(s) each (BLAS {runs.blas_threads()})"
 
 
 def _conv_cases(shape, xp, torch, device, rng):
@@ -297,7 +309,7 @@ def run(device="auto", repeat=10, out=None, smoke=False):
     print(f"gpucnn {gpucnn.__version__} benchmark on {device} ({why})"
           f"{', ' + meta['gpu'] if 'gpu' in meta else ''}; float32; median of {repeat} runs; "
           f"torch {'(not installed)' if torch is None else torch.__version__}"
-          f"{'; TF32 off' if device == 'cuda' else ''}", file=out)
+          f"{'; TF32 off' if device == 'cuda' else ''}{_threads(device, torch)}", file=out)
     print(f"{'case':<62}{'gpucnn ms':>11}{'torch ms':>11}{'ratio':>8}{'goal':>8}  met",
           file=out)
     rows = []
@@ -481,8 +493,8 @@ def run_modern(device="auto", repeat=10, out=sys.stdout):
             topt.step()
     cases.append(("resnet SGD step, batch 128", step_ours, theirs))
 
-    print(f"gpucnn issue-11 benchmark on {device} ({why}); float32; median of {repeat}",
-          file=out)
+    print(f"gpucnn issue-11 benchmark on {device} ({why}); float32; median of {repeat}"
+          f"{_threads(device, torch)}", file=out)
     rows = []
     for name, ours, theirs in cases:
         t_ours, t_theirs = timer.pair(ours, theirs)
