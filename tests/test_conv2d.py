@@ -21,9 +21,11 @@ GRID = [
     ((2, 3, 7, 7), (4, 3, 7, 7), dict(padding="valid")),
     ((3, 1, 5, 5), (2, 1, 1, 1), {}),
     ((2, 6, 7, 9), (6, 3, 2, 4), dict(groups=2, stride=(1, 2), padding=(2, 1), dilation=(1, 2))),
-    # stride 1: dx as the forward pass over dy (groups, dilation, uneven padding), and
-    # padding beyond the filter's extent, where dx is computed tap by tap
-    ((2, 4, 9, 8), (6, 2, 3, 2), dict(groups=2, dilation=(2, 3), padding=(1, 3))),
+    # stride 1 with 16+ channels a group: dx as the forward pass over dy (groups,
+    # dilation, uneven padding); padding beyond the filter's extent: tap by tap
+    ((2, 32, 9, 8), (6, 16, 3, 2), dict(groups=2, dilation=(2, 3), padding=(1, 3))),
+    ((2, 17, 8, 7), (5, 17, 4, 3), dict(padding="same", dilation=2)),
+    ((2, 16, 6, 6), (4, 16, 1, 1), dict(padding=1)),
     ((2, 3, 6, 6), (4, 3, 1, 1), dict(padding=1)),
     ((2, 3, 6, 5), (4, 3, 3, 3), dict(padding=(3, 1))),
 ]
@@ -59,7 +61,8 @@ def _random_geometry(rng):
     every combination, filters larger than the input, padding past the filter."""
     while True:
         G = int(rng.choice([1, 1, 2, 3]))
-        C, K = G * int(rng.integers(1, 4)), G * int(rng.integers(1, 4))
+        # 16+ input channels a group take backward-data's other path (FULL_MIN_CHANNELS)
+        C, K = G * int(rng.choice([1, 2, 3, 16, 17])), G * int(rng.integers(1, 4))
         R, S, dh, dw = (int(v) for v in rng.integers(1, [6, 6, 4, 4]))
         sh, sw = (int(v) for v in rng.choice([1, 1, 2, 3], 2))
         H, W, ph, pw = (int(v) for v in rng.integers([1, 1, 0, 0], [13, 13, 5, 5]))

@@ -271,14 +271,21 @@ def backward_data(dy, weight, g):
     return xp.ascontiguousarray(dx.transpose(0, 3, 1, 2))
 
 
+FULL_MIN_CHANNELS = 16
+
+
 def _full_correlation(g):
     """For stride 1, dx is a plain convolution of dy (as the forward pass computes
     it) with the rotated filters, dy padded by the dilated filter extent minus the
     forward padding: dx[n,c,h,w] = sum_{k,r,s} dy[n,k, h + pt - r*dh, w + pl - s*dw] w[k,c,r,s].
-    Its geometry, or None where that padding would be negative (or the stride > 1)."""
+    Its geometry, or None where that padding would be negative, the stride > 1, or
+    dx has fewer than FULL_MIN_CHANNELS channels a group: its matrix product then has
+    so few rows that building dy's column matrix (R*S*K/g columns) costs more than
+    the tap-by-tap sums it replaces (1.4x slower at C=3, K=64; 25% faster at C=K=16)."""
     top, bottom = (g.R - 1) * g.dh - g.pt, (g.R - 1) * g.dh - g.pb
     left, right = (g.S - 1) * g.dw - g.pl, (g.S - 1) * g.dw - g.pr
-    if (g.sh, g.sw) != (1, 1) or min(top, bottom, left, right) < 0:
+    if ((g.sh, g.sw) != (1, 1) or min(top, bottom, left, right) < 0
+            or g.C // g.groups < FULL_MIN_CHANNELS):
         return None
     return ConvGeometry(g.N, g.K, g.P, g.Q, g.C, g.R, g.S, g.H, g.W, 1, 1,
                         top, bottom, left, right, g.dh, g.dw, g.groups)
