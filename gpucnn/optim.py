@@ -66,10 +66,11 @@ class Optimizer:
 
     def _lr_like(self, data, dtype=None):
         """lr as a 0-d array on data's device, in data's dtype (or dtype), made once."""
-        xp = backend.get_array_module(data)
-        key = (xp, numpy.dtype(dtype or data.dtype))
+        # keyed by device name, not array module: an optimizer stays picklable
+        key = (backend.device_of(data), numpy.dtype(dtype or data.dtype).str)
         a = self._lr_arrays.get(key)
         if a is None:
+            xp = backend.get_array_module(data)
             a = self._lr_arrays[key] = xp.full((), self._lr, dtype=key[1])
         return a
 
@@ -179,6 +180,11 @@ class Adam(Optimizer):
         """Count the steps of the parameters in todo and compute their bias corrections
         on their device (float64, vector ops for all of them at once), then update each."""
         first = todo[0][1].data
+        devices = {backend.device_of(p.data) for _, p in todo}
+        if len(devices) > 1:
+            raise ValueError("Adam needs all its parameters on one device (it counts their "
+                             f"steps there), got parameters on {' and '.join(sorted(devices))}; "
+                             "move the model with .to(device) first")
         xp = backend.get_array_module(first)
         if backend.get_array_module(self._counts) is not xp:  # first step, or a new device
             self._counts = backend.to_device(self._counts, backend.device_of(first))
@@ -189,6 +195,7 @@ class Adam(Optimizer):
             for i, _ in todo:
                 t[i:i + 1] += 1
         b1, b2 = self.betas
+        t = xp.maximum(t, 1)  # a parameter never stepped (t = 0) gets unused, finite values
         step_size = self._lr_like(t, numpy.float64) / (1 - b1 ** t)
         bc2_sqrt = xp.sqrt(1 - b2 ** t)
         corrections = {}  # dtype -> both, rounded to it once

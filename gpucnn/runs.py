@@ -200,16 +200,19 @@ class Interrupts:
     the step's end, so that the weights, the optimizer's state, the BN statistics and
     the random and schedule states the checkpoint saves are all those of whole steps:
     a signal in the middle of optimizer.step() would otherwise leave some weights
-    updated and others not."""
+    updated and others not. A second signal inside the same step (a step that hangs)
+    raises at once and sets cut_short: that step's state is not whole, not to be saved."""
 
     def __init__(self):
-        self.in_step, self.pending = False, None
+        self.in_step, self.pending, self.cut_short = False, None, False
 
     def handler(self, signum, frame):
         stop = KeyboardInterrupt() if signum == signal.SIGINT else Terminated(f"signal {signum}")
         if self.in_step:
-            self.pending = self.pending or stop
-            return
+            if self.pending is None:
+                self.pending = stop
+                return
+            self.cut_short = True
         raise stop
 
     @contextlib.contextmanager
@@ -219,8 +222,8 @@ class Interrupts:
             yield
         finally:
             self.in_step = False
-        if self.pending is not None:
             stop, self.pending = self.pending, None
+        if stop is not None:
             raise stop
 
 
@@ -228,19 +231,23 @@ class Interrupts:
 def interrupts():
     """Install Interrupts' handler for SIGINT and SIGTERM while training and yield it;
     the previous handlers come back at the end. Only the main thread can install
-    signal handlers (and receives signals); elsewhere the steps are not guarded."""
+    signal handlers (and receives signals); elsewhere the steps are not guarded. A
+    signal the parent process ignores (SIG_IGN, as a shell does for a job started
+    with &) stays ignored."""
     guard = Interrupts()
     previous = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, guard.handler)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, guard.handler)
     except ValueError:  # not the main thread
         pass
     try:
         yield guard
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: a handler installed from C, not restorable
+                signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

@@ -384,6 +384,10 @@ def _run(config, model, log, out, resume_meta, interrupts):
             # during the steps or the evaluation: keep the epoch's work so far; a
             # resume evaluates again (an evaluation changes nothing)
             bar.close()
+            if interrupts.cut_short:  # a second Ctrl-C inside a step: not a whole step
+                log(f"gpucnn: interrupted twice inside step {step + 1} of epoch {epoch + 1}; "
+                    f"that step was cut short, so nothing was saved. {survivor()}")
+                raise
             loss_sum, correct = sums.read(epoch, ckpt_path, config.lr, check=False)
             save(epoch, step, epoch_state, dict(loss_sum=loss_sum, correct=int(correct), seen=seen,
                                                 train_time=train_time))

@@ -95,3 +95,23 @@ def test_dropout_train_and_eval():
     numpy.testing.assert_array_equal(layer.backward(numpy.ones_like(x)), y)
     layer.eval()
     assert layer(x) is x
+
+
+def test_conv_keeps_its_padded_input_for_backward_only_in_training():
+    """In training Conv2D keeps the padded copy of x its forward built, for
+    backward-filter; in eval mode (inference) it keeps none, and a backward there
+    still gives the same gradients."""
+    rng = numpy.random.default_rng(0)
+    x, dy = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((2, 4, 6, 6))
+    conv = Conv2D(3, 4, 3, padding=1).to(dtype=numpy.float64)
+    grads = []
+    for training in (True, False):
+        conv.train(training)
+        conv.zero_grad()
+        conv(x)
+        assert (conv._saved_source is not None) == training
+        dx = conv.backward(dy)
+        assert conv._saved_source is None  # released by the backward
+        grads.append((dx, conv.weight.grad.copy(), conv.bias.grad.copy()))
+    for a, b in zip(*grads):
+        numpy.testing.assert_array_equal(a, b)

@@ -1,3 +1,7 @@
+import copy
+import pickle
+import warnings
+
 import numpy
 import pytest
 
@@ -124,3 +128,39 @@ def test_adam_loads_a_state_dict_of_plain_numbers():
         o.step()
     numpy.testing.assert_array_equal(p.data, q.data)
     assert opt2.state_dict()["state"][0]["step"] == 4
+
+
+def test_a_parameter_never_stepped_raises_no_warning():
+    """Adam's bias corrections for t = 0 would divide by zero (a warning, an error
+    under -W error); they are never used, and are computed finite."""
+    p, q = Parameter(numpy.ones(3)), Parameter(numpy.ones(2))
+    opt = Adam([p, q], lr=0.0)
+    p.grad = numpy.full(3, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert (q.data == 1).all() and opt.state_dict()["state"][1] == {}
+
+
+@pytest.mark.parametrize("cls", [SGD, Adam])
+def test_an_optimizer_that_has_stepped_can_be_copied_and_pickled(cls):
+    p = Parameter(numpy.ones(3, numpy.float32))
+    opt = cls([p], lr=0.1)
+    p.grad = numpy.ones(3, numpy.float32)
+    opt.step()
+    clone = pickle.loads(pickle.dumps(opt))
+    twin = copy.deepcopy(opt)
+    for o in (opt, clone, twin):
+        o.params[0].grad = numpy.ones(3, numpy.float32)
+        o.lr = 0.05
+        o.step()
+    assert (clone.params[0].data == p.data).all() and (twin.params[0].data == p.data).all()
+
+
+def test_adam_with_parameters_on_two_devices_says_so_standin(standin):
+    p, q = Parameter(numpy.ones(3)), Parameter(standin.asarray(numpy.ones(3)))
+    opt = Adam([p, q], lr=0.1)
+    p.grad, q.grad = numpy.ones(3), standin.ones(3)
+    with pytest.raises(ValueError, match="Adam needs all its parameters on one device.*"
+                                         "cpu and cuda.*to\\(device\\)"):
+        opt.step()

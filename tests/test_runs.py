@@ -157,6 +157,8 @@ class _Trap(Module):
             self.calls += 1
             if self.calls == self.at:
                 os.kill(os.getpid(), signal.SIGTERM if self.what == "sigterm" else signal.SIGINT)
+                if self.what == "twice":  # Ctrl-C again while the step hangs
+                    os.kill(os.getpid(), signal.SIGINT)
         return x
 
     def backward(self, dy, need_input_grad=True):
@@ -313,12 +315,12 @@ def test_a_signal_inside_a_step_waits_for_its_end():
     it ends (so that no step is saved half done); the handlers are put back after."""
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with runs.interrupts() as guard:
+        finished = False
         with pytest.raises(runs.Terminated):
             with guard.step():
                 os.kill(os.getpid(), signal.SIGTERM)
-                os.kill(os.getpid(), signal.SIGINT)  # a second signal: the first one wins
                 finished = True
-        assert finished and guard.pending is None
+        assert finished and guard.pending is None and not guard.cut_short
         with pytest.raises(KeyboardInterrupt) as stop:
             os.kill(os.getpid(), signal.SIGINT)
             for _ in range(10**6):  # the handler runs between bytecodes, soon
@@ -327,3 +329,42 @@ def test_a_signal_inside_a_step_waits_for_its_end():
         with guard.step():  # a step with no signal ends normally
             pass
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_second_signal_cuts_a_hanging_step_short():
+    with runs.interrupts() as guard:
+        finished = False
+        with pytest.raises(KeyboardInterrupt):
+            with guard.step():
+                os.kill(os.getpid(), signal.SIGINT)  # held
+                os.kill(os.getpid(), signal.SIGINT)  # raises at once
+                for _ in range(10**6):
+                    pass
+                finished = True
+        assert not finished and guard.cut_short and guard.pending is None
+
+
+def test_an_ignored_sigint_stays_ignored():
+    """A shell starts a background job (cmd &) with SIGINT ignored: training must not
+    stop at a Ctrl-C meant for the foreground."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with runs.interrupts() as guard:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            with guard.step():
+                os.kill(os.getpid(), signal.SIGINT)
+            assert guard.pending is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_second_ctrl_c_inside_a_step_saves_nothing(tmp_path):
+    lines = []
+    cfg = train.Config(epochs=2, out=str(tmp_path / "run"), **QUICK)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, model=_trapped(3 + 2, "twice"), log=lines.append)
+    assert "interrupted twice inside step 2 of epoch 2" in lines[-1]
+    assert "nothing was saved" in lines[-1] and "epoch 1" in lines[-1]
+    meta = checkpoint.read(tmp_path / "run/checkpoint.npz")[0]
+    assert (meta["epoch"], meta["step"]) == (1, 0)  # the end of epoch 1, untouched

@@ -70,9 +70,12 @@ class Conv2D(Module):
 
     def forward(self, x):
         g = self._geometry_for(x)
-        y, self._saved_source = F.conv.forward(
-            x, self.weight.data, self.bias.data if self.bias else None, g, save=True)
+        bias = self.bias.data if self.bias else None
         self._saved_x = x
+        if not self.training:  # a backward in eval mode is rare: it pads x again
+            self._saved_source = None
+            return F.conv.forward(x, self.weight.data, bias, g)
+        y, self._saved_source = F.conv.forward(x, self.weight.data, bias, g, save=True)
         return y
 
     def backward(self, dy, need_input_grad=True):
