@@ -339,17 +339,17 @@ def _run(config, model, log, out, resume_meta, interrupts):
     step_fn = _step_function(config, device, model, optimizer, log)
     for epoch in range(start_epoch, config.epochs):
         epoch_state = rng.bit_generator.state
-        order = rng.permutation(len(train_y))
         skip = start_step if epoch == start_epoch else 0
         loss_sum, correct, seen, train_time = ((partial["loss_sum"], partial["correct"],
                                                 partial["seen"], partial["train_time"])
                                                if partial and skip else (0.0, 0, 0, 0.0))
-        bar = _progress(nb, skip, f"epoch {epoch + 1}/{config.epochs}", config.progress)
-        step = skip
-        # Nothing is read back inside a step: the losses and the correct count are
-        # read every READ_EVERY steps (progress bar, NaN stop) and at the epoch's end.
-        sums = _DeviceSums(backend.xp_for(device), loss_sum, correct)
-        try:
+        step, bar, sums = skip, None, None
+        try:  # from here on a Ctrl-C is answered with a checkpoint and a line
+            order = rng.permutation(len(train_y))
+            bar = _progress(nb, skip, f"epoch {epoch + 1}/{config.epochs}", config.progress)
+            # Nothing is read back inside a step: the losses and the correct count are
+            # read every READ_EVERY steps (progress bar, NaN stop) and at the epoch's end.
+            sums = _DeviceSums(backend.xp_for(device), loss_sum, correct)
             t0 = time.perf_counter()
             for xb, yb in data.batches(train_x, train_y, config.batch_size, device, order, skip):
                 with interrupts.step():  # Ctrl-C waits for the step's end: a whole step
@@ -383,12 +383,14 @@ def _run(config, model, log, out, resume_meta, interrupts):
         except KeyboardInterrupt:
             # during the steps or the evaluation: keep the epoch's work so far; a
             # resume evaluates again (an evaluation changes nothing)
-            bar.close()
+            if bar is not None:
+                bar.close()
             if interrupts.cut_short:  # a second Ctrl-C inside a step: not a whole step
                 log(f"gpucnn: interrupted twice inside step {step + 1} of epoch {epoch + 1}; "
                     f"that step was cut short, so nothing was saved. {survivor()}")
                 raise
-            loss_sum, correct = sums.read(epoch, ckpt_path, config.lr, check=False)
+            if sums is not None:
+                loss_sum, correct = sums.read(epoch, ckpt_path, config.lr, check=False)
             save(epoch, step, epoch_state, dict(loss_sum=loss_sum, correct=int(correct), seen=seen,
                                                 train_time=train_time))
             log(f"gpucnn: interrupted at epoch {epoch + 1}, step {step}; saved {ckpt_path} "

@@ -1,3 +1,5 @@
+import signal
+
 import numpy
 import pytest
 
@@ -18,6 +20,18 @@ TOL = {numpy.float64: dict(rtol=1e-10, atol=1e-10), numpy.float32: dict(rtol=2e-
 def torch():
     return pytest.importorskip("torch", reason="PyTorch is not installed; these tests compare "
                                                "with it (CI installs torch==2.13.0)")
+
+
+@pytest.fixture
+def ctrl_c():
+    """SIGINT handled as in an interactive terminal (KeyboardInterrupt) for the test's
+    length: a job started in the background (cmd &, as CI may be) inherits SIGINT
+    ignored, and training keeps an ignored SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

@@ -107,7 +107,7 @@ def _state(path):
     return checkpoint.read(path)[1]
 
 
-def test_resume_is_bit_exact_with_schedule_augment_and_dropout(tmp_path):
+def test_resume_is_bit_exact_with_schedule_augment_and_dropout(tmp_path, ctrl_c):
     quiet = lambda *a: None  # noqa: E731
     train.train(train.Config(epochs=3, out=str(tmp_path / "straight"), **QUICK), model=_net(),
                 log=quiet)

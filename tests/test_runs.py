@@ -179,7 +179,8 @@ def _straight(tmp_path, epochs=2):
 
 @pytest.mark.parametrize("trap", [(3 + 2, "sigterm"), (1, "interrupt", True)],
                          ids=["sigterm-mid-epoch", "ctrl-c-during-evaluation"])
-def test_sigterm_and_ctrl_c_in_evaluation_keep_the_epoch_and_resume_exactly(tmp_path, trap):
+def test_sigterm_and_ctrl_c_in_evaluation_keep_the_epoch_and_resume_exactly(tmp_path, trap,
+                                                                          ctrl_c):
     straight = _straight(tmp_path)
     out = tmp_path / "cut"
 
@@ -310,7 +311,7 @@ def test_the_device_line_is_short_without_cupy(tmp_path):
         assert lines[0] == "gpucnn: training on cpu (CuPy not installed)"
 
 
-def test_a_signal_inside_a_step_waits_for_its_end():
+def test_a_signal_inside_a_step_waits_for_its_end(ctrl_c):
     """Between steps SIGINT and SIGTERM raise at once; inside one they are held until
     it ends (so that no step is saved half done); the handlers are put back after."""
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -331,7 +332,7 @@ def test_a_signal_inside_a_step_waits_for_its_end():
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def test_a_second_signal_cuts_a_hanging_step_short():
+def test_a_second_signal_cuts_a_hanging_step_short(ctrl_c):
     with runs.interrupts() as guard:
         finished = False
         with pytest.raises(KeyboardInterrupt):
@@ -359,7 +360,7 @@ def test_an_ignored_sigint_stays_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
-def test_a_second_ctrl_c_inside_a_step_saves_nothing(tmp_path):
+def test_a_second_ctrl_c_inside_a_step_saves_nothing(tmp_path, ctrl_c):
     lines = []
     cfg = train.Config(epochs=2, out=str(tmp_path / "run"), **QUICK)
     with pytest.raises(KeyboardInterrupt):

@@ -101,7 +101,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(numpy.isfinite(w).all() for w in _weights(tmp_path / "checkpoint.npz").values())
 
 
-def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path):
+def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, ctrl_c):
     quiet = lambda *a: None  # noqa: E731
     train.train(train.Config(epochs=2, out=str(tmp_path / "straight"), **QUICK), log=quiet)
     cfg = train.Config(epochs=2, out=str(tmp_path / "cut"), **QUICK)
