@@ -93,12 +93,14 @@ class Timer:
         return statistics.median(times)
 
     def pair(self, ours, theirs):
-        """(median ms of ours, of theirs or None). On the CPU the two alternate, run by
-        run, so that a load that comes and goes on a shared machine weighs on both
-        alike; on a GPU (not shared) each is timed in turn."""
+        """(median ms of ours, of theirs or None). Single-threaded on the CPU the two
+        alternate, run by run, so that a load that comes and goes on a shared machine
+        weighs on both alike. With more threads (BLAS's and OpenMP's spin a while
+        after each call and would slow the other library's next run) and on a GPU,
+        each is timed in turn."""
         if theirs is None:
             return self(ours), None
-        if self.device == "cuda":
+        if self.device == "cuda" or (runs.blas_threads() or 2) > 1:
             return self(ours), self(theirs, torch_cuda=True)
         for _ in range(self.warmup):
             ours()
