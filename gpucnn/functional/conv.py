@@ -15,10 +15,11 @@ from x itself, whichever copies longer contiguous runs) and the weight matrix
 wm[k, (r,s,c')] = w[k,c',r,s], its columns in the same order. Then
 y = wm @ cols^T and dw = dy @ cols, with cols built and consumed a few samples
 at a time so that it stays in cache.
-dx, for stride 1, is the forward pass applied to dy with the rotated,
-channel-swapped filters (the full correlation); for larger strides it is computed
-one kernel offset (r,s) at a time: dy @ w[:, :, r, s] is added back at the input positions that tap read
-(a col2im that never builds the whole column matrix). On the GPU the three
+dx, for stride 1 and 16+ channels a group, is the forward pass applied to dy with
+the rotated, channel-swapped filters (the full correlation); otherwise it is
+computed one kernel offset (r,s) at a time: dy @ w[:, :, r, s] is added back at
+the input positions that tap read (a col2im that never builds the whole column
+matrix). On the GPU the three
 passes are implicit-GEMM kernels (kernels/conv2d.cu) that gather the same
 matrices tile by tile into shared memory and never build them; the bias
 gradient is a fixed-order reduction (kernels/conv2d_reduce.cu).
@@ -236,9 +237,9 @@ def backward(dy, x, weight, g, need_input_grad=True, *, saved=None):
 # the device's implementation: matrix products here, CUDA kernels on a GPU.
 
 def backward_data(dy, weight, g):
-    """dx (N, C, H, W): the flipped-filter convolution. With stride 1 that is the
-    forward pass over dy (see _full_correlation): one matrix product per chunk,
-    reducing over (r,s,k). Otherwise one kernel offset at a time:
+    """dx (N, C, H, W): the flipped-filter convolution. With stride 1 (and enough
+    channels) that is the forward pass over dy (see _full_correlation): one matrix
+    product per chunk, reducing over (r,s,k). Otherwise one kernel offset at a time:
     for each tap (r,s), dy @ w[:, :, r, s] (rows (n,p,q), columns c') is what the
     tap sends back to input pixel (p*sh + r*dh, q*sw + s*dw) of the padded input;
     the taps' shares are added up there and the padding is cropped off.
@@ -293,7 +294,8 @@ def _full_correlation(g):
 
 def _rotated_transposed(weight, g):
     """weight (K, C/g, R, S) -> (C, K/g, R, S), each group's filters with input and
-    output channels swapped and the taps rotated by 180 degrees (a view)."""
+    output channels swapped and the taps rotated by 180 degrees (a view for one
+    group; reshape copies where groups > 1 need it)."""
     G = g.groups
     w = weight.reshape(G, g.K // G, g.C // G, g.R, g.S).transpose(0, 2, 1, 3, 4)
     return w.reshape(g.C, g.K // G, g.R, g.S)[:, :, ::-1, ::-1]
