@@ -41,7 +41,8 @@ class GraphedStep:
     static-buffer path without capturing. warmup (>= 1) eager steps come first: they
     create what the first step creates (momentum buffers, Adam's moments, the device
     lr), which a capture must find in place. The graph holds the addresses of the
-    arrays it captured: load model and optimizer state before the first call.
+    arrays it captured; load_state_dict (model or optimizer) writes into those
+    arrays, so state loaded after the first call is what the replays use.
     """
 
     def __init__(self, model, optimizer, *, label_smoothing=0.0, capture=True,

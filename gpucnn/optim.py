@@ -117,11 +117,19 @@ class Optimizer:
                     raise ValueError(f"optimizer state {k!r} of params[{i}] has shape "
                                      f"{tuple(v.shape)}, the parameter {tuple(p.data.shape)}")
         self.steps = int(sd["steps"])
-        self.state = []
-        for st, p in zip(sd["state"], self.params):
-            device = backend.device_of(p.data)
-            self.state.append({k: backend.to_device(v, device).astype(p.data.dtype)
-                               if hasattr(v, "shape") else v for k, v in st.items()})
+        state = []
+        for old, st, p in zip(self.state, sd["state"], self.params):
+            device, new = backend.device_of(p.data), {}
+            for k, v in st.items():
+                if not hasattr(v, "shape"):
+                    new[k] = v
+                elif k in old and backend.device_of(old[k]) == device:
+                    old[k][...] = backend.to_device(v, device)  # in place, as a captured
+                    new[k] = old[k]                              # CUDA graph holds old[k]
+                else:
+                    new[k] = backend.to_device(v, device).astype(p.data.dtype)
+            state.append(new)
+        self.state = state
         for k, v in sd["hyper"].items():
             setattr(self, k, v)
 
@@ -236,4 +244,7 @@ class Adam(Optimizer):
         counts = numpy.zeros(len(self.params))
         for i, st in enumerate(self.state):
             counts[i] = int(st.pop("step", 0))
-        self._counts = counts  # moved to the parameters' device by the next step
+        if backend.device_of(self._counts) != "cpu":
+            self._counts[...] = backend.to_device(counts, "cuda")  # in place: see above
+        else:
+            self._counts = counts  # moved to the parameters' device by the next step

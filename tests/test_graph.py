@@ -225,3 +225,32 @@ def test_standin_train_resnet_recipe_with_the_graph(standin, tmp_path):
     assert (meta["config"]["schedule"], meta["config"]["augment"]) == ("cosine", "crop")
     for k in eager:
         assert numpy.array_equal(graphed[k], eager[k]), k
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_standin_loading_state_after_capture_writes_into_the_captured_arrays(standin, optimizer):
+    """A captured graph replays with the addresses it captured: load_state_dict
+    (model and optimizer) writes into those arrays, as PyTorch's copy_, so the
+    replays see the loaded values."""
+    xs, ys = _batches(standin)
+    source, source_opt, _, _, _ = _setup("cuda", optimizer=optimizer)
+    for x, y in zip(xs[:3], ys[:3]):
+        train_step(source, source_opt, x, y)
+    net, opt, _, _, _ = _setup("cuda", optimizer=optimizer)
+    graphed = graph.GraphedStep(net, opt, warmup=1, log=quiet)
+    for x, y in zip(xs[:3], ys[:3]):
+        graphed(x, y)
+    held = ([p.data for p in net.parameters()] + [b.data for _, b in net.named_buffers()]
+            + [a for st in opt.state for a in st.values() if hasattr(a, "shape")]
+            + ([opt._counts] if optimizer == "adam" else []))
+    net.load_state_dict(source.state_dict())
+    opt.load_state_dict(source_opt.state_dict())
+    now = ([p.data for p in net.parameters()] + [b.data for _, b in net.named_buffers()]
+           + [a for st in opt.state for a in st.values() if hasattr(a, "shape")]
+           + ([opt._counts] if optimizer == "adam" else []))
+    assert len(now) == len(held) and all(a is b for a, b in zip(now, held))
+    _assert_same(_state(net, opt), _state(source, source_opt))
+    for x, y in zip(xs[3:-1], ys[3:-1]):
+        graphed(x, y)
+        train_step(source, source_opt, x, y)
+    _assert_same(_state(net, opt), _state(source, source_opt))

@@ -192,8 +192,9 @@ class Module:
         for name, p in own.items():
             _check_state_entry(name, state[name], p.data, allow_nonfinite)
         for name, p in own.items():
-            device = backend.device_of(p.data)
-            p.data = backend.to_device(state[name], device).astype(p.data.dtype, copy=True)
+            # into the arrays already there, as PyTorch's copy_: a CUDA graph captured
+            # with them (gpucnn.graph) then replays with the loaded values
+            p.data[...] = backend.to_device(state[name], backend.device_of(p.data))
         return self
 
     def summary(self, input_shape, print_fn=print):
