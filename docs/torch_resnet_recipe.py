@@ -20,7 +20,8 @@ import numpy
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from gpucnn import bench, data, train  # noqa: E402
+from gpucnn import bench, data  # noqa: E402
+from gpucnn.config import Config, make_augment  # noqa: E402
 
 
 def main():
@@ -29,8 +30,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset", default="fashion-mnist")
     args = parser.parse_args()
-    config = train.Config(dataset=args.dataset, model="resnet", epochs=args.epochs,
-                          seed=args.seed).filled()
+    config = Config(dataset=args.dataset, model="resnet", epochs=args.epochs,
+                    seed=args.seed).filled()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     ds = data.load(config.dataset, seed=config.seed)
@@ -43,7 +44,7 @@ def main():
                           nesterov=config.nesterov, weight_decay=config.weight_decay)
     assert config.schedule == "cosine" and not config.warmup, config
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * steps)
-    augment = train.make_augment(config, ds.stats, config.seed + 1)
+    augment = make_augment(config, ds.stats, config.seed + 1)
     rng = numpy.random.default_rng(config.seed)
     test_x, test_y = torch.from_numpy(ds.test_x), torch.from_numpy(ds.test_y)
     print(f"torch {torch.__version__}, {config.dataset}, {config.epochs} epochs, "
