@@ -20,7 +20,7 @@ import time
 import numpy
 
 import gpucnn
-from . import backend, functional as F, models, runs
+from . import backend, cpu_threads, functional as F, models, runs
 from .functional import conv, pool
 from .step import train_step
 
@@ -100,7 +100,8 @@ class Timer:
         each is timed in turn."""
         if theirs is None:
             return self(ours), None
-        if self.device == "cuda" or (runs.blas_threads() or 2) > 1:
+        if self.device == "cuda" or cpu_threads.get_num_threads() > 1 or \
+                (runs.blas_threads() or 2) > 1:
             return self(ours), self(theirs, torch_cuda=True)
         for _ in range(self.warmup):
             ours()
@@ -126,10 +127,9 @@ def _torch(device):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
     else:
-        # as many threads as gpucnn's BLAS has (OPENBLAS_NUM_THREADS=1 pins both)
-        threads = runs.blas_threads()
-        if threads:
-            torch.set_num_threads(threads)
+        # as many threads as gpucnn's CPU passes use (its default is the BLAS's
+        # thread count, so OPENBLAS_NUM_THREADS=1 pins both)
+        torch.set_num_threads(cpu_threads.get_num_threads())
     return torch
 
 
@@ -137,7 +137,8 @@ def _threads(device, torch):
     """'; N threads each' on the CPU, where both sides' thread counts are known."""
     if device == "cuda" or torch is None:
         return ""
-    return f"; {torch.get_num_threads()} thread(s) each (BLAS {runs.blas_threads()})"
+    return (f"; {torch.get_num_threads()} thread(s) each (gpucnn's BLAS "
+            f"{runs.step_blas_threads()} in a step)")
 
 
 def _conv_cases(shape, xp, torch, device, rng):

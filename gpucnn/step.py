@@ -8,19 +8,20 @@ synchronisation (and can be captured into a CUDA graph). The labels are not
 range-checked here (that needs a sync on a GPU): check them once per dataset
 with ``check_labels``, as ``gpucnn.train`` does.
 """
-from . import backend
+from . import backend, cpu_threads
 from . import functional as F
 
 
 def train_step(model, optimizer, x, y, *, label_smoothing=0.0):
     """Run one SGD/Adam step on the batch (x, y); returns (loss, logits) as device
     arrays: the batch-mean loss (0-d) and the logits, read them when needed."""
-    optimizer.zero_grad()
-    logits = model.forward(x)
-    kwargs = {"label_smoothing": label_smoothing} if label_smoothing else {}
-    loss, dlogits = F.softmax_cross_entropy(logits, y, check_labels=False, **kwargs)
-    model.backward(dlogits, need_input_grad=False)
-    optimizer.step()
+    with cpu_threads.section(backend.get_array_module(x)):
+        optimizer.zero_grad()
+        logits = model.forward(x)
+        kwargs = {"label_smoothing": label_smoothing} if label_smoothing else {}
+        loss, dlogits = F.softmax_cross_entropy(logits, y, check_labels=False, **kwargs)
+        model.backward(dlogits, need_input_grad=False)
+        optimizer.step()
     return loss, logits
 
 

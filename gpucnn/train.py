@@ -108,7 +108,7 @@ def _run(config, model, log, out, resume_meta, interrupts):
     augment = make_augment(config, ds.stats, config.seed + 1)
     rng = numpy.random.default_rng(config.seed)
     ckpt_path = out / runs.CHECKPOINT
-    threads = runs.blas_threads()
+    threads = runs.step_blas_threads()
     history, start_epoch, start_step, partial, confusion = [], 0, 0, None, None
     if config.resume:
         resume_meta = checkpoint.restore(config.resume, model, optimizer)
@@ -257,9 +257,11 @@ def _warn_environment(meta, device, threads, log):
         log(f"gpucnn: warning: this run was trained on {then_device} and resumes on {device}; "
             "the weights will not match a straight run bit for bit")
     if then_threads and threads and then_threads != threads:
+        how = ("set OMP_NUM_THREADS=1 to match" if then_threads == 1 else
+               f"matching needs {then_threads} BLAS threads and gpucnn.set_num_threads(1)")
         log(f"gpucnn: warning: this run was trained with {then_threads} BLAS threads and "
             f"resumes with {threads}; the weights will not match a straight run bit for bit "
-            f"(set OMP_NUM_THREADS={then_threads} to match)")
+            f"({how})")
 
 
 def _step_function(config, device, model, optimizer, log):

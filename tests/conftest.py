@@ -35,6 +35,17 @@ def ctrl_c():
 
 
 @pytest.fixture
+def cpu_threads():
+    """set_num_threads(n) for the test's length; gpucnn's own count comes back after."""
+    import gpucnn
+    before = gpucnn.get_num_threads()
+    try:
+        yield gpucnn.set_num_threads
+    finally:
+        gpucnn.set_num_threads(before)
+
+
+@pytest.fixture
 def rng():
     return numpy.random.default_rng(1234)
 

@@ -277,8 +277,10 @@ def test_a_full_disk_is_one_line_that_names_the_surviving_checkpoint(tmp_path):
     assert not list(out.glob("*.tmp-*"))
 
 
-def test_the_checkpoint_records_blas_threads_and_a_resume_with_others_warns(tmp_path):
+def test_the_checkpoint_records_blas_threads_and_a_resume_with_others_warns(tmp_path,
+                                                                           cpu_threads):
     threadpoolctl = pytest.importorskip("threadpoolctl")
+    cpu_threads(1)  # the BLAS's own threads then do the matrix products
     out = tmp_path / "run"
     with threadpoolctl.threadpool_limits(1):
         train.train(train.Config(epochs=1, out=str(out), **QUICK), log=quiet)

@@ -23,7 +23,7 @@ call, so the result is deterministic on a device.
 import math
 from collections import namedtuple
 
-from .. import backend
+from .. import backend, cpu_threads
 from . import _checks
 
 # What backward needs from forward: the normalised input, 1/sqrt(var + eps) per
@@ -79,10 +79,35 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         C = x.shape[1]
         saved = BatchNormSaved(x * 1, xp.ones(C, x.dtype), True)
         return x * 1, saved
+    C = x.shape[1]
+    x_hat, inv_std = xp.empty(x.shape, x.dtype), xp.empty(C, x.dtype)
+    y = x_hat if weight is None and bias is None else xp.empty(x.shape, x.dtype)
+
+    def channels(c0, c1):
+        cut = slice(c0, c1)
+        _forward_channels(xp, x[:, cut], *(None if a is None else a[cut] for a in
+                                            (running_mean, running_var, weight, bias)),
+                          training, momentum, eps, y[:, cut], x_hat[:, cut], inv_std[cut])
+    _by_channel(xp, channels, C)
+    return y, BatchNormSaved(x_hat, inv_std, bool(training))
+
+
+def _by_channel(xp, fn, C):
+    """fn(c0, c1) over channel ranges: one range, or one a thread on the CPU (each
+    channel's sums are the same in either case; see cpu_threads)."""
+    if cpu_threads.splits(xp):
+        cpu_threads.map_ranges(fn, C)
+    else:
+        fn(0, C)
+
+
+def _forward_channels(xp, x, running_mean, running_var, weight, bias, training, momentum, eps,
+                      y, x_hat, inv_std):
+    """batch_norm for a range of channels, into y, x_hat and inv_std (views)."""
     if training:
         M = x.size // x.shape[1]
         mean = _channel_sum(x) / x.dtype.type(M)
-        centred = x - _per_channel(mean, x)
+        centred = xp.subtract(x, _per_channel(mean, x), out=x_hat)
         var = _channel_sum(centred * centred) / x.dtype.type(M)
         if running_mean is not None:
             running_mean *= 1 - momentum
@@ -92,17 +117,15 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
             running_var += (momentum * M / (M - 1)) * var
     else:
         mean, var = running_mean, running_var
-        centred = x - _per_channel(mean, x)
-    inv_std = 1 / xp.sqrt(var + x.dtype.type(eps))
-    x_hat = centred  # a fresh array: scaled in place
+        xp.subtract(x, _per_channel(mean, x), out=x_hat)
+    xp.divide(1, xp.sqrt(var + x.dtype.type(eps)), out=inv_std)
     x_hat *= _per_channel(inv_std, x)
     if weight is not None:
-        y = x_hat * _per_channel(weight, x)
+        xp.multiply(x_hat, _per_channel(weight, x), out=y)
         if bias is not None:
             y += _per_channel(bias, x)
-    else:
-        y = x_hat if bias is None else x_hat + _per_channel(bias, x)
-    return y, BatchNormSaved(x_hat, inv_std, bool(training))
+    elif bias is not None:
+        xp.add(x_hat, _per_channel(bias, x), out=y)
 
 
 def batch_norm_backward(dy, saved, weight=None):
@@ -111,18 +134,31 @@ def batch_norm_backward(dy, saved, weight=None):
     _checks.float_array(dy, "grad_output")
     _checks.same_dtype("input", x_hat, grad_output=dy)
     _checks.shape_is(dy, "grad_output", x_hat.shape)
-    backend.get_array_module(dy, x_hat, weight)
-    dbias = _channel_sum(dy)
-    dweight = _channel_sum(dy * x_hat)
+    xp = backend.get_array_module(dy, x_hat, weight)
+    C = dy.shape[1]
+    dx, dweight, dbias = xp.empty(dy.shape, dy.dtype), xp.empty(C, dy.dtype), xp.empty(C, dy.dtype)
+
+    def channels(c0, c1):
+        cut = slice(c0, c1)
+        _backward_channels(xp, dy[:, cut], x_hat[:, cut], inv_std[cut],
+                           None if weight is None else weight[cut], training,
+                           dx[:, cut], dweight[cut], dbias[cut])
+    _by_channel(xp, channels, C)
+    if weight is None:
+        return dx, None, None
+    return dx, dweight, dbias
+
+
+def _backward_channels(xp, dy, x_hat, inv_std, weight, training, dx, dweight, dbias):
+    """batch_norm_backward for a range of channels, into dx, dweight and dbias (views)."""
+    dbias[...] = _channel_sum(dy)
+    dweight[...] = _channel_sum(dy * x_hat)
     scale = inv_std if weight is None else inv_std * weight
     if training:
-        M = dy.dtype.type(max(dy.size // dy.shape[1], 1))
-        dx = x_hat * _per_channel(-dweight / M, dy)
+        M = dy.dtype.type(max(dy.size // max(dy.shape[1], 1), 1))
+        xp.multiply(x_hat, _per_channel(-dweight / M, dy), out=dx)
         dx += dy
         dx -= _per_channel(dbias / M, dy)
         dx *= _per_channel(scale, dy)
     else:
-        dx = dy * _per_channel(scale, dy)
-    if weight is None:
-        return dx, None, None
-    return dx, dweight, dbias
+        xp.multiply(dy, _per_channel(scale, dy), out=dx)

@@ -27,7 +27,7 @@ gradient is a fixed-order reduction (kernels/conv2d_reduce.cu).
 import numbers
 from collections import namedtuple
 
-from .. import backend, cuda
+from .. import backend, cpu_threads, cuda
 from . import _checks
 
 ConvGeometry = namedtuple(
@@ -92,7 +92,10 @@ def im2col_source(xp, x, g):
     # only the border is zeroed: the inside is overwritten
     xpad[:, :g.pt], xpad[:, g.pt + g.H:] = 0, 0
     xpad[:, :, :g.pl], xpad[:, :, g.pl + g.W:] = 0, 0
-    xpad[:, g.pt:g.pt + g.H, g.pl:g.pl + g.W, :] = x.transpose(0, 2, 3, 1)
+
+    def copy(n0, n1):
+        xpad[n0:n1, g.pt:g.pt + g.H, g.pl:g.pl + g.W, :] = x[n0:n1].transpose(0, 2, 3, 1)
+    cpu_threads.map_ranges(copy, g.N)
     return xpad
 
 
@@ -108,19 +111,26 @@ def _channels_last(g):
     return run_nhwc >= run_nchw
 
 
-def _im2col_chunks(xp, xpad, g):
-    """Yield (n0, n1, cols) for batch chunks [n0, n1) of xpad = im2col_source(xp, x, g):
+def _chunks(g, itemsize):
+    """The batch chunks [(n0, n1)] a pass works on: as many samples as make a few
+    MB of columns (at least one), so that the copy and the matrix product that
+    reads it stay in cache. The threads share them out (cpu_threads)."""
+    per_sample = g.P * g.Q * (g.C * g.R * g.S) * itemsize
+    B = max(1, min(g.N, CHUNK_BYTES // max(1, per_sample)))
+    return [(n0, min(g.N, n0 + B)) for n0 in range(0, g.N, B)]
+
+
+def _im2col_chunks(xp, xpad, g, chunks):
+    """Yield (n0, n1, cols) for the batch chunks [n0, n1) of xpad = im2col_source(xp, x, g):
     cols (groups, (n1-n0)*P*Q, R*S*C/g)
     has row (n,p,q) and, for column (c',r,s), xp[n, group*C/g + c', p*sh + r*dh, q*sw + s*dw];
     the columns are in (r,s,c') order where _channels_last(g), else in (c',r,s) order
     (then cols is the transpose of a row-major (c',r,s) x (n,p,q) matrix).
 
-    The chunks are a few MB in one reused buffer, so the copy and the matrix
-    product that reads it stay in cache.
+    The chunks (_chunks) go through one buffer, reused.
     """
     G, Cg, J = g.groups, g.C // g.groups, g.C // g.groups * g.R * g.S
-    per_sample = g.P * g.Q * J * g.groups * xpad.itemsize
-    B = max(1, min(g.N, CHUNK_BYTES // max(1, per_sample)))
+    B = max(n1 - n0 for n0, n1 in chunks)
     if _channels_last(g):
         sN, sH, sW, sC = xpad.strides
         window = (G, B, g.P, g.Q, g.R, g.S, Cg)
@@ -132,8 +142,8 @@ def _im2col_chunks(xp, xpad, g):
         strides = (Cg * sC, sC, g.dh * sH, g.dw * sW, sN, g.sh * sH, g.sw * sW)
         batch_axis = 4
     buf = xp.empty(window, dtype=xpad.dtype)
-    for n0 in range(0, g.N, B):
-        b = min(B, g.N - n0)
+    for n0, n1 in chunks:
+        b = n1 - n0
         shape = window[:batch_axis] + (b,) + window[batch_axis + 1:]
         view = xp.lib.stride_tricks.as_strided(xpad[n0:], shape=shape, strides=strides)
         part = buf[(slice(None),) * batch_axis + (slice(0, b),)]
@@ -157,14 +167,16 @@ def _grouped_dy(xp, dy, g):
     """dy (N, K, P, Q) -> (groups, N*P*Q, K/g), the layout of the cols' rows."""
     G = g.groups
     dy = dy.reshape(g.N, G, g.K // G, g.P, g.Q).transpose(1, 0, 3, 4, 2)
-    return xp.ascontiguousarray(dy).reshape(G, g.N * g.P * g.Q, g.K // G)
+    out = cpu_threads.copyto(xp, xp.empty(dy.shape, dy.dtype), dy, axis=1)
+    return out.reshape(G, g.N * g.P * g.Q, g.K // G)
 
 
 def _channel_major_dy(xp, dy, g):
     """dy (N, K, P, Q) -> (groups, K/g, N*P*Q): a cheap copy, whole (p,q) planes at a time."""
     G = g.groups
     dy = dy.reshape(g.N, G, g.K // G, g.P * g.Q).transpose(1, 2, 0, 3)
-    return xp.ascontiguousarray(dy).reshape(G, g.K // G, g.N * g.P * g.Q)
+    out = cpu_threads.copyto(xp, xp.empty(dy.shape, dy.dtype), dy, axis=2)
+    return out.reshape(G, g.K // G, g.N * g.P * g.Q)
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -208,17 +220,20 @@ def forward(x, weight, bias, g, *, save=False):
 def _forward_matmul(xp, source, weight, bias, g):
     wm, PQ = _weight_matrix(xp, weight, g), g.P * g.Q
     out = xp.empty((g.N, g.K, PQ), dtype=source.dtype)
-    part = None
-    for n0, n1, cols in _im2col_chunks(xp, source, g):
-        if part is None:
-            part = xp.empty((g.groups, g.K // g.groups, cols.shape[1]), dtype=source.dtype)
-        y = part[:, :, :cols.shape[1]]
-        xp.matmul(wm, cols.transpose(0, 2, 1), out=y)  # (groups, K/g, chunk*P*Q)
-        y = y.reshape(g.K, n1 - n0, PQ).transpose(1, 0, 2)
-        if bias is None:
-            out[n0:n1] = y
-        else:
-            xp.add(y, bias.reshape(1, g.K, 1), out=out[n0:n1])
+
+    def run(chunks):
+        part = None
+        for n0, n1, cols in _im2col_chunks(xp, source, g, chunks):
+            if part is None:
+                part = xp.empty((g.groups, g.K // g.groups, cols.shape[1]), dtype=source.dtype)
+            y = part[:, :, :cols.shape[1]]
+            xp.matmul(wm, cols.transpose(0, 2, 1), out=y)  # (groups, K/g, chunk*P*Q)
+            y = y.reshape(g.K, n1 - n0, PQ).transpose(1, 0, 2)
+            if bias is None:
+                out[n0:n1] = y
+            else:
+                xp.add(y, bias.reshape(1, g.K, 1), out=out[n0:n1])
+    cpu_threads.map_blocks(run, _chunks(g, source.itemsize))
     return out.reshape(g.N, g.K, g.P, g.Q)
 
 
@@ -255,21 +270,25 @@ def backward_data(dy, weight, g):
     G, Cg, PQ = g.groups, g.C // g.groups, g.P * g.Q
     dyg = _grouped_dy(xp, dy, g)  # rows (n,p,q): each tap's share comes out channels-last
     taps = xp.ascontiguousarray(weight.reshape(G, g.K // G, Cg, g.R, g.S).transpose(3, 4, 0, 1, 2))
-    dxp = xp.zeros((g.N, g.H + g.pt + g.pb, g.W + g.pl + g.pr, G, Cg), dtype=dy.dtype)
+    dxp = xp.empty((g.N, g.H + g.pt + g.pb, g.W + g.pl + g.pr, G, Cg), dtype=dy.dtype)
     # a few samples at a time, so that each tap's share is added while in cache
     B = max(1, min(g.N, CHUNK_BYTES // (4 * PQ * g.C * dy.itemsize)))
-    for n0 in range(0, g.N, B):
-        n1 = min(g.N, n0 + B)
-        for r in range(g.R):  # a loop over kernel offsets, not pixels
-            h0 = r * g.dh
-            for s in range(g.S):
-                w0 = s * g.dw
-                share = xp.matmul(dyg[:, n0 * PQ:n1 * PQ], taps[r, s])
-                dxp[n0:n1, h0:h0 + g.sh * (g.P - 1) + 1:g.sh,
-                    w0:w0 + g.sw * (g.Q - 1) + 1:g.sw] += \
-                    share.reshape(G, n1 - n0, g.P, g.Q, Cg).transpose(1, 2, 3, 0, 4)
+
+    def run(chunks):
+        for n0, n1 in chunks:
+            dxp[n0:n1] = 0
+            for r in range(g.R):  # a loop over kernel offsets, not pixels
+                h0 = r * g.dh
+                for s in range(g.S):
+                    w0 = s * g.dw
+                    share = xp.matmul(dyg[:, n0 * PQ:n1 * PQ], taps[r, s])
+                    dxp[n0:n1, h0:h0 + g.sh * (g.P - 1) + 1:g.sh,
+                        w0:w0 + g.sw * (g.Q - 1) + 1:g.sw] += \
+                        share.reshape(G, n1 - n0, g.P, g.Q, Cg).transpose(1, 2, 3, 0, 4)
+    cpu_threads.map_blocks(run, [(n0, min(g.N, n0 + B)) for n0 in range(0, g.N, B)])
     dx = dxp[:, g.pt:g.pt + g.H, g.pl:g.pl + g.W].reshape(g.N, g.H, g.W, g.C)
-    return xp.ascontiguousarray(dx.transpose(0, 3, 1, 2))
+    return cpu_threads.copyto(xp, xp.empty((g.N, g.C, g.H, g.W), dy.dtype),
+                              dx.transpose(0, 3, 1, 2))
 
 
 FULL_MIN_CHANNELS = 16
@@ -311,9 +330,13 @@ def backward_filter(dy, x, g, saved=None):
     if saved is None:
         saved = im2col_source(xp, x, g)
     dyk, PQ, dweight = _channel_major_dy(xp, dy, g), g.P * g.Q, None
-    for n0, n1, cols in _im2col_chunks(xp, saved, g):
-        part = xp.matmul(dyk[:, :, n0 * PQ:n1 * PQ], cols)  # (groups, K/g, R*S*C/g)
-        dweight = part if dweight is None else dweight + part
+
+    def run(chunks):  # (groups, K/g, R*S*C/g) from each chunk
+        return [xp.matmul(dyk[:, :, n0 * PQ:n1 * PQ], cols)
+                for n0, n1, cols in _im2col_chunks(xp, saved, g, chunks)]
+    for block in cpu_threads.map_blocks(run, _chunks(g, saved.itemsize)):
+        for part in block:  # added in chunk order, whatever the thread count
+            dweight = part if dweight is None else dweight + part
     if dweight is None:  # an empty batch: no chunks, no gradient
         return xp.zeros((g.K, g.C // g.groups, g.R, g.S), dtype=dy.dtype)
     if not _channels_last(g):

@@ -1,4 +1,5 @@
 """Residual(body, shortcut): y = body(x) + shortcut(x), the block of ResNets."""
+from .. import backend, cpu_threads
 from .layers import Identity
 from .module import Module, _tree_repr
 
@@ -29,14 +30,19 @@ class Residual(Module):
             raise ValueError(f"Residual: the body's output has shape {tuple(y.shape)} but the "
                              f"shortcut's has {tuple(s.shape)} (input {tuple(x.shape)}); they "
                              "must match to be added (give the shortcut a strided 1x1 conv)")
-        return y + s
+        return _add(y, s)
 
     def backward(self, dy, need_input_grad=True):
         dx = self.body.backward(dy, need_input_grad=need_input_grad)
         ds = self.shortcut.backward(dy, need_input_grad=need_input_grad)
         if not need_input_grad:
             return None
-        return dx + ds
+        return _add(dx, ds)
 
     def __repr__(self):
         return _tree_repr(self)
+
+
+def _add(a, b):
+    xp = backend.get_array_module(a, b)
+    return cpu_threads.rows(xp, xp.add, xp.empty(a.shape, xp.result_type(a, b)), a, b)

@@ -1,0 +1,172 @@
+"""gpucnn's CPU threads (gpucnn/cpu_threads.py): the work is shared out, the answers
+do not depend on how many threads share it, and the BLAS is held to one thread
+meanwhile. The numbers are compared with the BLAS at one thread throughout: a
+matrix product's last bits depend on the BLAS's own thread count."""
+import multiprocessing
+import threading
+
+import numpy
+import pytest
+
+import gpucnn
+from gpucnn import functional as F, models, runs
+
+threadpoolctl = pytest.importorskip("threadpoolctl")
+
+
+@pytest.fixture
+def one_blas_thread():
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        yield
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2", None])
+def test_set_num_threads_rejects_what_is_not_a_positive_int(bad, cpu_threads):
+    with pytest.raises(ValueError, match=r"num_threads must be an int >= 1, got"):
+        gpucnn.set_num_threads(bad)
+
+
+def test_map_blocks_cuts_contiguous_blocks_runs_them_side_by_side_and_keeps_order(cpu_threads):
+    cpu_threads(3)
+    barrier = threading.Barrier(3, timeout=30)  # fails unless three threads run at once
+
+    def fn(block):
+        barrier.wait()
+        return list(block), threading.current_thread().name
+    out = gpucnn.cpu_threads.map_blocks(fn, list(range(10)))
+    assert [b for b, _ in out] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert len({name for _, name in out}) == 3
+    assert gpucnn.cpu_threads.map_blocks(fn, []) == []
+
+
+def test_map_blocks_runs_in_the_caller_with_one_thread_or_one_item_or_inside_a_block(
+        cpu_threads):
+    me = threading.current_thread().name
+    cpu_threads(1)
+    assert gpucnn.cpu_threads.map_blocks(lambda b: threading.current_thread().name,
+                                         [1, 2, 3]) == [me]
+    cpu_threads(2)
+    assert gpucnn.cpu_threads.map_blocks(lambda b: list(b), [7]) == [[7]]
+    # a block that itself asks for blocks gets them inline, not a deadlock
+    inner = gpucnn.cpu_threads.map_blocks(
+        lambda b: gpucnn.cpu_threads.map_blocks(lambda c: list(c), list(b)), [1, 2, 3, 4])
+    assert inner == [[[1, 2]], [[3, 4]]]
+
+
+def test_a_failing_block_raises_in_the_caller_and_the_threads_go_on(cpu_threads):
+    cpu_threads(2)
+
+    def fn(block):
+        if 3 in block:
+            raise ValueError("block failed")
+        return sum(block)
+    with pytest.raises(ValueError, match="block failed"):
+        gpucnn.cpu_threads.map_blocks(fn, [1, 2, 3, 4])
+    assert gpucnn.cpu_threads.map_blocks(sum, [1, 2, 3, 4]) == [3, 7]
+
+
+def test_the_blas_is_held_to_one_thread_inside_a_section_and_given_back_after(cpu_threads):
+    cpu_threads(2)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        if runs.blas_threads() != 2:
+            pytest.skip("this BLAS cannot run 2 threads")
+        seen = gpucnn.cpu_threads.map_blocks(lambda b: runs.blas_threads(), [1, 2])
+        with gpucnn.cpu_threads.section():
+            inside = runs.blas_threads()
+        assert (seen, inside, runs.blas_threads()) == ([1, 1], 1, 2)
+        assert runs.step_blas_threads() == 1
+        cpu_threads(1)
+        assert runs.step_blas_threads() == 2
+
+
+def _grad_pass(seed, shape, kw):
+    rng = numpy.random.default_rng(seed)
+    N, C, H, W, K, R = shape
+    x = rng.standard_normal((N, C, H, W)).astype(numpy.float32)
+    w = rng.standard_normal((K, C // kw.get("groups", 1), R, R)).astype(numpy.float32)
+    b = rng.standard_normal(K).astype(numpy.float32)
+    y = F.conv2d(x, w, b, **kw)
+    dy = rng.standard_normal(y.shape).astype(numpy.float32)
+    return (y,) + F.conv2d_backward(dy, x, w, **kw)
+
+
+CONVS = [((37, 16, 28, 28, 16, 3), dict(padding=1)),             # dx as a forward pass
+         ((37, 3, 17, 19, 8, 3), dict(stride=2, padding=1)),     # dx tap by tap
+         ((9, 32, 14, 14, 64, 3), dict(padding=2, dilation=2, groups=4)),
+         ((200, 1, 28, 28, 16, 5), dict(padding=2)),             # NCHW columns
+         ((3, 16, 7, 7, 32, 1), dict(stride=2))]
+
+
+@pytest.mark.parametrize("shape, kw", CONVS)
+def test_conv_passes_are_bitwise_the_same_on_any_thread_count(shape, kw, cpu_threads,
+                                                                one_blas_thread):
+    results = []
+    for n in (1, 2, 3):
+        cpu_threads(n)
+        results.append(_grad_pass(0, shape, kw))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            numpy.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_and_relu_are_bitwise_the_same_on_any_thread_count(
+        training, affine, cpu_threads, rng):
+    x = rng.standard_normal((19, 24, 9, 7)).astype(numpy.float32)
+    dy = rng.standard_normal(x.shape).astype(numpy.float32)
+    w, b = (rng.standard_normal(24).astype(numpy.float32) for _ in range(2))
+    results = []
+    for n in (1, 2, 3):
+        cpu_threads(n)
+        stats = [numpy.linspace(-1, 1, 24, dtype=numpy.float32),
+                 numpy.linspace(0.5, 2, 24, dtype=numpy.float32)]
+        y, saved = F.batch_norm(x, *stats, weight=w if affine else None,
+                                bias=b if affine else None, training=training)
+        grads = F.batch_norm_backward(dy, saved, weight=w if affine else None)
+        relu = F.relu(y), F.relu_backward(dy, y)
+        results.append([y, *stats, *(g for g in grads if g is not None), *relu])
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            numpy.testing.assert_array_equal(a, b_)
+
+
+def _train(n, steps=3):
+    gpucnn.set_num_threads(n)
+    gpucnn.manual_seed(0)
+    net = models.resnet()
+    opt = gpucnn.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    rng = numpy.random.default_rng(0)
+    logits = []
+    for _ in range(steps):
+        x = rng.standard_normal((21, 1, 28, 28)).astype(numpy.float32)
+        logits.append(gpucnn.train_step(net, opt, x, rng.integers(0, 10, 21))[1])
+    return logits, net.state_dict()
+
+
+def test_resnet_training_steps_are_bitwise_the_same_on_any_thread_count(cpu_threads,
+                                                                          one_blas_thread):
+    (l1, s1), (l2, s2) = _train(1), _train(2)
+    for a, b in zip(l1, l2):
+        numpy.testing.assert_array_equal(a, b)
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        numpy.testing.assert_array_equal(s1[k], s2[k], err_msg=k)
+
+
+def _child(queue):
+    queue.put(gpucnn.cpu_threads.map_blocks(sum, [1, 2, 3, 4]))
+
+
+def test_a_forked_child_gets_threads_of_its_own(cpu_threads):
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork here")
+    cpu_threads(2)
+    gpucnn.cpu_threads.map_blocks(sum, [1, 2])  # the parent's pool exists
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child, args=(queue,))
+    child.start()
+    assert queue.get(timeout=60) == [3, 7]
+    child.join(timeout=60)
+    assert child.exitcode == 0
