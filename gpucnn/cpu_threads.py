@@ -151,6 +151,21 @@ def rows(xp, fn, out, *arrays):
     return out
 
 
+def scratch(slot, shape, dtype):
+    """An uninitialised NumPy array of this shape and dtype, the calling thread's own
+    for `slot`, its memory kept from call to call: a buffer of a few MB freed after
+    each pass is given back to the system by the allocator and faults in again page
+    by page on the next (most of all in a worker thread's arena), which cost more
+    than the copy into it. Valid until this thread asks for the slot again."""
+    dtype = numpy.dtype(dtype)
+    size = int(numpy.prod(shape)) * dtype.itemsize
+    buffers = _in_worker.__dict__.setdefault("scratch", {})
+    buf = buffers.get(slot)
+    if buf is None or buf.size < size:
+        buf = buffers[slot] = numpy.empty(size, numpy.uint8)
+    return buf[:size].view(dtype).reshape(shape)
+
+
 def copyto(xp, out, src, axis=0):
     """out[...] = src (src broadcast to out's shape), NumPy arrays cut along `axis`
     between the threads; returns out."""
