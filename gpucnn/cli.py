@@ -146,6 +146,7 @@ def cmd_train(args):
     config = training.Config(**fields, overwrite=args.overwrite,
                              progress=False if args.no_progress else None,
                              cuda_graph=args.cuda_graph)
+    runs.keep_freed_memory()  # this process is a training run
     try:
         training.train(config)
     except training.TrainingDiverged as e:

@@ -3,10 +3,12 @@ locking it against a second live run, and writing its metrics so that they
 always match the checkpoint. Also the run's environment that decides whether
 results repeat bit for bit (BLAS threads) and SIGTERM handled like Ctrl-C."""
 import contextlib
+import ctypes
 import errno
 import json
 import os
 import pathlib
+import platform
 import signal
 import time
 
@@ -196,6 +198,27 @@ def step_blas_threads():
     count (or None if unknown). A run repeats bit for bit where this is the same."""
     from . import cpu_threads
     return 1 if cpu_threads.get_num_threads() > 1 else blas_threads()
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep the memory a process frees for its next allocations:
+    a training step frees and allocates the same tens of MB every step, and memory
+    given back to the system faults in again page by page (on the CPU 11k page
+    faults a resnet step with one thread and 17-29k with two, 10-25% of its time;
+    docs/benchmarks.md). For processes that are a training run (`gpucnn train`): it
+    changes the allocator of the whole process. True when applied; False where the
+    C library is not glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # malloc.h
+    # never trim the heap; up to 32 MiB (glibc's limit) from the heap, not mmap; one
+    # arena, so that gpucnn's worker threads reuse what the main thread freed
+    return all(mallopt(option, value) == 1 for option, value in
+               ((M_TRIM_THRESHOLD, 1 << 30), (M_MMAP_THRESHOLD, 32 << 20), (M_ARENA_MAX, 1)))
 
 
 class Terminated(KeyboardInterrupt):

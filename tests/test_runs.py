@@ -295,6 +295,11 @@ def test_the_checkpoint_records_blas_threads_and_a_resume_with_others_warns(tmp_
                "OMP_NUM_THREADS=1" in line for line in lines), lines
 
 
+def test_keep_freed_memory_applies_on_glibc_and_says_so_elsewhere():
+    import platform
+    assert runs.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
 def test_progress_bar_only_on_a_terminal(tmp_path, capsys):
     train.train(train.Config(epochs=1, out=str(tmp_path / "a"), dataset="digits", limit=96),
                 log=quiet)
