@@ -26,7 +26,7 @@ import numpy
 # One section at a time holds the threads (a training step, or a single pass);
 # re-entrant, so that the passes inside a step's section go straight through.
 _lock = threading.RLock()
-_in_worker = threading.local()
+_this_thread = threading.local()  # whether in a block; its scratch buffers
 _state = {"threads": None, "pool": None, "controller": None, "held": 0}
 
 
@@ -66,7 +66,7 @@ def splits(xp):
     """Whether work on xp's arrays is spread over threads here: NumPy arrays, more
     than one thread, and not already inside one of the threads' blocks."""
     return (xp is numpy and get_num_threads() > 1
-            and not getattr(_in_worker, "active", False))
+            and not getattr(_this_thread, "active", False))
 
 
 @contextlib.contextmanager
@@ -110,11 +110,11 @@ def _run_blocks(fn, blocks):
 
 def _in_block(fn, block):
     # every thread is busy: work asked for inside a block is done there, inline
-    before, _in_worker.active = getattr(_in_worker, "active", False), True
+    before, _this_thread.active = getattr(_this_thread, "active", False), True
     try:
         return fn(block)
     finally:
-        _in_worker.active = before
+        _this_thread.active = before
 
 
 def map_blocks(fn, items):
@@ -159,7 +159,7 @@ def scratch(slot, shape, dtype):
     than the copy into it. Valid until this thread asks for the slot again."""
     dtype = numpy.dtype(dtype)
     size = int(numpy.prod(shape)) * dtype.itemsize
-    buffers = _in_worker.__dict__.setdefault("scratch", {})
+    buffers = _this_thread.__dict__.setdefault("scratch", {})
     buf = buffers.get(slot)
     if buf is None or buf.size < size:
         buf = buffers[slot] = numpy.empty(size, numpy.uint8)
