@@ -48,6 +48,9 @@ def set_num_threads(n):
     them in the calling thread with the BLAS's own threads."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads: num_threads must be an int >= 1, got {n!r}")
+    if getattr(_this_thread, "active", False):  # it would wait for itself
+        raise RuntimeError("set_num_threads was called inside a block of gpucnn's own "
+                           "threads; call it outside gpucnn's passes")
     with _lock:
         pool, _state["pool"] = _state["pool"], None
         _state["threads"] = n
@@ -90,8 +93,8 @@ def section(xp=numpy):
             _state["held"] += 1
             try:
                 yield
-            finally:
-                _state["held"] -= 1
+            finally:  # (a child forked inside the section has started from 0)
+                _state["held"] = max(0, _state["held"] - 1)
 
 
 def _run_blocks(fn, blocks):

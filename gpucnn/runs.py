@@ -215,10 +215,13 @@ def keep_freed_memory():
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # malloc.h
-    # never trim the heap; up to 32 MiB (glibc's limit) from the heap, not mmap; one
-    # arena, so that gpucnn's worker threads reuse what the main thread freed
-    return all(mallopt(option, value) == 1 for option, value in
-               ((M_TRIM_THRESHOLD, 1 << 30), (M_MMAP_THRESHOLD, 32 << 20), (M_ARENA_MAX, 1)))
+    # never trim the heap; up to glibc's limit (32 MiB on 64-bit) from the heap, not
+    # mmap; one arena, so that gpucnn's worker threads reuse what the main thread freed
+    largest = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long) if ctypes.sizeof(
+        ctypes.c_void_p) == 8 else 512 * 1024
+    applied = [mallopt(option, value) == 1 for option, value in
+               ((M_TRIM_THRESHOLD, 1 << 30), (M_MMAP_THRESHOLD, largest), (M_ARENA_MAX, 1))]
+    return all(applied)
 
 
 class Terminated(KeyboardInterrupt):

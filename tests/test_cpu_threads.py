@@ -10,6 +10,7 @@ import pytest
 
 import gpucnn
 from gpucnn import functional as F, models, runs
+from gpucnn.functional import conv
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 
@@ -109,18 +110,27 @@ def test_conv_passes_are_bitwise_the_same_on_any_thread_count(shape, kw, cpu_thr
             numpy.testing.assert_array_equal(a, b)
 
 
+BN_INPUTS = [(19, 24, 9, 7), (32, 3, 5, 5), (40, 5, 3, 3), (32, 16, 4, 4), (50, 3), (23, 6),
+             "channels-last"]
+
+
+@pytest.mark.parametrize("shape", BN_INPUTS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_norm_and_relu_are_bitwise_the_same_on_any_thread_count(
-        training, affine, cpu_threads, rng):
-    x = rng.standard_normal((19, 24, 9, 7)).astype(numpy.float32)
+        shape, training, affine, cpu_threads, rng):
+    if shape == "channels-last":  # an NHWC array seen as NCHW
+        x = rng.standard_normal((17, 6, 5, 12)).astype(numpy.float32).transpose(0, 3, 1, 2)
+    else:
+        x = rng.standard_normal(shape).astype(numpy.float32)
+    C = x.shape[1]
     dy = rng.standard_normal(x.shape).astype(numpy.float32)
-    w, b = (rng.standard_normal(24).astype(numpy.float32) for _ in range(2))
+    w, b = (rng.standard_normal(C).astype(numpy.float32) for _ in range(2))
     results = []
-    for n in (1, 2, 3):
+    for n in (1, 2, 3, 16):  # 16 threads give 16 channels one each, but for the pairing
         cpu_threads(n)
-        stats = [numpy.linspace(-1, 1, 24, dtype=numpy.float32),
-                 numpy.linspace(0.5, 2, 24, dtype=numpy.float32)]
+        stats = [numpy.linspace(-1, 1, C, dtype=numpy.float32),
+                 numpy.linspace(0.5, 2, C, dtype=numpy.float32)]
         y, saved = F.batch_norm(x, *stats, weight=w if affine else None,
                                 bias=b if affine else None, training=training)
         grads = F.batch_norm_backward(dy, saved, weight=w if affine else None)
@@ -129,6 +139,32 @@ def test_batch_norm_and_relu_are_bitwise_the_same_on_any_thread_count(
     for other in results[1:]:
         for a, b_ in zip(results[0], other):
             numpy.testing.assert_array_equal(a, b_)
+
+
+def test_backward_filter_holds_a_few_chunk_products_not_one_a_chunk(cpu_threads, rng):
+    tracemalloc = pytest.importorskip("tracemalloc")
+    cpu_threads(2)
+    x = rng.standard_normal((48, 512, 8, 8)).astype(numpy.float32)
+    w = rng.standard_normal((64, 512, 3, 3)).astype(numpy.float32)
+    g = conv.geometry(x, w, None, 1, 1, 1, 1)
+    dy = rng.standard_normal((48, 64, 8, 8)).astype(numpy.float32)
+    saved = conv.im2col_source(numpy, x, g)
+    assert len(conv._chunks(g, 4)) >= 12
+    conv.backward_filter(dy, x, g, saved)  # the threads' buffers exist from here
+    tracemalloc.start()
+    try:
+        conv.backward_filter(dy, x, g, saved)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    product = w.nbytes  # one chunk's (K, R*S*C) product
+    assert peak < dy.nbytes + conv.CHUNK_BYTES + 6 * product, (peak, product)
+
+
+def test_set_num_threads_inside_a_block_is_an_error_not_a_deadlock(cpu_threads):
+    cpu_threads(2)
+    with pytest.raises(RuntimeError, match="inside a block of gpucnn's own threads"):
+        gpucnn.cpu_threads.map_blocks(lambda b: gpucnn.set_num_threads(1), [1, 2])
 
 
 def _train(n, steps=3):

@@ -80,8 +80,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         saved = BatchNormSaved(x * 1, xp.ones(C, x.dtype), True)
         return x * 1, saved
     C = x.shape[1]
-    x_hat, inv_std = xp.empty(x.shape, x.dtype), xp.empty(C, x.dtype)
-    y = x_hat if weight is None and bias is None else xp.empty(x.shape, x.dtype)
+    # in x's memory order, as x - mean was: the per-channel sums then go the same way
+    x_hat, inv_std = xp.empty_like(x), xp.empty(C, x.dtype)
+    y = x_hat if weight is None and bias is None else xp.empty_like(x)
 
     def channels(c0, c1):
         cut = slice(c0, c1)
@@ -93,12 +94,16 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
 
 
 def _by_channel(xp, fn, C):
-    """fn(c0, c1) over channel ranges: one range, or one a thread on the CPU (each
-    channel's sums are the same in either case; see cpu_threads)."""
-    if cpu_threads.splits(xp):
-        cpu_threads.map_ranges(fn, C)
-    else:
+    """fn(c0, c1) over channel ranges: one range, or one a thread on the CPU, each
+    of at least 2 channels: NumPy sums an (N, 1) column over N pairwise but the
+    columns of an (N, C) block row by row, so a one-channel range would round
+    its channel's sums differently from the whole (see cpu_threads)."""
+    pairs = [(c, c + 2) for c in range(0, C - 1, 2)]  # an odd last channel joins the pair before
+    if not cpu_threads.splits(xp) or len(pairs) < 2:
         fn(0, C)
+        return
+    pairs[-1] = (pairs[-1][0], C)
+    cpu_threads.map_blocks(lambda block: fn(block[0][0], block[-1][1]), pairs)
 
 
 def _forward_channels(xp, x, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -136,7 +141,7 @@ def batch_norm_backward(dy, saved, weight=None):
     _checks.shape_is(dy, "grad_output", x_hat.shape)
     xp = backend.get_array_module(dy, x_hat, weight)
     C = dy.shape[1]
-    dx, dweight, dbias = xp.empty(dy.shape, dy.dtype), xp.empty(C, dy.dtype), xp.empty(C, dy.dtype)
+    dx, dweight, dbias = xp.empty_like(x_hat), xp.empty(C, dy.dtype), xp.empty(C, dy.dtype)
 
     def channels(c0, c1):
         cut = slice(c0, c1)

@@ -344,12 +344,20 @@ def backward_filter(dy, x, g, saved=None):
         saved = im2col_source(xp, x, g)
     dyk, PQ, dweight = _channel_major_dy(xp, dy, g), g.P * g.Q, None
 
-    def run(chunks):  # (groups, K/g, R*S*C/g) from each chunk
-        return [xp.matmul(dyk[:, :, n0 * PQ:n1 * PQ], cols)
-                for n0, n1, cols in _im2col_chunks(xp, saved, g, chunks)]
-    for block in cpu_threads.map_blocks(run, _chunks(g, saved.itemsize)):
-        for part in block:  # added in chunk order, whatever the thread count
-            dweight = part if dweight is None else dweight + part
+    def products(chunks):  # (groups, K/g, R*S*C/g) from each chunk, as they come
+        return (xp.matmul(dyk[:, :, n0 * PQ:n1 * PQ], cols)
+                for n0, n1, cols in _im2col_chunks(xp, saved, g, chunks))
+    chunks, T = _chunks(g, saved.itemsize), cpu_threads.get_num_threads()
+    if cpu_threads.splits(xp):
+        # rounds of one chunk a thread: T products held at a time, not one a chunk
+        parts = (part for i in range(0, len(chunks), T)
+                 for block in cpu_threads.map_blocks(lambda c: list(products(c)),
+                                                     chunks[i:i + T])
+                 for part in block)
+    else:
+        parts = products(chunks)
+    for part in parts:  # added in chunk order, whatever the thread count
+        dweight = part if dweight is None else dweight + part
     if dweight is None:  # an empty batch: no chunks, no gradient
         return xp.zeros((g.K, g.C // g.groups, g.R, g.S), dtype=dy.dtype)
     if not _channels_last(g):
