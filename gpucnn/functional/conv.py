@@ -224,8 +224,9 @@ def forward(x, weight, bias, g, *, save=False):
     if kernels is not None:
         y = kernels.conv2d_forward(x, weight, bias, g)
         return (y, None) if save else y
-    source = im2col_source(xp, x, g)
-    y = _forward_matmul(xp, source, weight, bias, g)
+    with cpu_threads.section(xp):  # the BLAS held once for the pass's parts
+        source = im2col_source(xp, x, g)
+        y = _forward_matmul(xp, source, weight, bias, g)
     return (y, source) if save else y
 
 
@@ -276,6 +277,11 @@ def backward_data(dy, weight, g):
     kernels = cuda.kernels_for(xp)
     if kernels is not None:
         return kernels.conv2d_backward_data(dy, weight, g)
+    with cpu_threads.section(xp):  # the BLAS held once for the pass's parts
+        return _backward_data_cpu(xp, dy, weight, g)
+
+
+def _backward_data_cpu(xp, dy, weight, g):
     full = _full_correlation(g)
     if full is not None:
         return _forward_matmul(xp, im2col_source(xp, dy, full), _rotated_transposed(weight, g),
@@ -340,6 +346,11 @@ def backward_filter(dy, x, g, saved=None):
     kernels = cuda.kernels_for(xp)
     if kernels is not None:
         return kernels.conv2d_backward_filter(dy, x, g)
+    with cpu_threads.section(xp):  # the BLAS held once for the pass's parts
+        return _backward_filter_cpu(xp, dy, x, g, saved)
+
+
+def _backward_filter_cpu(xp, dy, x, g, saved):
     if saved is None:
         saved = im2col_source(xp, x, g)
     dyk, PQ, dweight = _channel_major_dy(xp, dy, g), g.P * g.Q, None
