@@ -138,7 +138,7 @@ def _threads(device, torch):
     if device == "cuda" or torch is None:
         return ""
     return (f"; {torch.get_num_threads()} thread(s) each (gpucnn's BLAS "
-            f"{runs.step_blas_threads()} in a step)")
+            f"{cpu_threads.step_blas_threads()} in a step)")
 
 
 def _conv_cases(shape, xp, torch, device, rng):

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy
 
+from . import runs
+
 # One section at a time holds the threads (a training step, or a single pass);
 # re-entrant, so that the passes inside a step's section go straight through.
 _lock = threading.RLock()
@@ -30,17 +32,18 @@ _this_thread = threading.local()  # whether in a block; its scratch buffers
 _state = {"threads": None, "pool": None, "controller": None, "held": 0}
 
 
-def _blas_default():
-    from threadpoolctl import threadpool_info
-    counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
-    return max(counts) if counts else 1
-
-
 def get_num_threads():
     """How many threads gpucnn's CPU passes use (gpucnn.get_num_threads)."""
     if _state["threads"] is None:
-        _state["threads"] = max(1, _blas_default())
+        _state["threads"] = max(1, runs.blas_threads() or 1)
     return _state["threads"]
+
+
+def step_blas_threads():
+    """The BLAS threads a CPU training step's matrix products run with: one where
+    gpucnn spreads the step over its own threads, else the BLAS's count (or None if
+    unknown). A run repeats bit for bit where this is the same."""
+    return 1 if get_num_threads() > 1 else runs.blas_threads()
 
 
 def set_num_threads(n):
@@ -120,25 +123,26 @@ def _in_block(fn, block):
         _this_thread.active = before
 
 
-def map_blocks(fn, items):
+def map_blocks(fn, items, at_least=1):
     """[fn(block) for block in blocks], blocks being `items` (a sequence) cut into
-    as many contiguous blocks as there are threads (fewer with fewer items), run
-    side by side. fn must only write where no other block writes."""
+    as many contiguous blocks as there are threads (fewer with fewer items, none
+    shorter than at_least items), run side by side. fn must only write where no
+    other block writes."""
     if len(items) == 0:
         return []
-    if not splits(numpy) or len(items) == 1:
+    if not splits(numpy) or len(items) < 2 * at_least:
         return [fn(items)]
-    with _lock:
-        n = min(get_num_threads(), len(items))  # set_num_threads may have run meanwhile
+    with _lock:  # set_num_threads may have run meanwhile
+        n = min(get_num_threads(), len(items) // at_least)
         if n <= 1:
             return [fn(items)]
         return _run_blocks(fn, _blocks(items, n))
 
 
-def map_ranges(fn, count):
-    """fn(start, stop) for contiguous ranges splitting range(count), one a thread,
-    side by side; the results in order."""
-    return map_blocks(lambda block: fn(block.start, block.stop), range(count))
+def map_ranges(fn, count, at_least=1):
+    """fn(start, stop) for contiguous ranges splitting range(count), one a thread
+    (each at least at_least long), side by side; the results in order."""
+    return map_blocks(lambda block: fn(block.start, block.stop), range(count), at_least)
 
 
 def rows(xp, fn, out, *arrays):

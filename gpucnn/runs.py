@@ -192,14 +192,6 @@ def blas_threads():
     return None
 
 
-def step_blas_threads():
-    """The BLAS threads a CPU training step's matrix products run with: one where
-    gpucnn spreads the step over its own threads (cpu_threads), else the BLAS's
-    count (or None if unknown). A run repeats bit for bit where this is the same."""
-    from . import cpu_threads
-    return 1 if cpu_threads.get_num_threads() > 1 else blas_threads()
-
-
 def keep_freed_memory():
     """Have glibc's malloc keep the memory a process frees for its next allocations:
     a training step frees and allocates the same tens of MB every step, and memory

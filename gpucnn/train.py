@@ -9,7 +9,7 @@ import time
 
 import numpy
 
-from . import backend, checkpoint, data, plots, runs
+from . import backend, checkpoint, cpu_threads, data, plots, runs
 from . import functional as F
 from .config import Config  # noqa: F401  (train.Config: the public name, as before)
 from .config import is_int, make_augment, make_optimizer, make_schedule, merge_resume
@@ -108,7 +108,7 @@ def _run(config, model, log, out, resume_meta, interrupts):
     augment = make_augment(config, ds.stats, config.seed + 1)
     rng = numpy.random.default_rng(config.seed)
     ckpt_path = out / runs.CHECKPOINT
-    threads = runs.step_blas_threads()
+    threads = cpu_threads.step_blas_threads()
     history, start_epoch, start_step, partial, confusion = [], 0, 0, None, None
     if config.resume:
         resume_meta = checkpoint.restore(config.resume, model, optimizer)

@@ -38,6 +38,9 @@ def test_map_blocks_cuts_contiguous_blocks_runs_them_side_by_side_and_keeps_orde
     assert [b for b, _ in out] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert len({name for _, name in out}) == 3
     assert gpucnn.cpu_threads.map_blocks(fn, []) == []
+    blocks = gpucnn.cpu_threads.map_blocks(list, list(range(5)), at_least=2)
+    assert blocks == [[0, 1, 2], [3, 4]]  # three threads, but no block under two items
+    assert gpucnn.cpu_threads.map_blocks(list, [0, 1, 2], at_least=2) == [[0, 1, 2]]
 
 
 def test_map_blocks_runs_in_the_caller_with_one_thread_or_one_item_or_inside_a_block(
@@ -75,9 +78,9 @@ def test_the_blas_is_held_to_one_thread_inside_a_section_and_given_back_after(cp
         with gpucnn.cpu_threads.section():
             inside = runs.blas_threads()
         assert (seen, inside, runs.blas_threads()) == ([1, 1], 1, 2)
-        assert runs.step_blas_threads() == 1
+        assert gpucnn.cpu_threads.step_blas_threads() == 1
         cpu_threads(1)
-        assert runs.step_blas_threads() == 2
+        assert gpucnn.cpu_threads.step_blas_threads() == 2
 
 
 def _grad_pass(seed, shape, kw):
@@ -149,7 +152,7 @@ def test_backward_filter_holds_a_few_chunk_products_not_one_a_chunk(cpu_threads,
     g = conv.geometry(x, w, None, 1, 1, 1, 1)
     dy = rng.standard_normal((48, 64, 8, 8)).astype(numpy.float32)
     saved = conv.im2col_source(numpy, x, g)
-    assert len(conv._chunks(g, 4)) >= 12
+    assert len(conv._column_chunks(g, 4)) >= 12
     conv.backward_filter(dy, x, g, saved)  # the threads' buffers exist from here
     tracemalloc.start()
     try:

@@ -98,12 +98,10 @@ def _by_channel(xp, fn, C):
     of at least 2 channels: NumPy sums an (N, 1) column over N pairwise but the
     columns of an (N, C) block row by row, so a one-channel range would round
     its channel's sums differently from the whole (see cpu_threads)."""
-    pairs = [(c, c + 2) for c in range(0, C - 1, 2)]  # an odd last channel joins the pair before
-    if not cpu_threads.splits(xp) or len(pairs) < 2:
+    if cpu_threads.splits(xp):
+        cpu_threads.map_ranges(fn, C, at_least=2)
+    else:
         fn(0, C)
-        return
-    pairs[-1] = (pairs[-1][0], C)
-    cpu_threads.map_blocks(lambda block: fn(block[0][0], block[-1][1]), pairs)
 
 
 def _forward_channels(xp, x, running_mean, running_var, weight, bias, training, momentum, eps,

@@ -113,13 +113,17 @@ def _channels_last(g):
     return run_nhwc >= run_nchw
 
 
-def _chunks(g, itemsize):
-    """The batch chunks [(n0, n1)] a pass works on: as many samples as make a few
-    MB of columns (at least one), so that the copy and the matrix product that
-    reads it stay in cache. The threads share them out (cpu_threads)."""
-    per_sample = g.P * g.Q * (g.C * g.R * g.S) * itemsize
-    B = max(1, min(g.N, CHUNK_BYTES // max(1, per_sample)))
-    return [(n0, min(g.N, n0 + B)) for n0 in range(0, g.N, B)]
+def _chunks(N, per_sample):
+    """The batch chunks [(n0, n1)] a pass works on: as many samples as make
+    CHUNK_BYTES of per_sample bytes each (at least one), so that the copy and the
+    matrix product that reads it stay in cache. The threads share them out (cpu_threads)."""
+    B = max(1, min(N, CHUNK_BYTES // max(1, per_sample)))
+    return [(n0, min(N, n0 + B)) for n0 in range(0, N, B)]
+
+
+def _column_chunks(g, itemsize):
+    """_chunks for im2col's columns: P*Q rows of R*S*C values a sample."""
+    return _chunks(g.N, g.P * g.Q * (g.C * g.R * g.S) * itemsize)
 
 
 def _im2col_chunks(xp, xpad, g, chunks):
@@ -247,7 +251,7 @@ def _forward_matmul(xp, source, weight, bias, g):
                 out[n0:n1] = y
             else:
                 xp.add(y, bias.reshape(1, g.K, 1), out=out[n0:n1])
-    cpu_threads.map_blocks(run, _chunks(g, source.itemsize))
+    cpu_threads.map_blocks(run, _column_chunks(g, source.itemsize))
     return out.reshape(g.N, g.K, g.P, g.Q)
 
 
@@ -290,8 +294,6 @@ def _backward_data_cpu(xp, dy, weight, g):
     dyg = _grouped_dy(xp, dy, g)  # rows (n,p,q): each tap's share comes out channels-last
     taps = xp.ascontiguousarray(weight.reshape(G, g.K // G, Cg, g.R, g.S).transpose(3, 4, 0, 1, 2))
     dxp = xp.empty((g.N, g.H + g.pt + g.pb, g.W + g.pl + g.pr, G, Cg), dtype=dy.dtype)
-    # a few samples at a time, so that each tap's share is added while in cache
-    B = max(1, min(g.N, CHUNK_BYTES // (4 * PQ * g.C * dy.itemsize)))
 
     def run(chunks):
         for n0, n1 in chunks:
@@ -304,7 +306,8 @@ def _backward_data_cpu(xp, dy, weight, g):
                     dxp[n0:n1, h0:h0 + g.sh * (g.P - 1) + 1:g.sh,
                         w0:w0 + g.sw * (g.Q - 1) + 1:g.sw] += \
                         share.reshape(G, n1 - n0, g.P, g.Q, Cg).transpose(1, 2, 3, 0, 4)
-    cpu_threads.map_blocks(run, [(n0, min(g.N, n0 + B)) for n0 in range(0, g.N, B)])
+    # a few samples at a time, so that each tap's share is added while in cache
+    cpu_threads.map_blocks(run, _chunks(g.N, 4 * PQ * g.C * dy.itemsize))
     dx = dxp[:, g.pt:g.pt + g.H, g.pl:g.pl + g.W].reshape(g.N, g.H, g.W, g.C)
     return cpu_threads.copyto(xp, xp.empty((g.N, g.C, g.H, g.W), dy.dtype),
                               dx.transpose(0, 3, 1, 2))
@@ -358,7 +361,7 @@ def _backward_filter_cpu(xp, dy, x, g, saved):
     def products(chunks):  # (groups, K/g, R*S*C/g) from each chunk, as they come
         return (xp.matmul(dyk[:, :, n0 * PQ:n1 * PQ], cols)
                 for n0, n1, cols in _im2col_chunks(xp, saved, g, chunks))
-    chunks, T = _chunks(g, saved.itemsize), cpu_threads.get_num_threads()
+    chunks, T = _column_chunks(g, saved.itemsize), cpu_threads.get_num_threads()
     if cpu_threads.splits(xp):
         # rounds of one chunk a thread: T products held at a time, not one a chunk
         parts = (part for i in range(0, len(chunks), T)
