@@ -19,6 +19,13 @@ Backward, with g = dy and mean_c(.) the per-channel mean over the M values:
     eval:     dx = weight_c / sqrt(running_var_c + eps) * g
 The reductions are NumPy/CuPy reductions over fixed axes: the same order on every
 call, so the result is deterministic on a device.
+
+What is computed and kept is d = x - mu (the centred input) and inv_std =
+1/sqrt(var + eps), not x_hat = d * inv_std: each x_hat above is d * inv_std with
+inv_std folded into a per-channel factor (y = d * (weight * inv_std) + bias,
+dweight = inv_std * sum g*d, the x_hat term of dx = d * (inv_std * dweight / M)),
+which saves a pass over the activation each way, and the products g*d and d*d
+are summed as they are formed (einsum), never stored.
 """
 import math
 from collections import namedtuple
@@ -26,16 +33,27 @@ from collections import namedtuple
 from .. import backend, cpu_threads
 from . import _checks
 
-# What backward needs from forward: the normalised input, 1/sqrt(var + eps) per
-# channel (shape (C,)), and whether batch statistics were used.
-BatchNormSaved = namedtuple("BatchNormSaved", "x_hat inv_std training")
+# What backward needs from forward: the centred input d = x - mean (x's shape),
+# 1/sqrt(var + eps) per channel (shape (C,)), and whether batch statistics were used.
+BatchNormSaved = namedtuple("BatchNormSaved", "centred inv_std training")
+
+
+def _spatial(a):
+    """(N, C, *spatial) -> (N, C, L): a view where a's layout allows, else a copy."""
+    return a.reshape(a.shape[0], a.shape[1], math.prod(a.shape[2:]))
 
 
 def _channel_sum(a):
     """Per-channel sum over the batch and spatial axes: the contiguous spatial run of
     each (n, c) first, then over n (much faster than one reduction over axes
     (0, 2, ...) on the CPU; a fixed order on both devices)."""
-    return a.reshape(a.shape[0], a.shape[1], math.prod(a.shape[2:])).sum(axis=2).sum(axis=0)
+    return _spatial(a).sum(axis=2).sum(axis=0)
+
+
+def _channel_dot(xp, a, b):
+    """Per-channel sum of a * b, in _channel_sum's order (each (n, c) run, then over n),
+    the products summed as they are formed rather than stored."""
+    return xp.einsum("ncl,ncl->nc", _spatial(a), _spatial(b)).sum(axis=0)
 
 
 def _per_channel(v, x):
@@ -81,16 +99,15 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         return x * 1, saved
     C = x.shape[1]
     # in x's memory order, as x - mean was: the per-channel sums then go the same way
-    x_hat, inv_std = xp.empty_like(x), xp.empty(C, x.dtype)
-    y = x_hat if weight is None and bias is None else xp.empty_like(x)
+    centred, y, inv_std = xp.empty_like(x), xp.empty_like(x), xp.empty(C, x.dtype)
 
     def channels(c0, c1):
         cut = slice(c0, c1)
         _forward_channels(xp, x[:, cut], *(None if a is None else a[cut] for a in
                                             (running_mean, running_var, weight, bias)),
-                          training, momentum, eps, y[:, cut], x_hat[:, cut], inv_std[cut])
+                          training, momentum, eps, y[:, cut], centred[:, cut], inv_std[cut])
     _by_channel(xp, channels, C)
-    return y, BatchNormSaved(x_hat, inv_std, bool(training))
+    return y, BatchNormSaved(centred, inv_std, bool(training))
 
 
 def _by_channel(xp, fn, C):
@@ -105,13 +122,13 @@ def _by_channel(xp, fn, C):
 
 
 def _forward_channels(xp, x, running_mean, running_var, weight, bias, training, momentum, eps,
-                      y, x_hat, inv_std):
-    """batch_norm for a range of channels, into y, x_hat and inv_std (views)."""
+                      y, centred, inv_std):
+    """batch_norm for a range of channels, into y, centred and inv_std (views)."""
     if training:
         M = x.size // x.shape[1]
         mean = _channel_sum(x) / x.dtype.type(M)
-        centred = xp.subtract(x, _per_channel(mean, x), out=x_hat)
-        var = _channel_sum(centred * centred) / x.dtype.type(M)
+        xp.subtract(x, _per_channel(mean, x), out=centred)
+        var = _channel_dot(xp, centred, centred) / x.dtype.type(M)
         if running_mean is not None:
             running_mean *= 1 - momentum
             running_mean += momentum * mean
@@ -120,30 +137,27 @@ def _forward_channels(xp, x, running_mean, running_var, weight, bias, training, 
             running_var += (momentum * M / (M - 1)) * var
     else:
         mean, var = running_mean, running_var
-        xp.subtract(x, _per_channel(mean, x), out=x_hat)
+        xp.subtract(x, _per_channel(mean, x), out=centred)
     xp.divide(1, xp.sqrt(var + x.dtype.type(eps)), out=inv_std)
-    x_hat *= _per_channel(inv_std, x)
-    if weight is not None:
-        xp.multiply(x_hat, _per_channel(weight, x), out=y)
-        if bias is not None:
-            y += _per_channel(bias, x)
-    elif bias is not None:
-        xp.add(x_hat, _per_channel(bias, x), out=y)
+    # y = x_hat * weight + bias, x_hat = centred * inv_std
+    xp.multiply(centred, _per_channel(inv_std if weight is None else inv_std * weight, x), out=y)
+    if bias is not None:
+        y += _per_channel(bias, x)
 
 
 def batch_norm_backward(dy, saved, weight=None):
     """(dx, dweight, dbias) for dy of x's shape; dweight/dbias are None without weight."""
-    x_hat, inv_std, training = saved
+    centred, inv_std, training = saved
     _checks.float_array(dy, "grad_output")
-    _checks.same_dtype("input", x_hat, grad_output=dy)
-    _checks.shape_is(dy, "grad_output", x_hat.shape)
-    xp = backend.get_array_module(dy, x_hat, weight)
+    _checks.same_dtype("input", centred, grad_output=dy)
+    _checks.shape_is(dy, "grad_output", centred.shape)
+    xp = backend.get_array_module(dy, centred, weight)
     C = dy.shape[1]
-    dx, dweight, dbias = xp.empty_like(x_hat), xp.empty(C, dy.dtype), xp.empty(C, dy.dtype)
+    dx, dweight, dbias = xp.empty_like(centred), xp.empty(C, dy.dtype), xp.empty(C, dy.dtype)
 
     def channels(c0, c1):
         cut = slice(c0, c1)
-        _backward_channels(xp, dy[:, cut], x_hat[:, cut], inv_std[cut],
+        _backward_channels(xp, dy[:, cut], centred[:, cut], inv_std[cut],
                            None if weight is None else weight[cut], training,
                            dx[:, cut], dweight[cut], dbias[cut])
     _by_channel(xp, channels, C)
@@ -152,14 +166,15 @@ def batch_norm_backward(dy, saved, weight=None):
     return dx, dweight, dbias
 
 
-def _backward_channels(xp, dy, x_hat, inv_std, weight, training, dx, dweight, dbias):
+def _backward_channels(xp, dy, centred, inv_std, weight, training, dx, dweight, dbias):
     """batch_norm_backward for a range of channels, into dx, dweight and dbias (views)."""
     dbias[...] = _channel_sum(dy)
-    dweight[...] = _channel_sum(dy * x_hat)
+    dweight[...] = _channel_dot(xp, dy, centred) * inv_std  # sum dy * x_hat
     scale = inv_std if weight is None else inv_std * weight
     if training:
         M = dy.dtype.type(max(dy.size // max(dy.shape[1], 1), 1))
-        xp.multiply(x_hat, _per_channel(-dweight / M, dy), out=dx)
+        # x_hat * mean(dy * x_hat) = centred * (inv_std * dweight / M)
+        xp.multiply(centred, _per_channel(-(inv_std * dweight) / M, dy), out=dx)
         dx += dy
         dx -= _per_channel(dbias / M, dy)
         dx *= _per_channel(scale, dy)
