@@ -216,8 +216,9 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
 
 
 def forward(x, weight, bias, g, *, save=False):
-    """y for checked arguments: wm @ cols^T, chunk by chunk, into one reused buffer
-    (on a GPU: the implicit-GEMM kernel, bias added in its epilogue).
+    """y for checked arguments: wm @ cols^T, chunk by chunk, each sample's product
+    written in place in y (on a GPU: the implicit-GEMM kernel, bias added in its
+    epilogue).
 
     save=True returns (y, saved) instead, saved being what backward_filter reads
     (on the CPU the padded input im2col_source built; None on a GPU): a layer keeps
@@ -235,22 +236,17 @@ def forward(x, weight, bias, g, *, save=False):
 
 
 def _forward_matmul(xp, source, weight, bias, g):
-    wm, PQ = _weight_matrix(xp, weight, g), g.P * g.Q
+    wm, PQ, G, Kg = _weight_matrix(xp, weight, g), g.P * g.Q, g.groups, g.K // g.groups
     out = xp.empty((g.N, g.K, PQ), dtype=source.dtype)
 
     def run(chunks):
-        part = None
         for n0, n1, cols in _im2col_chunks(xp, source, g, chunks):
-            if part is None:
-                part = _scratch(xp, "product", (g.groups, g.K // g.groups, cols.shape[1]),
-                                source.dtype)
-            y = part[:, :, :cols.shape[1]]
-            xp.matmul(wm, cols.transpose(0, 2, 1), out=y)  # (groups, K/g, chunk*P*Q)
-            y = y.reshape(g.K, n1 - n0, PQ).transpose(1, 0, 2)
-            if bias is None:
-                out[n0:n1] = y
-            else:
-                xp.add(y, bias.reshape(1, g.K, 1), out=out[n0:n1])
+            b = n1 - n0
+            # a product a sample, each written where it lies in y: no transposing copy
+            xp.matmul(wm[:, None], cols.reshape(G, b, PQ, -1).transpose(0, 1, 3, 2),
+                      out=out[n0:n1].reshape(b, G, Kg, PQ).transpose(1, 0, 2, 3))
+            if bias is not None:
+                out[n0:n1] += bias.reshape(1, g.K, 1)
     cpu_threads.map_blocks(run, _column_chunks(g, source.itemsize))
     return out.reshape(g.N, g.K, g.P, g.Q)
 
