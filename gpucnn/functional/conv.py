@@ -352,11 +352,22 @@ def backward_filter(dy, x, g, saved=None):
 def _backward_filter_cpu(xp, dy, x, g, saved):
     if saved is None:
         saved = im2col_source(xp, x, g)
-    dyk, PQ, dweight = _channel_major_dy(xp, dy, g), g.P * g.Q, None
+    G, Kg, PQ, dweight = g.groups, g.K // g.groups, g.P * g.Q, None
+    # A product a sample reads dy[n] where it lies, but writes a (K/g, R*S*C/g)
+    # product a sample to be added up: cheaper than dy's channel-major copy where
+    # R*S*C/g <= P*Q (one thread, 16 channels at 28x28: 13.1 -> 11.8 ms; even at
+    # 32 at 14x14; 9.0 -> 13.2 ms at 64 at 7x7).
+    per_sample = g.R * g.S * (g.C // G) <= PQ
+    dyk = None if per_sample else _channel_major_dy(xp, dy, g)
 
     def products(chunks):  # (groups, K/g, R*S*C/g) from each chunk, as they come
-        return (xp.matmul(dyk[:, :, n0 * PQ:n1 * PQ], cols)
-                for n0, n1, cols in _im2col_chunks(xp, saved, g, chunks))
+        for n0, n1, cols in _im2col_chunks(xp, saved, g, chunks):
+            b = n1 - n0
+            if per_sample:  # the chunk's samples added in order
+                yield xp.matmul(dy[n0:n1].reshape(b, G, Kg, PQ).transpose(1, 0, 2, 3),
+                                cols.reshape(G, b, PQ, -1)).sum(axis=1)
+            else:
+                yield xp.matmul(dyk[:, :, n0 * PQ:n1 * PQ], cols)
     chunks, T = _column_chunks(g, saved.itemsize), cpu_threads.get_num_threads()
     if cpu_threads.splits(xp):
         # rounds of one chunk a thread: T products held at a time, not one a chunk
