@@ -144,6 +144,22 @@ def test_batch_norm_and_relu_are_bitwise_the_same_on_any_thread_count(
             numpy.testing.assert_array_equal(a, b_)
 
 
+@pytest.mark.parametrize("N, per_sample", [(128, 451584), (128, 225792), (128, 112896),
+                                           (100, 300000), (7, 10 ** 9), (3, 1), (0, 8)])
+def test_conv_chunks_are_even_and_a_multiple_of_four_so_threads_share_them_evenly(N, per_sample):
+    chunks = conv._chunks(N, per_sample)
+    assert [n for c in chunks for n in range(*c)] == list(range(N))  # in order, all, once
+    sizes = [b - a for a, b in chunks]
+    assert not sizes or max(sizes) - min(sizes) <= 1
+    assert not sizes or max(sizes) * per_sample <= max(conv.CHUNK_BYTES, per_sample)
+    assert len(chunks) == N or len(chunks) % conv.CHUNK_ROUND == 0
+    for threads in (2, 4):  # each thread's block of chunks holds as many samples, +-1
+        if chunks and len(chunks) % threads == 0:
+            work = [sum(b - a for a, b in block)
+                    for block in gpucnn.cpu_threads._blocks(chunks, threads)]
+            assert max(work) - min(work) <= 1, work
+
+
 def test_backward_filter_holds_a_few_chunk_products_not_one_a_chunk(cpu_threads, rng):
     tracemalloc = pytest.importorskip("tracemalloc")
     cpu_threads(2)
