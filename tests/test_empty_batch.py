@@ -10,8 +10,14 @@ from gpucnn import functional as F
 from conftest import close
 
 
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request, cpu_threads):
+    """gpucnn's CPU passes on one thread and on two: they take different paths."""
+    cpu_threads(request.param)
+
+
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
-def test_every_op_and_backward_on_an_empty_batch(dtype, torch):
+def test_every_op_and_backward_on_an_empty_batch(dtype, torch, threads):
     rng = numpy.random.default_rng(0)
     x = numpy.zeros((0, 4, 9, 7), dtype)
     w = rng.standard_normal((6, 2, 3, 3)).astype(dtype)
@@ -47,7 +53,7 @@ def test_every_op_and_backward_on_an_empty_batch(dtype, torch):
         F.softmax_cross_entropy(numpy.zeros((0, 3), dtype), numpy.zeros(0, numpy.int64))
 
 
-def test_a_network_trains_on_an_empty_batch_without_changing():
+def test_a_network_trains_on_an_empty_batch_without_changing(threads):
     gpucnn.manual_seed(0)
     net = gpucnn.Sequential(gpucnn.Conv2D(1, 4, 3, padding=1), gpucnn.ReLU(),
                             gpucnn.MaxPool2D(2), gpucnn.AvgPool2D(2), gpucnn.Dropout(0.5),

@@ -146,6 +146,8 @@ def _im2col_chunks(xp, xpad, g, chunks):
 
     The chunks (_chunks) go through one buffer, reused.
     """
+    if not chunks:  # an empty batch
+        return
     G, Cg, J = g.groups, g.C // g.groups, g.C // g.groups * g.R * g.S
     B = max(n1 - n0 for n0, n1 in chunks)
     if _channels_last(g):
