@@ -158,12 +158,18 @@ def rows(xp, fn, out, *arrays):
     return out
 
 
-def scratch(slot, shape, dtype):
-    """An uninitialised NumPy array of this shape and dtype, the calling thread's own
-    for `slot`, its memory kept from call to call: a buffer of a few MB freed after
-    each pass is given back to the system by the allocator and faults in again page
-    by page on the next (most of all in a worker thread's arena), which cost more
-    than the copy into it. Valid until this thread asks for the slot again."""
+def scratch(xp, slot, shape, dtype):
+    """An uninitialised work array of this shape and dtype. With gpucnn's CPU threads
+    at work (NumPy, 2+ threads) it is the calling thread's own for `slot`, its
+    memory kept from call to call: a buffer of a few MB freed after each pass is
+    given back to the system by the allocator and faults in again page by page on
+    the next (most of all in a worker thread's arena), which cost more than the
+    copy into it (29k page faults a resnet step fell to 17-19k, the step from
+    285-385 ms to 235-341). Valid until this thread asks for the slot again.
+    Otherwise it is allocated afresh: with one thread, kept buffers raised the
+    faults (8-11k to 18k a step)."""
+    if xp is not numpy or get_num_threads() == 1:
+        return xp.empty(shape, dtype=dtype)
     dtype = numpy.dtype(dtype)
     size = int(numpy.prod(shape)) * dtype.itemsize
     buffers = _this_thread.__dict__.setdefault("scratch", {})

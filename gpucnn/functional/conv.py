@@ -160,7 +160,7 @@ def _im2col_chunks(xp, xpad, g, chunks):
         window = (G, Cg, g.R, g.S, B, g.P, g.Q)
         strides = (Cg * sC, sC, g.dh * sH, g.dw * sW, sN, g.sh * sH, g.sw * sW)
         batch_axis = 4
-    buf = _scratch(xp, "im2col", window, xpad.dtype)
+    buf = cpu_threads.scratch(xp, "im2col", window, xpad.dtype)
     for n0, n1 in chunks:
         b = n1 - n0
         shape = window[:batch_axis] + (b,) + window[batch_axis + 1:]
@@ -171,16 +171,6 @@ def _im2col_chunks(xp, xpad, g, chunks):
             yield n0, n0 + b, part.reshape(G, b * g.P * g.Q, J)
         else:
             yield n0, n0 + b, part.reshape(G, J, b * g.P * g.Q).transpose(0, 2, 1)
-
-
-def _scratch(xp, slot, shape, dtype):
-    """A work buffer: with the CPU threads at work, the thread's own, kept between
-    passes (cpu_threads.scratch: 29k page faults a resnet step fell to 17-19k and
-    the step from 285-385 ms to 235-341). With one thread it is allocated afresh,
-    as kept buffers there raised the faults (8-11k to 18k a step)."""
-    if xp is numpy and cpu_threads.get_num_threads() > 1:
-        return cpu_threads.scratch(slot, shape, dtype)
-    return xp.empty(shape, dtype=dtype)
 
 
 def _weight_matrix(xp, weight, g):
@@ -271,7 +261,7 @@ def _forward_matmul(xp, source, weight, bias, g):
             else:
                 if part is None:  # room for the block's longest chunk
                     longest = max(c1 - c0 for c0, c1 in chunks)
-                    part = _scratch(xp, "product", (G, Kg, longest * PQ), source.dtype)
+                    part = cpu_threads.scratch(xp, "product", (G, Kg, longest * PQ), source.dtype)
                 product = part[:, :, :cols.shape[1]]
                 xp.matmul(wm, cols.transpose(0, 2, 1), out=product)  # (G, K/g, b*P*Q)
                 y[...] = product.reshape(g.K, b, PQ).transpose(1, 0, 2)
