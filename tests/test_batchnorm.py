@@ -188,3 +188,13 @@ def test_float32_sums_on_a_large_map_are_as_accurate_as_torchs(torch):
     for ours, their, ref in zip((y, dx), theirs, exact):
         their_error = numpy.abs(their - ref).max()
         assert numpy.abs(ours - ref).max() <= 4 * their_error + 1e-7
+
+
+def test_channel_dot_in_chunks_is_bitwise_the_unchunked_sum():
+    from gpucnn.functional import batchnorm
+    rng = numpy.random.default_rng(0)
+    a, b = (rng.standard_normal((37, 3, 61, 67)).astype(numpy.float32) for _ in range(2))
+    assert a[:1].nbytes * 2 < batchnorm.DOT_CHUNK_BYTES < a.nbytes  # several uneven chunks
+    whole = (a * b).reshape(37, 3, -1).sum(axis=2).sum(axis=0)
+    numpy.testing.assert_array_equal(batchnorm._channel_dot(numpy, a, b), whole)
+    numpy.testing.assert_array_equal(batchnorm._channel_dot(numpy, a[:, 1:], b[:, 1:]), whole[1:])
