@@ -27,8 +27,6 @@ gradient is a fixed-order reduction (kernels/conv2d_reduce.cu).
 import numbers
 from collections import namedtuple
 
-import numpy
-
 from .. import backend, cpu_threads, cuda
 from . import _checks
 
