@@ -59,8 +59,9 @@ def _channel_dot(xp, a, b):
     """Per-channel sum of a * b, in _channel_sum's order and NumPy's pairwise sums
     (einsum's plain float32 running sum lost up to 45x the accuracy on a 512x512
     map). On the CPU the products are formed a few samples at a time in a small
-    work buffer, so that they are summed while still in cache (as fast as the
-    einsum); each (n, c) run is summed whole, so the chunking changes no bit."""
+    work buffer, so that they are summed while still in cache (forward 3.9-4.2 ->
+    3.2-3.4 ms at 128x16x28x28; the einsum took 2.5-3.4); each (n, c) run is
+    summed whole, so the chunking changes no bit."""
     a, b = _spatial(a), _spatial(b)
     N = a.shape[0]
     step = max(1, DOT_CHUNK_BYTES // max(1, a[:1].nbytes)) if xp is numpy else N
