@@ -18,6 +18,7 @@ defaults to the cores; `gpucnn.set_num_threads` changes it.
 """
 import contextlib
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -29,7 +30,7 @@ from . import runs
 # re-entrant, so that the passes inside a step's section go straight through.
 _lock = threading.RLock()
 _this_thread = threading.local()  # whether in a block; its scratch buffers
-_state = {"threads": None, "pool": None, "controller": None, "held": 0}
+_state = {"threads": None, "pool": None, "controller": None, "modules": 0, "held": 0}
 
 
 def get_num_threads():
@@ -89,15 +90,23 @@ def section(xp=numpy):
         if _state["held"]:
             yield
             return
-        if _state["controller"] is None:
-            from threadpoolctl import ThreadpoolController
-            _state["controller"] = ThreadpoolController()
-        with _state["controller"].limit(limits=1, user_api="blas"):
+        with _controller().limit(limits=1, user_api="blas"):
             _state["held"] += 1
             try:
                 yield
             finally:  # (a child forked inside the section has started from 0)
                 _state["held"] = max(0, _state["held"] - 1)
+
+
+def _controller():
+    """threadpoolctl's view of the thread pools loaded, kept (it takes about a ms to
+    build) until a module is imported: an import may load another BLAS (SciPy
+    brings its own OpenBLAS), which a view from before would not hold to one thread."""
+    modules = len(sys.modules)
+    if _state["controller"] is None or _state["modules"] != modules:
+        from threadpoolctl import ThreadpoolController
+        _state["controller"], _state["modules"] = ThreadpoolController(), modules
+    return _state["controller"]
 
 
 def _run_blocks(fn, blocks):

@@ -3,6 +3,9 @@ do not depend on how many threads share it, and the BLAS is held to one thread
 meanwhile. The numbers are compared with the BLAS at one thread throughout: a
 matrix product's last bits depend on the BLAS's own thread count."""
 import multiprocessing
+import os
+import subprocess
+import sys
 import threading
 
 import numpy
@@ -81,6 +84,27 @@ def test_the_blas_is_held_to_one_thread_inside_a_section_and_given_back_after(cp
         assert gpucnn.cpu_threads.step_blas_threads() == 1
         cpu_threads(1)
         assert gpucnn.cpu_threads.step_blas_threads() == 2
+
+
+def test_a_blas_loaded_after_the_first_section_is_held_too():
+    """SciPy brings an OpenBLAS of its own; imported after gpucnn's first section,
+    it must be held to one thread in the next (a fresh process: SciPy is loaded)."""
+    pytest.importorskip("scipy.linalg")
+    code = """if True:
+        import threadpoolctl, gpucnn
+        from gpucnn import cpu_threads, runs
+        gpucnn.set_num_threads(2)
+        with threadpoolctl.threadpool_limits(2, user_api="blas"):
+            with cpu_threads.section():
+                pass
+            import scipy.linalg  # noqa: F401
+            with cpu_threads.section():
+                print(runs.blas_threads())  # the most threads of any BLAS loaded
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1"], out.stdout
 
 
 def _grad_pass(seed, shape, kw):
