@@ -371,7 +371,8 @@ def _backward_filter_cpu(xp, dy, x, g, saved):
     if saved is None:
         saved = im2col_source(xp, x, g)
     G, Kg, PQ, dweight = g.groups, g.K // g.groups, g.P * g.Q, None
-    # a product a sample writes a (K/g, R*S*C/g) product a sample to be added up
+    # a product a sample (see _per_sample) reads dy[n] where it lies, and leaves a
+    # (K/g, R*S*C/g) product a sample for the chunk to add up
     per_sample = _per_sample(g)
     dyk = None if per_sample else _channel_major_dy(xp, dy, g)
 
