@@ -32,7 +32,7 @@ from collections import namedtuple
 
 import numpy
 
-from .. import backend, cpu_threads
+from .. import backend, cpu_threads, workspace as _workspace
 from . import _checks
 
 # What backward needs from forward: the centred input d = x - mean (x's shape),
@@ -102,12 +102,15 @@ def _checks_all(x, running_mean, running_var, weight, bias, training):
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
+               momentum=0.1, eps=1e-5, *, workspace=None):
     """(y, saved): y has x's shape; saved (BatchNormSaved) goes to batch_norm_backward.
 
     As torch.nn.functional.batch_norm: in training the running statistics (when
     given) are updated in place with `momentum` (a number; the layer turns
     momentum=None into the cumulative-average factor 1/num_batches_tracked).
+    workspace: a gpucnn.workspace.Workspace in which the centred input (saved) is
+    built, reused from call to call (a layer's; what the last call saved is then
+    overwritten), or None for a fresh array.
     """
     xp = _checks_all(x, running_mean, running_var, weight, bias, training)
     if training and x.size == 0:  # PyTorch: an empty output, the statistics unchanged
@@ -116,7 +119,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         return x * 1, saved
     C = x.shape[1]
     # in x's memory order, as x - mean was: the per-channel sums then go the same way
-    centred, y, inv_std = xp.empty_like(x), xp.empty_like(x), xp.empty(C, x.dtype)
+    centred = (_workspace.empty(xp, workspace, "centred", x.shape, x.dtype)
+               if x.flags.c_contiguous else xp.empty_like(x))
+    y, inv_std = xp.empty_like(x), xp.empty(C, x.dtype)
 
     def channels(c0, c1):
         cut = slice(c0, c1)

@@ -27,7 +27,7 @@ gradient is a fixed-order reduction (kernels/conv2d_reduce.cu).
 import numbers
 from collections import namedtuple
 
-from .. import backend, cpu_threads, cuda
+from .. import backend, cpu_threads, cuda, workspace as _workspace
 from . import _checks
 
 ConvGeometry = namedtuple(
@@ -80,15 +80,16 @@ def geometry(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return ConvGeometry(N, C, H, W, K, R, S, P, Q, sh, sw, pt, pb, pl, pr, dh, dw, groups)
 
 
-def im2col_source(xp, x, g):
+def im2col_source(xp, x, g, workspace=None):
     """What the CPU's im2col reads: x zero-padded, channels-last (N, Hp, Wp, C) where
     _channels_last(g) (each (s, c) run of a window row is then contiguous, which
     makes the copy fast), else NCHW (N, C, Hp, Wp). The forward pass can hand it to
-    backward_filter, which then does not build it again."""
+    backward_filter, which then does not build it again. The channels-last copy is
+    built in the workspace's "source" slot where one is given."""
     if not _channels_last(g):
         return xp.pad(x, ((0, 0), (0, 0), (g.pt, g.pb), (g.pl, g.pr)))
     Hp, Wp = g.H + g.pt + g.pb, g.W + g.pl + g.pr
-    xpad = xp.empty((g.N, Hp, Wp, g.C), dtype=x.dtype)
+    xpad = _workspace.empty(xp, workspace, "source", (g.N, Hp, Wp, g.C), x.dtype)
     # only the border is zeroed: the inside is overwritten
     xpad[:, :g.pt], xpad[:, g.pt + g.H:] = 0, 0
     xpad[:, :, :g.pl], xpad[:, :, g.pl + g.W:] = 0, 0
@@ -216,13 +217,15 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
     return backward(dy, x, weight, g, need_input_grad)
 
 
-def forward(x, weight, bias, g, *, save=False):
+def forward(x, weight, bias, g, *, save=False, workspace=None):
     """y for checked arguments: wm @ cols^T, chunk by chunk (on a GPU: the
     implicit-GEMM kernel, bias added in its epilogue).
 
     save=True returns (y, saved) instead, saved being what backward_filter reads
     (on the CPU the padded input im2col_source built; None on a GPU): a layer keeps
-    it for its backward pass, which then does not pad and transpose x again.
+    it for its backward pass, which then does not pad and transpose x again, and
+    can pass a gpucnn.workspace.Workspace in which it is built, reused from call to
+    call (what the last call saved is then overwritten).
     """
     xp = backend.get_array_module(x, weight, bias)
     kernels = cuda.kernels_for(xp)
@@ -230,7 +233,7 @@ def forward(x, weight, bias, g, *, save=False):
         y = kernels.conv2d_forward(x, weight, bias, g)
         return (y, None) if save else y
     with cpu_threads.section(xp):  # the BLAS held once for the pass's parts
-        source = im2col_source(xp, x, g)
+        source = im2col_source(xp, x, g, workspace if save else None)
         y = _forward_matmul(xp, source, weight, bias, g)
     return (y, source) if save else y
 

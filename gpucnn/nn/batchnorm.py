@@ -73,7 +73,7 @@ class BatchNorm2D(Module):
             x, self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None,
             self.weight.data if self.affine else None, self.bias.data if self.affine else None,
-            training=use_batch, momentum=momentum, eps=self.eps)
+            training=use_batch, momentum=momentum, eps=self.eps, workspace=self._workspace)
         return y
 
     def backward(self, dy, need_input_grad=True):

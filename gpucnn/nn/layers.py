@@ -75,7 +75,8 @@ class Conv2D(Module):
         if not self.training:  # a backward in eval mode is rare: it pads x again
             self._saved_source = None
             return F.conv.forward(x, self.weight.data, bias, g)
-        y, self._saved_source = F.conv.forward(x, self.weight.data, bias, g, save=True)
+        y, self._saved_source = F.conv.forward(x, self.weight.data, bias, g, save=True,
+                                               workspace=self._workspace)
         return y
 
     def backward(self, dy, need_input_grad=True):

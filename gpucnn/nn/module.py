@@ -6,6 +6,7 @@ import numbers
 import numpy
 
 from .. import backend
+from ..workspace import Workspace
 from ..functional import _checks
 
 
@@ -53,6 +54,8 @@ class Module:
     def __init__(self):
         self._params = {}
         self._buffers = {}
+        # the arrays forward builds for backward, kept from step to step (gpucnn.workspace)
+        self._workspace = Workspace()
 
     def __call__(self, x):
         return self.forward(x)
@@ -169,6 +172,8 @@ class Module:
     def _clear_saved(self):
         for attr in [a for a in vars(self) if a.startswith("_saved_")]:
             setattr(self, attr, None)
+        if "_workspace" in vars(self):
+            self._workspace.clear()
         for child in self.children():
             child._clear_saved()
 
