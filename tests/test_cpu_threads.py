@@ -168,6 +168,27 @@ def test_batch_norm_and_relu_are_bitwise_the_same_on_any_thread_count(
             numpy.testing.assert_array_equal(a, b_)
 
 
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=2, stride=1, dilation=2, ceil_mode=True),
+                                dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)])
+def test_max_pool_is_bitwise_the_same_on_any_thread_count(kw, cpu_threads, rng):
+    x = rng.standard_normal((9, 4, 11, 10)).astype(numpy.float32)
+    x[3, 1, 2, 2] = numpy.nan  # a NaN in one thread's samples only
+    x[5, 2] = -numpy.inf  # windows of -inf: their first cell inside
+    x[7, 0, :4, :4] = 1.0  # ties: the first maximum wins, overlapping windows add
+    results = []
+    for n in (1, 2, 3, 16):
+        cpu_threads(n)
+        y, indices = F.max_pool2d(x, **kw)
+        dy = numpy.arange(y.size, dtype=numpy.float32).reshape(y.shape) / 7
+        dx = F.max_pool2d_backward(dy, indices, x.shape, **kw)
+        results.append([y, indices, dx])
+    assert numpy.isnan(results[0][0][3]).any() and (results[0][2][7] > 0).any()
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            numpy.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("N, per_sample", [(128, 451584), (128, 225792), (128, 112896),
                                            (100, 300000), (7, 10 ** 9), (3, 1), (0, 8)])
 def test_conv_chunks_are_even_and_a_multiple_of_four_so_threads_share_them_evenly(N, per_sample):

@@ -28,7 +28,7 @@ from collections import namedtuple
 
 import numpy
 
-from .. import backend, cuda
+from .. import backend, cpu_threads, cuda
 from . import _checks
 
 PoolGeometry = namedtuple(
@@ -145,6 +145,27 @@ def max_forward(x, g):
     kernels = cuda.kernels_for(xp)
     if kernels is not None:
         return kernels.max_pool2d_forward(x, g)
+    y = xp.empty((g.N, g.C, g.P, g.Q), dtype=x.dtype)
+    indices = xp.empty((g.N, g.C, g.P, g.Q), dtype=xp.int64)  # like PyTorch's indices
+
+    def samples(n0, n1):
+        y[n0:n1], indices[n0:n1] = _max_scan(xp, x[n0:n1], g)
+    _by_sample(xp, samples, g.N)
+    return y, indices
+
+
+def _by_sample(xp, fn, N):
+    """fn(n0, n1) over ranges of samples: one range a thread of gpucnn's on the CPU
+    (a sample's outputs depend on that sample alone, so the ranges change no bit),
+    else all N at once."""
+    if cpu_threads.splits(xp):
+        cpu_threads.map_ranges(fn, N)
+    else:
+        fn(0, N)
+
+
+def _max_scan(xp, x, g):
+    """(y, indices) of max pooling x, a range of samples of the batch g describes."""
     # PyTorch's scan, one window tap o = r*S + s at a time over all windows at
     # once: a cell wins when it beats the best so far (so the first maximum
     # stays) or is NaN (so the last NaN wins); np.maximum keeps NaN. Padding is
@@ -224,9 +245,16 @@ def max_backward(dy, indices, g):
     # the order of PyTorch's CPU kernel (same bits in float32 too). NumPy >= 1.25
     # gives it a fast path: ~3x faster than bincount or an indexed add per
     # window phase on a 3x3 stride-2 pool.
-    flat = indices + xp.arange(g.N * g.C, dtype=xp.int64).reshape(g.N, g.C, 1, 1) * (g.H * g.W)
-    dx = xp.zeros(g.N * g.C * g.H * g.W, dtype=dy.dtype)
-    xp.add.at(dx, flat.ravel(), dy.ravel())
+    # Each sample's pixels take adds from that sample's windows only: the samples
+    # can be shared out between threads with the same order of adds.
+    dx = xp.zeros((g.N, g.C * g.H * g.W), dtype=dy.dtype)
+    planes = xp.arange(g.C, dtype=xp.int64).reshape(1, g.C, 1, 1) * (g.H * g.W)
+
+    def samples(n0, n1):
+        xp.add.at(dx[n0:n1].reshape(-1), (indices[n0:n1] + planes + xp.arange(
+            n1 - n0, dtype=xp.int64).reshape(-1, 1, 1, 1) * (g.C * g.H * g.W)).ravel(),
+                  dy[n0:n1].ravel())
+    _by_sample(xp, samples, g.N)
     return dx.reshape(g.N, g.C, g.H, g.W)
 
 
