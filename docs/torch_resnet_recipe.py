@@ -9,6 +9,7 @@ initial weights differ, so the two test accuracies say whether gpucnn trains as
 PyTorch does.
 
     OPENBLAS_NUM_THREADS=1 python3 docs/torch_resnet_recipe.py --epochs 2 [--seed 0]
+        [--augment crop+flip|crop|flip|none]
 """
 import argparse
 import math
@@ -29,9 +30,11 @@ def main():
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--augment", help="as gpucnn train --augment (default: the "
+                        "recipe's, crop+flip on Fashion-MNIST)")
     args = parser.parse_args()
     config = Config(dataset=args.dataset, model="resnet", epochs=args.epochs,
-                    seed=args.seed).filled()
+                    seed=args.seed, augment=args.augment).filled()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     ds = data.load(config.dataset, seed=config.seed)
