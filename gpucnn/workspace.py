@@ -7,7 +7,9 @@ it in again page by page: with these arrays kept by their layers a resnet step
 (batch 128, two threads) faulted 4k pages instead of 15k and took about 8% less
 time (docs/benchmarks.md). One array a slot: the next forward overwrites what the
 last one built, which the layer's backward has read by then (a layer runs one
-backward for its last forward; see Module._saved).
+backward for its last forward; see Module._saved). Layers use it in training
+only: an eval forward (Module.summary's between a forward and its backward, or
+several threads running one model) gets fresh arrays, as it always did.
 
 On a GPU CuPy's memory pool already reuses memory: the arrays are fresh.
 """

@@ -60,6 +60,24 @@ def test_backward_differentiates_the_last_forward():
         numpy.testing.assert_array_equal(a, b)
 
 
+def test_an_eval_forward_keeps_nothing_and_leaves_a_pending_backward_alone():
+    """Module.summary runs an eval forward between a training forward and its
+    backward; with a batch of one its shapes are the training batch's."""
+    kept, fresh = _net(), _net()
+    fresh.load_state_dict(kept.state_dict())
+    x, dy = _batch(1, (1, 3, 6, 6)), _batch(9, (1, 5, 6, 6))
+    kept(x)
+    kept.summary((3, 6, 6), print_fn=lambda line: None)
+    got = [kept.backward(dy)] + [p.grad.copy() for _, p in kept.named_parameters()]
+    for a, b in zip(got, _step(fresh, x, dy)[1:]):
+        numpy.testing.assert_array_equal(a, b)
+    kept.eval()
+    kept[1](_batch(1, (1, 8, 6, 6)))
+    second = kept[1]._saved_bn.centred
+    kept[1](_batch(2, (1, 8, 6, 6)))
+    assert not numpy.shares_memory(second, kept[1]._saved_bn.centred)
+
+
 def test_to_gives_the_kept_memory_back():
     net = _net()
     net(_batch(1))

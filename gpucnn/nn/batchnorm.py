@@ -73,7 +73,10 @@ class BatchNorm2D(Module):
             x, self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None,
             self.weight.data if self.affine else None, self.bias.data if self.affine else None,
-            training=use_batch, momentum=momentum, eps=self.eps, workspace=self._workspace)
+            training=use_batch, momentum=momentum, eps=self.eps,
+            # kept memory in training only: an eval forward (Module.summary's, or
+            # several threads' running one model) must not write over it
+            workspace=self._workspace if self.training else None)
         return y
 
     def backward(self, dy, need_input_grad=True):
