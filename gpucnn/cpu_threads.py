@@ -154,6 +154,14 @@ def map_ranges(fn, count, at_least=1):
     return map_blocks(lambda block: fn(block.start, block.stop), range(count), at_least)
 
 
+def ranges(xp, fn, count, at_least=1):
+    """map_ranges for work on xp's arrays: shared out between the threads for NumPy
+    arrays (splits), else one call fn(0, count) (a GPU's work is queued whole)."""
+    if splits(xp):
+        return map_ranges(fn, count, at_least)
+    return [fn(0, count)]
+
+
 def rows(xp, fn, out, *arrays):
     """fn(*arrays, out=out) for an element-wise NumPy/CuPy function fn, the rows
     (axis 0) of NumPy arrays shared out between the threads; returns out. An

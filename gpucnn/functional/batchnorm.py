@@ -128,19 +128,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         _forward_channels(xp, x[:, cut], *(None if a is None else a[cut] for a in
                                             (running_mean, running_var, weight, bias)),
                           training, momentum, eps, y[:, cut], centred[:, cut], inv_std[cut])
-    _by_channel(xp, channels, C)
+    cpu_threads.ranges(xp, channels, C, at_least=MIN_CHANNELS_A_THREAD)
     return y, BatchNormSaved(centred, inv_std, bool(training))
 
 
-def _by_channel(xp, fn, C):
-    """fn(c0, c1) over channel ranges: one range, or one a thread on the CPU, each
-    of at least 2 channels: NumPy sums an (N, 1) column over N pairwise but the
-    columns of an (N, C) block row by row, so a one-channel range would round
-    its channel's sums differently from the whole (see cpu_threads)."""
-    if cpu_threads.splits(xp):
-        cpu_threads.map_ranges(fn, C, at_least=2)
-    else:
-        fn(0, C)
+# Channel ranges of at least 2 channels a thread: NumPy sums an (N, 1) column over N
+# pairwise but the columns of an (N, C) block row by row, so a one-channel range
+# would round its channel's sums differently from the whole (see cpu_threads).
+MIN_CHANNELS_A_THREAD = 2
 
 
 def _forward_channels(xp, x, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -182,7 +177,7 @@ def batch_norm_backward(dy, saved, weight=None):
         _backward_channels(xp, dy[:, cut], centred[:, cut], inv_std[cut],
                            None if weight is None else weight[cut], training,
                            dx[:, cut], dweight[cut], dbias[cut])
-    _by_channel(xp, channels, C)
+    cpu_threads.ranges(xp, channels, C, at_least=MIN_CHANNELS_A_THREAD)
     if weight is None:
         return dx, None, None
     return dx, dweight, dbias

@@ -148,20 +148,10 @@ def max_forward(x, g):
     y = xp.empty((g.N, g.C, g.P, g.Q), dtype=x.dtype)
     indices = xp.empty((g.N, g.C, g.P, g.Q), dtype=xp.int64)  # like PyTorch's indices
 
-    def samples(n0, n1):
+    def samples(n0, n1):  # a sample's outputs depend on that sample alone
         y[n0:n1], indices[n0:n1] = _max_scan(xp, x[n0:n1], g)
-    _by_sample(xp, samples, g.N)
+    cpu_threads.ranges(xp, samples, g.N)
     return y, indices
-
-
-def _by_sample(xp, fn, N):
-    """fn(n0, n1) over ranges of samples: one range a thread of gpucnn's on the CPU
-    (a sample's outputs depend on that sample alone, so the ranges change no bit),
-    else all N at once."""
-    if cpu_threads.splits(xp):
-        cpu_threads.map_ranges(fn, N)
-    else:
-        fn(0, N)
 
 
 def _max_scan(xp, x, g):
@@ -247,14 +237,12 @@ def max_backward(dy, indices, g):
     # window phase on a 3x3 stride-2 pool.
     # Each sample's pixels take adds from that sample's windows only: the samples
     # can be shared out between threads with the same order of adds.
-    dx = xp.zeros((g.N, g.C * g.H * g.W), dtype=dy.dtype)
-    planes = xp.arange(g.C, dtype=xp.int64).reshape(1, g.C, 1, 1) * (g.H * g.W)
+    planes = xp.arange(g.N * g.C, dtype=xp.int64).reshape(g.N, g.C, 1, 1) * (g.H * g.W)
+    dx = xp.zeros(g.N * g.C * g.H * g.W, dtype=dy.dtype)
 
-    def samples(n0, n1):
-        xp.add.at(dx[n0:n1].reshape(-1), (indices[n0:n1] + planes + xp.arange(
-            n1 - n0, dtype=xp.int64).reshape(-1, 1, 1, 1) * (g.C * g.H * g.W)).ravel(),
-                  dy[n0:n1].ravel())
-    _by_sample(xp, samples, g.N)
+    def samples(n0, n1):  # each range adds into its own samples' pixels only
+        xp.add.at(dx, (indices[n0:n1] + planes[n0:n1]).ravel(), dy[n0:n1].ravel())
+    cpu_threads.ranges(xp, samples, g.N)
     return dx.reshape(g.N, g.C, g.H, g.W)
 
 
