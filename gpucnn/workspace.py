@@ -4,7 +4,7 @@ A convolution's padded channels-last input and BatchNorm's centred input live
 from a layer's forward to its backward, and are freed after it. NumPy gives memory
 that large back to the system when it is freed, and the next step's forward faults
 it in again page by page: with these arrays kept by their layers a resnet step
-(batch 128, two threads) faulted 4k pages instead of 15k and took about 8% less
+(batch 128, two threads) faulted 4-6k pages instead of 15k and took about 8% less
 time (docs/benchmarks.md). One array a slot: the next forward overwrites what the
 last one built, which the layer's backward has read by then (a layer runs one
 backward for its last forward; see Module._saved). Layers use it in training
