@@ -93,26 +93,33 @@ class Timer:
         return statistics.median(times)
 
     def pair(self, ours, theirs):
-        """(median ms of ours, of theirs or None). Single-threaded on the CPU the two
-        alternate, run by run, so that a load that comes and goes on a shared machine
-        weighs on both alike. With more threads (BLAS's and OpenMP's spin a while
-        after each call and would slow the other library's next run) and on a GPU,
-        each is timed in turn."""
+        """(median ms of ours, of theirs or None), timed so that a load that comes and
+        goes on a shared machine weighs on both alike. Single-threaded on the CPU the
+        two alternate run by run. With more threads they take turns of a few runs
+        (TURNS turns), the first run of each turn untimed: BLAS's and OpenMP's threads
+        spin a while after each call and would slow the other library's next run. (Each
+        timed whole in turn, a load shift between the halves moved the resnet step's
+        ratio between 1.26x and 1.83x on this shared 2-core machine.) On a GPU each is
+        timed in turn."""
         if theirs is None:
             return self(ours), None
-        if self.device == "cuda" or cpu_threads.get_num_threads() > 1 or \
-                (runs.blas_threads() or 2) > 1:
+        if self.device == "cuda":
             return self(ours), self(theirs, torch_cuda=True)
-        for _ in range(self.warmup):
-            ours()
-            theirs()
-        times = ([], [])
-        for _ in range(self.repeat):
+        threaded = cpu_threads.get_num_threads() > 1 or (runs.blas_threads() or 2) > 1
+        turns, times = (min(TURNS, self.repeat) if threaded else self.repeat), ([], [])
+        for turn in range(turns):
+            timed = self.repeat // turns + (turn < self.repeat % turns)
+            untimed = self.warmup if turn == 0 else int(threaded)
             for fn, into in ((ours, times[0]), (theirs, times[1])):
-                t0 = time.perf_counter()
-                fn()
-                into.append((time.perf_counter() - t0) * 1e3)
+                for run in range(untimed + timed):
+                    t0 = time.perf_counter()
+                    fn()
+                    if run >= untimed:
+                        into.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times[0]), statistics.median(times[1])
+
+
+TURNS = 5
 
 
 def _torch(device):
@@ -434,9 +441,10 @@ def run_modern(device="auto", repeat=10, out=sys.stdout):
     x_bn, dy_bn = arr(128, 32, 14, 14), arr(128, 32, 14, 14)
     bn = gpucnn.BatchNorm2D(32).to(device)
 
-    def bn_ours():
-        bn(x_bn)
-        bn.backward(dy_bn)
+    def bn_ours():  # as in a training step (see train_step): one section of gpucnn's threads
+        with cpu_threads.section(xp):
+            bn(x_bn)
+            bn.backward(dy_bn)
     theirs = None
     if torch is not None:
         tbn = torch.nn.BatchNorm2d(32).to(dev)
@@ -449,9 +457,10 @@ def run_modern(device="auto", repeat=10, out=sys.stdout):
     x_blk, dy_blk = arr(128, 32, 14, 14), arr(128, 32, 14, 14)
 
     def block_ours():
-        block.zero_grad()
-        block(x_blk)
-        block.backward(dy_blk)
+        with cpu_threads.section(xp):
+            block.zero_grad()
+            block(x_blk)
+            block.backward(dy_blk)
     theirs = None
     if torch is not None:
         block_type = type(torch_resnet(torch)[4][0])
