@@ -78,6 +78,19 @@ def _per_channel(v, x):
     return v.reshape((1, -1) + (1,) * (x.ndim - 2))
 
 
+def _channelwise(xp, op, a, v, out):
+    """op(a, v[c], out=out) for each channel c of a and out (N, C, *spatial). Where
+    each sample of both is contiguous, the two go as (N, C*L) rows against a row of
+    C*L values (v's each repeated L times): NumPy's inner loop then runs a whole
+    sample, not one pixel row, and needs no broadcast (a multiply at 128x16x28x28,
+    one thread: 1.0 -> 0.6 ms). The same products and sums either way."""
+    if a.shape[0] and a[0].flags.c_contiguous and out[0].flags.c_contiguous:
+        N, L = a.shape[0], math.prod(a.shape[2:])
+        op(a.reshape(N, -1), xp.repeat(v, L)[None], out=out.reshape(N, -1))
+    else:
+        op(a, _per_channel(v, a), out=out)
+
+
 def _checks_all(x, running_mean, running_var, weight, bias, training):
     _checks.float_array(x, "input")
     if x.ndim < 2:
@@ -144,7 +157,7 @@ def _forward_channels(xp, x, running_mean, running_var, weight, bias, training, 
     if training:
         M = x.size // x.shape[1]
         mean = _channel_sum(x) / x.dtype.type(M)
-        xp.subtract(x, _per_channel(mean, x), out=centred)
+        _channelwise(xp, xp.subtract, x, mean, centred)
         var = _channel_dot(xp, centred, centred) / x.dtype.type(M)
         if running_mean is not None:
             running_mean *= 1 - momentum
@@ -154,12 +167,12 @@ def _forward_channels(xp, x, running_mean, running_var, weight, bias, training, 
             running_var += (momentum * M / (M - 1)) * var
     else:
         mean, var = running_mean, running_var
-        xp.subtract(x, _per_channel(mean, x), out=centred)
+        _channelwise(xp, xp.subtract, x, mean, centred)
     xp.divide(1, xp.sqrt(var + x.dtype.type(eps)), out=inv_std)
     # y = x_hat * weight + bias, x_hat = centred * inv_std
-    xp.multiply(centred, _per_channel(inv_std if weight is None else inv_std * weight, x), out=y)
+    _channelwise(xp, xp.multiply, centred, inv_std if weight is None else inv_std * weight, y)
     if bias is not None:
-        y += _per_channel(bias, x)
+        _channelwise(xp, xp.add, y, bias, y)
 
 
 def batch_norm_backward(dy, saved, weight=None):
@@ -191,9 +204,9 @@ def _backward_channels(xp, dy, centred, inv_std, weight, training, dx, dweight, 
     if training:
         M = dy.dtype.type(max(dy.size // max(dy.shape[1], 1), 1))
         # x_hat * mean(dy * x_hat) = centred * (inv_std * dweight / M)
-        xp.multiply(centred, _per_channel(-(inv_std * dweight) / M, dy), out=dx)
+        _channelwise(xp, xp.multiply, centred, -(inv_std * dweight) / M, dx)
         dx += dy
-        dx -= _per_channel(dbias / M, dy)
-        dx *= _per_channel(scale, dy)
+        _channelwise(xp, xp.subtract, dx, dbias / M, dx)
+        _channelwise(xp, xp.multiply, dx, scale, dx)
     else:
-        xp.multiply(dy, _per_channel(scale, dy), out=dx)
+        _channelwise(xp, xp.multiply, dy, scale, dx)
