@@ -21,6 +21,17 @@ def test_matches_torch(torch, rng):
     numpy.testing.assert_array_equal(F.relu_backward(dy, x), tx.grad.numpy())
 
 
+def test_forward_matches_torch_in_every_layout(torch, rng):
+    # contiguous samples go a sample at a time against a row of zeros, others against
+    # a scalar 0: both must give torch's values, NaN and infinities included
+    x = rng.standard_normal((4, 3, 5, 6)).astype(numpy.float32)
+    x.flat[:7] = [numpy.nan, -numpy.inf, numpy.inf, -0.0, 0.0, 1e-45, -1e-45]
+    for v in (x, x[::2], x[:, 1:], x.transpose(0, 2, 3, 1), x.reshape(4, -1), x[0, 0, 0]):
+        y = F.relu(v)
+        assert y.shape == v.shape and y.dtype == v.dtype
+        numpy.testing.assert_array_equal(y, torch.relu(torch.from_numpy(v.copy())).numpy())
+
+
 def test_finite_differences(rng):
     inputs, fwd, bwd = gradcheck.cases(rng)["relu"]
     assert gradcheck.check(inputs, fwd, bwd, rng) < gradcheck.TOLERANCE

@@ -79,12 +79,13 @@ def _per_channel(v, x):
 
 
 def _channelwise(xp, op, a, v, out):
-    """op(a, v[c], out=out) for each channel c of a and out (N, C, *spatial). Where
-    each sample of both is contiguous, the two go as (N, C*L) rows against a row of
-    C*L values (v's each repeated L times): NumPy's inner loop then runs a whole
-    sample, not one pixel row, and needs no broadcast (a multiply at 128x16x28x28,
-    one thread: 1.0 -> 0.6 ms). The same products and sums either way."""
-    if a.shape[0] and a[0].flags.c_contiguous and out[0].flags.c_contiguous:
+    """op(a, v[c], out=out) for each channel c of a and out (N, C, *spatial). With
+    NumPy, where each sample of both is contiguous, the two go as (N, C*L) rows
+    against a row of C*L values (v's each repeated L times): NumPy's inner loop then
+    runs a whole sample, not one pixel row, and needs no broadcast (a multiply at
+    128x16x28x28, one thread: 1.0 -> 0.6 ms). The same products and sums either
+    way. (On a GPU the broadcast is one kernel already; the row would add one.)"""
+    if xp is numpy and a.shape[0] and a[0].flags.c_contiguous and out[0].flags.c_contiguous:
         N, L = a.shape[0], math.prod(a.shape[2:])
         op(a.reshape(N, -1), xp.repeat(v, L)[None], out=out.reshape(N, -1))
     else:
