@@ -60,10 +60,11 @@ MEMORY_GOAL = 1.5
 
 
 class Timer:
-    """Median wall time of fn() in ms: perf_counter on the CPU, CUDA events on a GPU."""
+    """Median wall time of fn() in ms: clock (perf_counter) on the CPU, CUDA events on
+    a GPU."""
 
-    def __init__(self, device, repeat, warmup=2):
-        self.device, self.repeat, self.warmup = device, repeat, warmup
+    def __init__(self, device, repeat, warmup=2, clock=time.perf_counter):
+        self.device, self.repeat, self.warmup, self.clock = device, repeat, warmup, clock
 
     def __call__(self, fn, torch_cuda=False):
         for _ in range(self.warmup):
@@ -87,17 +88,18 @@ class Timer:
                 times.append(elapsed(end))
         else:
             for _ in range(self.repeat):
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 fn()
-                times.append((time.perf_counter() - t0) * 1e3)
+                times.append((self.clock() - t0) * 1e3)
         return statistics.median(times)
 
     def pair(self, ours, theirs):
         """(median ms of ours, of theirs or None), timed so that a load that comes and
         goes on a shared machine weighs on both alike. Single-threaded on the CPU the
-        two alternate run by run. With more threads they take turns of a few runs
-        (TURNS turns), the first run of each turn untimed: BLAS's and OpenMP's threads
-        spin a while after each call and would slow the other library's next run. (Each
+        two alternate run by run after their warm-up. With more threads they take
+        turns of a few runs (TURNS turns), the first run of each turn untimed: BLAS's
+        and OpenMP's threads spin a while after each call and would slow the other
+        library's next run. (Each
         timed whole in turn, a load shift between the halves moved the resnet step's
         ratio between 1.26x and 1.83x on this shared 2-core machine.) On a GPU each is
         timed in turn."""
@@ -109,13 +111,13 @@ class Timer:
         turns, times = (min(TURNS, self.repeat) if threaded else self.repeat), ([], [])
         for turn in range(turns):
             timed = self.repeat // turns + (turn < self.repeat % turns)
-            untimed = self.warmup if turn == 0 else int(threaded)
+            untimed = max(self.warmup if turn == 0 else 0, int(threaded))
             for fn, into in ((ours, times[0]), (theirs, times[1])):
                 for run in range(untimed + timed):
-                    t0 = time.perf_counter()
+                    t0 = self.clock()
                     fn()
                     if run >= untimed:
-                        into.append((time.perf_counter() - t0) * 1e3)
+                        into.append((self.clock() - t0) * 1e3)
         return statistics.median(times[0]), statistics.median(times[1])
 
 

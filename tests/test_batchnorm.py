@@ -198,3 +198,43 @@ def test_channel_dot_in_chunks_is_bitwise_the_unchunked_sum():
     whole = (a * b).reshape(37, 3, -1).sum(axis=2).sum(axis=0)
     numpy.testing.assert_array_equal(batchnorm._channel_dot(numpy, a, b), whole)
     numpy.testing.assert_array_equal(batchnorm._channel_dot(numpy, a[:, 1:], b[:, 1:]), whole[1:])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("training", [True, False])
+def test_every_layout_gives_the_contiguous_inputs_bits(cpu_threads, threads, training):
+    """Contiguous samples go through the per-channel steps as rows of a sample
+    (cpu_threads.sample_rows), other layouts by broadcasting: the same bits. (Not
+    channels-last: its per-channel sums run in its memory order, which can round
+    them differently, before and after sample_rows alike.)"""
+    cpu_threads(threads)
+    rng = numpy.random.default_rng(7)
+    x = rng.standard_normal((6, 4, 5, 7)).astype(numpy.float32) * 3 + 1
+    dy = rng.standard_normal(x.shape).astype(numpy.float32)
+    w, b = rng.standard_normal(4).astype(numpy.float32), rng.standard_normal(4).astype(numpy.float32)
+
+    def inside(a, shape, where):  # a's values, a view into a bigger array
+        big = numpy.zeros(shape, a.dtype)
+        big[where] = a
+        return big[where]
+
+    def layouts(a):
+        N, C, H, W = a.shape
+        yield inside(a, (N, C, H, 2 * W), (..., slice(None, None, 2)))  # broadcast
+        yield inside(a, (N, C + 1, H, W), (slice(None), slice(1, None)))  # rows
+        yield inside(a, (2 * N, C, H, W), slice(None, None, 2))  # rows, samples apart
+
+    def run(xl, dyl, affine):
+        stats = numpy.zeros(4, numpy.float32), numpy.ones(4, numpy.float32)
+        y, saved = F.batch_norm(xl, *stats, *((w, b) if affine else (None, None)), training)
+        return (y, *F.batch_norm_backward(dyl, saved, w if affine else None), *stats)
+
+    for affine in (True, False):
+        reference = run(x, dy, affine)
+        for xl, dyl in zip(layouts(x), layouts(dy)):
+            assert numpy.array_equal(xl, x) and not xl.flags.c_contiguous
+            for ours, want in zip(run(xl, dyl, affine), reference):
+                assert (ours is None) == (want is None)
+                if ours is not None:
+                    assert ours.shape == want.shape
+                    assert numpy.ascontiguousarray(ours).tobytes() == want.tobytes()

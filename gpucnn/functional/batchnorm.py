@@ -79,17 +79,14 @@ def _per_channel(v, x):
 
 
 def _channelwise(xp, op, a, v, out):
-    """op(a, v[c], out=out) for each channel c of a and out (N, C, *spatial). With
-    NumPy, where each sample of both is contiguous, the two go as (N, C*L) rows
-    against a row of C*L values (v's each repeated L times): NumPy's inner loop then
-    runs a whole sample, not one pixel row, and needs no broadcast (a multiply at
-    128x16x28x28, one thread: 1.0 -> 0.6 ms). The same products and sums either
-    way. (On a GPU the broadcast is one kernel already; the row would add one.)"""
-    if xp is numpy and a.shape[0] and a[0].flags.c_contiguous and out[0].flags.c_contiguous:
-        N, L = a.shape[0], math.prod(a.shape[2:])
-        op(a.reshape(N, -1), xp.repeat(v, L)[None], out=out.reshape(N, -1))
-    else:
+    """op(a, v[c], out=out) for each channel c of a and out (N, C, *spatial): over
+    rows of a sample against v's values each repeated L times where
+    cpu_threads.sample_rows allows (the same products and sums), else broadcast."""
+    rows = cpu_threads.sample_rows(xp, a, out)
+    if rows is None:
         op(a, _per_channel(v, a), out=out)
+    else:
+        op(rows[0], xp.repeat(v, math.prod(a.shape[2:]))[None], out=rows[1])
 
 
 def _checks_all(x, running_mean, running_var, weight, bias, training):
