@@ -99,10 +99,9 @@ class Timer:
         two alternate run by run after their warm-up. With more threads they take
         turns of a few runs (TURNS turns), the first run of each turn untimed: BLAS's
         and OpenMP's threads spin a while after each call and would slow the other
-        library's next run. (Each
-        timed whole in turn, a load shift between the halves moved the resnet step's
-        ratio between 1.26x and 1.83x on this shared 2-core machine.) On a GPU each is
-        timed in turn."""
+        library's next run. (Each timed whole in turn, a load shift between the
+        halves moved the resnet step's ratio between 1.26x and 1.83x on this shared
+        2-core machine.) On a GPU each is timed in turn."""
         if theirs is None:
             return self(ours), None
         if self.device == "cuda":
