@@ -15,8 +15,8 @@ import torch
 from threadpoolctl import threadpool_limits
 
 import gpucnn
-from gpucnn import models
-from gpucnn.bench import torch_resnet
+from gpucnn.app import models
+from gpucnn.tools.bench import torch_resnet
 
 
 def measure(fn, repeat=10, warmup=2):

@@ -21,8 +21,9 @@ import numpy
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from gpucnn import bench, data  # noqa: E402
-from gpucnn.config import Config, make_augment  # noqa: E402
+from gpucnn.tools import bench  # noqa: E402
+from gpucnn.app import data
+from gpucnn.app.config import Config, make_augment  # noqa: E402
 
 
 def main():

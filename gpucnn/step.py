@@ -8,7 +8,8 @@ synchronisation (and can be captured into a CUDA graph). The labels are not
 range-checked here (that needs a sync on a GPU): check them once per dataset
 with ``check_labels``, as ``gpucnn.train`` does.
 """
-from . import backend, cpu_threads
+from . import backend
+from .backends.cpu import threads as cpu_threads
 from . import functional as F
 
 

@@ -3,7 +3,7 @@ import pytest
 
 from conftest import close
 from gpucnn import functional as F
-from gpucnn import gradcheck
+from gpucnn.tools import gradcheck
 
 # (x shape, kwargs): overlapping windows, padding, ceil_mode (last windows
 # overhanging the padded input, one longer than the input), non-square, batch 1.

@@ -6,7 +6,7 @@ import pytest
 import gpucnn
 from conftest import close
 from gpucnn import functional as F
-from gpucnn import gradcheck
+from gpucnn.tools import gradcheck
 from gpucnn.nn import BatchNorm2D
 
 

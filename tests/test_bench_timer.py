@@ -3,7 +3,7 @@ that a shared machine's changing load weighs on both alike, and which runs count
 A clock that the timed functions themselves move on stands in for perf_counter."""
 import pytest
 
-from gpucnn import bench
+from gpucnn.tools import bench
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 

@@ -3,7 +3,7 @@ import pytest
 
 from conftest import close
 from gpucnn import functional as F
-from gpucnn import gradcheck
+from gpucnn.tools import gradcheck
 
 # (x shape, weight shape, kwargs): stride 2 and 3, padding 0/1/2/same/valid,
 # dilation 2, groups 2 and depthwise, non-square inputs and kernels, odd sizes, batch 1.

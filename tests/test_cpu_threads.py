@@ -12,7 +12,9 @@ import numpy
 import pytest
 
 import gpucnn
-from gpucnn import functional as F, models, runs
+from gpucnn import functional as F
+from gpucnn.app import models
+from gpucnn.backends.cpu import threads as threads_module
 from gpucnn.functional import conv
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
@@ -37,26 +39,26 @@ def test_map_blocks_cuts_contiguous_blocks_runs_them_side_by_side_and_keeps_orde
     def fn(block):
         barrier.wait()
         return list(block), threading.current_thread().name
-    out = gpucnn.cpu_threads.map_blocks(fn, list(range(10)))
+    out = threads_module.map_blocks(fn, list(range(10)))
     assert [b for b, _ in out] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert len({name for _, name in out}) == 3
-    assert gpucnn.cpu_threads.map_blocks(fn, []) == []
-    blocks = gpucnn.cpu_threads.map_blocks(list, list(range(5)), at_least=2)
+    assert threads_module.map_blocks(fn, []) == []
+    blocks = threads_module.map_blocks(list, list(range(5)), at_least=2)
     assert blocks == [[0, 1, 2], [3, 4]]  # three threads, but no block under two items
-    assert gpucnn.cpu_threads.map_blocks(list, [0, 1, 2], at_least=2) == [[0, 1, 2]]
+    assert threads_module.map_blocks(list, [0, 1, 2], at_least=2) == [[0, 1, 2]]
 
 
 def test_map_blocks_runs_in_the_caller_with_one_thread_or_one_item_or_inside_a_block(
         cpu_threads):
     me = threading.current_thread().name
     cpu_threads(1)
-    assert gpucnn.cpu_threads.map_blocks(lambda b: threading.current_thread().name,
+    assert threads_module.map_blocks(lambda b: threading.current_thread().name,
                                          [1, 2, 3]) == [me]
     cpu_threads(2)
-    assert gpucnn.cpu_threads.map_blocks(lambda b: list(b), [7]) == [[7]]
+    assert threads_module.map_blocks(lambda b: list(b), [7]) == [[7]]
     # a block that itself asks for blocks gets them inline, not a deadlock
-    inner = gpucnn.cpu_threads.map_blocks(
-        lambda b: gpucnn.cpu_threads.map_blocks(lambda c: list(c), list(b)), [1, 2, 3, 4])
+    inner = threads_module.map_blocks(
+        lambda b: threads_module.map_blocks(lambda c: list(c), list(b)), [1, 2, 3, 4])
     assert inner == [[[1, 2]], [[3, 4]]]
 
 
@@ -68,22 +70,22 @@ def test_a_failing_block_raises_in_the_caller_and_the_threads_go_on(cpu_threads)
             raise ValueError("block failed")
         return sum(block)
     with pytest.raises(ValueError, match="block failed"):
-        gpucnn.cpu_threads.map_blocks(fn, [1, 2, 3, 4])
-    assert gpucnn.cpu_threads.map_blocks(sum, [1, 2, 3, 4]) == [3, 7]
+        threads_module.map_blocks(fn, [1, 2, 3, 4])
+    assert threads_module.map_blocks(sum, [1, 2, 3, 4]) == [3, 7]
 
 
 def test_the_blas_is_held_to_one_thread_inside_a_section_and_given_back_after(cpu_threads):
     cpu_threads(2)
     with threadpoolctl.threadpool_limits(2, user_api="blas"):
-        if runs.blas_threads() != 2:
+        if threads_module.blas_threads() != 2:
             pytest.skip("this BLAS cannot run 2 threads")
-        seen = gpucnn.cpu_threads.map_blocks(lambda b: runs.blas_threads(), [1, 2])
-        with gpucnn.cpu_threads.section():
-            inside = runs.blas_threads()
-        assert (seen, inside, runs.blas_threads()) == ([1, 1], 1, 2)
-        assert gpucnn.cpu_threads.step_blas_threads() == 1
+        seen = threads_module.map_blocks(lambda b: threads_module.blas_threads(), [1, 2])
+        with threads_module.section():
+            inside = threads_module.blas_threads()
+        assert (seen, inside, threads_module.blas_threads()) == ([1, 1], 1, 2)
+        assert threads_module.step_blas_threads() == 1
         cpu_threads(1)
-        assert gpucnn.cpu_threads.step_blas_threads() == 2
+        assert threads_module.step_blas_threads() == 2
 
 
 def test_a_blas_loaded_after_the_first_section_is_held_too():
@@ -92,14 +94,14 @@ def test_a_blas_loaded_after_the_first_section_is_held_too():
     pytest.importorskip("scipy.linalg")
     code = """if True:
         import threadpoolctl, gpucnn
-        from gpucnn import cpu_threads, runs
+        from gpucnn.backends.cpu import threads as threads_module
         gpucnn.set_num_threads(2)
         with threadpoolctl.threadpool_limits(2, user_api="blas"):
-            with cpu_threads.section():
+            with threads_module.section():
                 pass
             import scipy.linalg  # noqa: F401
-            with cpu_threads.section():
-                print(runs.blas_threads())  # the most threads of any BLAS loaded
+            with threads_module.section():
+                print(threads_module.blas_threads())  # the most threads of any BLAS loaded
     """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -201,7 +203,7 @@ def test_conv_chunks_are_even_and_a_multiple_of_four_so_threads_share_them_evenl
     for threads in (2, 4):  # each thread's block of chunks holds as many samples, +-1
         if chunks and len(chunks) % threads == 0:
             work = [sum(b - a for a, b in block)
-                    for block in gpucnn.cpu_threads._blocks(chunks, threads)]
+                    for block in threads_module._blocks(chunks, threads)]
             assert max(work) - min(work) <= 1, work
 
 
@@ -228,7 +230,7 @@ def test_backward_filter_holds_a_few_chunk_products_not_one_a_chunk(cpu_threads,
 def test_set_num_threads_inside_a_block_is_an_error_not_a_deadlock(cpu_threads):
     cpu_threads(2)
     with pytest.raises(RuntimeError, match="inside a block of gpucnn's own threads"):
-        gpucnn.cpu_threads.map_blocks(lambda b: gpucnn.set_num_threads(1), [1, 2])
+        threads_module.map_blocks(lambda b: gpucnn.set_num_threads(1), [1, 2])
 
 
 def _train(n, steps=3):
@@ -255,14 +257,14 @@ def test_resnet_training_steps_are_bitwise_the_same_on_any_thread_count(cpu_thre
 
 
 def _child(queue):
-    queue.put(gpucnn.cpu_threads.map_blocks(sum, [1, 2, 3, 4]))
+    queue.put(threads_module.map_blocks(sum, [1, 2, 3, 4]))
 
 
 def test_a_forked_child_gets_threads_of_its_own(cpu_threads):
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork here")
     cpu_threads(2)
-    gpucnn.cpu_threads.map_blocks(sum, [1, 2])  # the parent's pool exists
+    threads_module.map_blocks(sum, [1, 2])  # the parent's pool exists
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_child, args=(queue,))

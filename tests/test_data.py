@@ -3,7 +3,7 @@ import gzip
 import numpy
 import pytest
 
-from gpucnn import data
+from gpucnn.app import data
 
 
 def _write_set(root, n_train=12, n_test=5, gz=False, sub=""):

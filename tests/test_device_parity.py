@@ -8,7 +8,8 @@ import pytest
 
 import gpucnn
 from conftest import CUDA_SKIP, close
-from gpucnn import backend, functional as F, models
+from gpucnn import backend, functional as F
+from gpucnn.app import models
 from gpucnn.step import train_step
 
 OPS = {

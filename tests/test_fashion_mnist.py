@@ -3,7 +3,7 @@ import pathlib
 
 import pytest
 
-from gpucnn import data, train
+from gpucnn.app import data, train
 
 DIR = pathlib.Path(data.DEFAULT_DIRS["fashion-mnist"])
 pytestmark = pytest.mark.skipif(not DIR.is_dir(), reason=f"{DIR} is missing: apt-get install "

@@ -3,7 +3,7 @@ import pytest
 
 from conftest import close
 from gpucnn import functional as F
-from gpucnn import gradcheck
+from gpucnn.tools import gradcheck
 from gpucnn.nn import GlobalAvgPool2D
 
 

@@ -8,7 +8,7 @@ import re
 import numpy
 import pytest
 
-from gpucnn import bench, gpucheck
+from gpucnn.tools import bench, gpucheck
 from gpucnn.functional import conv
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -11,7 +11,9 @@ import pytest
 
 import gpucnn
 from conftest import CUDA_SKIP
-from gpucnn import backend, checkpoint, graph, models, schedules, train
+from gpucnn import backend, schedules
+from gpucnn.app import checkpoint, models, train
+from gpucnn.backends.cuda import graph
 from gpucnn.augment import Augment
 from gpucnn.step import train_step
 

@@ -6,8 +6,8 @@ import numpy
 import pytest
 
 import gpucnn
-from gpucnn import data, inference, train
-from gpucnn.cli import main
+from gpucnn.app import data, inference, train
+from gpucnn.app.cli import main
 
 Image = pytest.importorskip("PIL.Image", reason="Pillow is in the train and test extras")
 
@@ -43,7 +43,7 @@ def test_load_of_a_custom_model_needs_it(tmp_path):
     net = gpucnn.Sequential(gpucnn.Flatten(), gpucnn.Linear(64, 10))
     train.train(train.Config(epochs=1, limit=64, out=str(tmp_path), progress=False), model=net,
                 log=lambda *a: None)
-    with pytest.raises(gpucnn.checkpoint.CheckpointError, match=r"gpucnn.load\(path, model="):
+    with pytest.raises(gpucnn.app.checkpoint.CheckpointError, match=r"gpucnn.load\(path, model="):
         gpucnn.load(tmp_path / "checkpoint.npz")
     other = gpucnn.Sequential(gpucnn.Flatten(), gpucnn.Linear(64, 10))
     loaded = gpucnn.load(tmp_path / "checkpoint.npz", model=other)
@@ -114,7 +114,7 @@ def test_predict_errors(run, tmp_path, capsys):
 
 def test_summary_lists_shapes_and_parameters():
     gpucnn.manual_seed(0)
-    net = gpucnn.models.digits_net()
+    net = gpucnn.app.models.digits_net()
     x = numpy.zeros((2, 1, 8, 8), numpy.float32)
     net.train()
     net(x)  # a pending forward, whose saved activations summary must keep

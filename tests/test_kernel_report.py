@@ -7,7 +7,9 @@ import subprocess
 
 import pytest
 
-from gpucnn import cli, cuda, kernel_report as kr, nvrtc
+from gpucnn.app import cli
+from gpucnn.backends.cuda import kernels as cuda
+from gpucnn.tools import kernel_report as kr, nvrtc
 
 needs_nvrtc = pytest.mark.skipif(nvrtc.library() is None,
                                  reason="NVRTC is not installed (pip install "

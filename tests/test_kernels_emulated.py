@@ -5,7 +5,8 @@ import pytest
 
 from conftest import close
 import emulator
-from gpucnn import cuda, functional as F
+from gpucnn.backends.cuda import kernels as cuda
+from gpucnn import functional as F
 from gpucnn.functional import conv, pool
 from test_conv2d import GRID as CONV_GRID
 

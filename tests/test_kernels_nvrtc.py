@@ -3,7 +3,8 @@ instantiation and tile configuration the loader asks for, and alone with its
 default configuration. NVRTC runs without a GPU or a driver."""
 import pytest
 
-from gpucnn import cuda, nvrtc
+from gpucnn.backends.cuda import kernels as cuda
+from gpucnn.tools import nvrtc
 
 pytestmark = pytest.mark.skipif(nvrtc.library() is None,
                                 reason="NVRTC is not installed (pip install nvidia-cuda-nvrtc-cu12;"

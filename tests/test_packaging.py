@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from gpucnn import cuda
+from gpucnn.backends.cuda import kernels as cuda
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,8 @@ import pytest
 
 import emulator
 from conftest import close
-from gpucnn import cuda, functional as F
+from gpucnn.backends.cuda import kernels as cuda
+from gpucnn import functional as F
 from gpucnn.functional import pool
 from test_avg_pool2d import DIVISORS, GRID as AVG_GRID
 from test_max_pool2d import GRID as MAX_GRID

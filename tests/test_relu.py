@@ -2,7 +2,7 @@ import numpy
 import pytest
 
 from gpucnn import functional as F
-from gpucnn import gradcheck
+from gpucnn.tools import gradcheck
 
 
 def test_forward_backward_and_zero_rule():

@@ -8,8 +8,10 @@ import pytest
 
 import gpucnn
 from conftest import close
-from gpucnn import bench, checkpoint, functional as F, models, train
-from gpucnn.cli import main
+from gpucnn.tools import bench
+from gpucnn.app import checkpoint, models, train
+from gpucnn import functional as F
+from gpucnn.app.cli import main
 from gpucnn.nn import Dropout, Module, Sequential
 
 

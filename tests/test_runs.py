@@ -11,8 +11,9 @@ import numpy
 import pytest
 
 import gpucnn
-from gpucnn import checkpoint, models, runs, train
-from gpucnn.cli import main
+from gpucnn.app import checkpoint, models, runs, train
+from gpucnn.backends.cpu import threads as threads_module
+from gpucnn.app.cli import main
 from gpucnn.errors import UserError
 from gpucnn.nn import Module, Sequential
 
@@ -91,7 +92,7 @@ def test_a_live_run_locks_its_folder(tmp_path):
 def test_a_killed_runs_lock_does_not_block(tmp_path):
     out = tmp_path / "killed"
     out.mkdir()
-    code = ("import sys, os; sys.path.insert(0, sys.argv[1]); from gpucnn import runs; "
+    code = ("import sys, os; sys.path.insert(0, sys.argv[1]); from gpucnn.app import runs; "
             "runs.FolderLock(sys.argv[2]).acquire(); os.kill(os.getpid(), 9)")
     subprocess.run([sys.executable, "-c", code, ROOT, str(out)])
     assert (out / runs.LOCK).exists()
@@ -214,7 +215,7 @@ def test_sigterm_and_ctrl_c_in_evaluation_keep_the_epoch_and_resume_exactly(tmp_
 
 def test_sigterm_from_outside_exits_143_with_a_checkpoint(tmp_path):
     out = tmp_path / "run"
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from gpucnn.cli import main; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from gpucnn.app.cli import main; "
             "sys.exit(main(sys.argv[2:]))")
     proc = subprocess.Popen([sys.executable, "-c", code, ROOT, "train", "--epochs", "500",
                              "--no-progress", "--out", str(out), "--device", "cpu"],
@@ -252,7 +253,7 @@ def _limited_run(out, limit_bytes, epochs):
     code = ("import resource, signal, sys; sys.path.insert(0, sys.argv[1]); "
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2]))); "
-            "from gpucnn.cli import main; sys.exit(main(sys.argv[3:]))")
+            "from gpucnn.app.cli import main; sys.exit(main(sys.argv[3:]))")
     return subprocess.run([sys.executable, "-c", code, ROOT, str(limit_bytes), "train",
                            "--limit", "96", "--epochs", str(epochs), "--no-progress",
                            "--device", "cpu", "--out", str(out)],
@@ -287,7 +288,7 @@ def test_the_checkpoint_records_blas_threads_and_a_resume_with_others_warns(tmp_
     assert checkpoint.read(out / "checkpoint.npz")[0]["blas_threads"] == 1
     lines = []
     with threadpoolctl.threadpool_limits(2):
-        if runs.blas_threads() != 2:
+        if threads_module.blas_threads() != 2:
             pytest.skip("this BLAS cannot run 2 threads")
         train.train(train.Config(epochs=2, resume=str(out / "checkpoint.npz"), **QUICK),
                     log=lines.append)
@@ -297,7 +298,7 @@ def test_the_checkpoint_records_blas_threads_and_a_resume_with_others_warns(tmp_
 
 def test_keep_freed_memory_applies_on_glibc_and_says_so_elsewhere():
     import platform
-    assert runs.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+    assert threads_module.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
 
 
 def test_progress_bar_only_on_a_terminal(tmp_path, capsys):

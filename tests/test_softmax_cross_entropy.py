@@ -3,7 +3,7 @@ import pytest
 
 from conftest import close
 from gpucnn import functional as F
-from gpucnn import gradcheck
+from gpucnn.tools import gradcheck
 
 
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])

@@ -10,7 +10,8 @@ import sys
 import numpy
 import pytest
 
-from gpucnn import backend, cuda, functional as F
+from gpucnn import backend, functional as F
+from gpucnn.backends.cuda import kernels as cuda
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -144,7 +145,7 @@ def _raise(error):
      "NVRTC error", "NVRTC could not compile a RawModule kernel"),
 ], ids=["no driver", "no device", "no headers", "nvrtc error"])
 def test_standin_auto_and_info_say_what_is_missing(standin, parts, short, detail, capsys):
-    from gpucnn.cli import main
+    from gpucnn.app.cli import main
     broken = _broken(standin, **parts(standin))
     previous = backend.set_cupy_module(broken)
     try:

@@ -5,8 +5,11 @@ import numpy
 import pytest
 
 import gpucnn
-from gpucnn import backend, checkpoint, gradcheck, graph, models, train
-from gpucnn.cli import main
+from gpucnn import backend
+from gpucnn.app import checkpoint, models, train
+from gpucnn.tools import gradcheck
+from gpucnn.backends.cuda import graph
+from gpucnn.app.cli import main
 from gpucnn.step import check_labels, train_step
 
 QUICK = dict(dataset="digits", limit=96, batch_size=32, progress=False)

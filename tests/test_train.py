@@ -9,8 +9,9 @@ import numpy
 import pytest
 
 import gpucnn
-from gpucnn import checkpoint, gradcheck, models, train
-from gpucnn.cli import main
+from gpucnn.app import checkpoint, models, train
+from gpucnn.tools import gradcheck
+from gpucnn.app.cli import main
 from gpucnn.nn import Module, Sequential
 
 QUICK = dict(dataset="digits", limit=256, batch_size=32, progress=False)

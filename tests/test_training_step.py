@@ -3,7 +3,8 @@ import numpy
 import pytest
 
 import gpucnn
-from gpucnn import SGD, models
+from gpucnn import SGD
+from gpucnn.app import models
 from gpucnn.step import train_step
 
 

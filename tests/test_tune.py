@@ -6,7 +6,9 @@ import numpy
 import pytest
 
 from emulator import EmulatedModule
-from gpucnn import cli, cuda, tune
+from gpucnn.app import cli
+from gpucnn.backends.cuda import kernels as cuda
+from gpucnn.tools import tune
 from gpucnn.functional import conv
 
 

@@ -14,8 +14,9 @@ import zlib
 import numpy
 import pytest
 
-from gpucnn import checkpoint, data, errors, train
-from gpucnn.cli import main
+from gpucnn.app import checkpoint, data, train
+from gpucnn import errors
+from gpucnn.app.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--limit", "64", "--epochs", "1", "--no-progress", "--device", "cpu"]
@@ -189,7 +190,7 @@ def test_eval_uses_the_checkpoints_normalisation_and_only_the_test_files(tmp_pat
 def test_a_closed_pipe_is_not_a_traceback(run):
     read, write = os.pipe()
     os.close(read)  # the reader (`| head`) is gone before anything is printed
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from gpucnn.cli import main; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from gpucnn.app.cli import main; "
             "sys.exit(main(sys.argv[2:]))")
     done = subprocess.run([sys.executable, "-c", code, ROOT, "eval", str(run / "checkpoint.npz"),
                            "--device", "cpu"], stdout=write, stderr=subprocess.PIPE, text=True)

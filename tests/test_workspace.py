@@ -7,7 +7,7 @@ import numpy
 
 from gpucnn import BatchNorm2D, Conv2D, Sequential
 from gpucnn import functional as F
-from gpucnn.workspace import Workspace
+from gpucnn.backends.cpu.workspace import Workspace
 
 
 def _batch(seed, shape=(4, 3, 6, 6)):

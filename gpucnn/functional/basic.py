@@ -9,7 +9,8 @@
 """
 import numbers
 
-from .. import backend, cpu_threads
+from .. import backend
+from ..backends.cpu import threads as cpu_threads
 from . import _checks
 
 

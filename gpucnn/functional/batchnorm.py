@@ -32,7 +32,8 @@ from collections import namedtuple
 
 import numpy
 
-from .. import backend, cpu_threads, workspace as _workspace
+from .. import backend
+from ..backends.cpu import threads as cpu_threads, workspace as _workspace
 from . import _checks
 
 # What backward needs from forward: the centred input d = x - mean (x's shape),

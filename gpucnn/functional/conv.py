@@ -27,7 +27,9 @@ gradient is a fixed-order reduction (kernels/conv2d_reduce.cu).
 import numbers
 from collections import namedtuple
 
-from .. import backend, cpu_threads, cuda, workspace as _workspace
+from .. import backend
+from ..backends.cpu import threads as cpu_threads, workspace as _workspace
+from ..backends.cuda import kernels as cuda
 from . import _checks
 
 ConvGeometry = namedtuple(

@@ -28,7 +28,9 @@ from collections import namedtuple
 
 import numpy
 
-from .. import backend, cpu_threads, cuda
+from .. import backend
+from ..backends.cpu import threads as cpu_threads
+from ..backends.cuda import kernels as cuda
 from . import _checks
 
 PoolGeometry = namedtuple(

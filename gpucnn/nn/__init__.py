@@ -1,6 +1,7 @@
 from .batchnorm import BatchNorm2D
-from .layers import (AvgPool2D, Conv2D, Dropout, Flatten, GlobalAvgPool2D, Identity, Linear,
-                     MaxPool2D, ReLU)
+from .conv import Conv2D
+from .layers import Dropout, Flatten, GlobalAvgPool2D, Identity, Linear, ReLU
+from .pool import AvgPool2D, MaxPool2D
 from .module import Buffer, Module, Parameter, Sequential
 from .residual import Residual
 

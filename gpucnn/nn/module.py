@@ -6,7 +6,7 @@ import numbers
 import numpy
 
 from .. import backend
-from ..workspace import Workspace
+from ..backends.cpu.workspace import Workspace
 from ..functional import _checks
 
 

@@ -1,5 +1,6 @@
 """Residual(body, shortcut): y = body(x) + shortcut(x), the block of ResNets."""
-from .. import backend, cpu_threads
+from .. import backend
+from ..backends.cpu import threads as cpu_threads
 from .layers import Identity
 from .module import Module, _tree_repr
 

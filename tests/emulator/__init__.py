@@ -223,6 +223,6 @@ def kernels(order=0, compare_order=None, cls=None):
     """gpucnn's launchers (cuda.Kernels, or the subclass cls) running on the CPU
     through the emulator: threads in the given order (every launch checked
     bitwise against compare_order where given), outputs poisoned."""
-    from gpucnn import cuda
+    from gpucnn.backends.cuda import kernels as cuda
     return (cls or cuda.Kernels)(poisoned.numpy, functools.partial(
         EmulatedModule, order=order, compare_order=compare_order))

@@ -29,7 +29,8 @@ def main():
     import standin
     sys.modules["cupy"] = standin  # the way CuPy itself is found: no seam needed
     import gpucnn
-    from gpucnn import backend, functional as F, models
+    from gpucnn import backend, functional as F
+    from gpucnn.app import models
     assert backend.resolve_device("cuda")[0] == "cuda"
     gpucnn.manual_seed(0)
     net = models.lenet().to("cuda")
@@ -39,7 +40,7 @@ def main():
     y = standin.asarray(rng.integers(0, 10, args.batch))
     try:
         from gpucnn.step import train_step
-        from gpucnn.train import _DeviceSums
+        from gpucnn.app.train import _DeviceSums
         sums = _DeviceSums(standin, 0.0, 0)
 
         def step(i):

@@ -1,12 +1,12 @@
 """The Python steps of ``.ci/gpu-check`` (the one call made on a lent GPU).
 
-    python -m gpucnn.gpucheck versions
-    python -m gpucnn.gpucheck cuda-skips JUNIT_XML
-    python -m gpucnn.gpucheck determinism --device cuda [--batch 64] [--steps 20]
-    python -m gpucnn.gpucheck train-report RUN_DIR [--min-accuracy 0.87]
+    python -m gpucnn.tools.gpucheck versions
+    python -m gpucnn.tools.gpucheck cuda-skips JUNIT_XML
+    python -m gpucnn.tools.gpucheck determinism --device cuda [--batch 64] [--steps 20]
+    python -m gpucnn.tools.gpucheck train-report RUN_DIR [--min-accuracy 0.87]
 
 Each prints what it found and exits nonzero when its check fails. Loaded as a
-pytest plugin (``pytest -p gpucnn.gpucheck``) it turns CuPy's memory pool off,
+pytest plugin (``pytest -p gpucnn.tools.gpucheck``) it turns CuPy's memory pool off,
 so that every array is its own cudaMalloc and compute-sanitizer's memcheck sees
 an out-of-bounds access that the pool would hide inside a larger chunk.
 """
@@ -23,7 +23,9 @@ from xml.etree import ElementTree
 import numpy
 
 import gpucnn
-from . import backend, bench, models
+from .. import backend
+from . import bench
+from ..app import models
 
 
 def _tool_version(command):
@@ -165,7 +167,7 @@ def pytest_configure(config):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m gpucnn.gpucheck", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m gpucnn.tools.gpucheck", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("versions", help="GPU, driver, CUDA, CuPy, PyTorch, nvcc, compute-sanitizer")
     s = sub.add_parser("cuda-skips", help="fail if a pytest --junitxml report has a skipped "

@@ -8,8 +8,10 @@ import sys
 import numpy
 
 import gpucnn
-from . import backend, data, runs, train as training
-from .errors import ConfigError, DeviceError, UserError
+from .. import backend
+from ..backends.cpu import threads
+from . import data, runs, train as training
+from ..errors import ConfigError, DeviceError, UserError
 
 EPILOG = """examples:
   gpucnn train                                   # 8x8 digits, under a minute on a CPU
@@ -113,7 +115,7 @@ def _parser():
                        "GPU and remember the fastest",
                        description="Time every tile configuration of the convolution kernels "
                        "on this GPU for the convolution shapes of a built-in model (or, with "
-                       "--bench, of gpucnn.bench's shapes) and cache the fastest per (GPU, "
+                       "--bench, of gpucnn.tools.bench's shapes) and cache the fastest per (GPU, "
                        "shape, dtype) in $XDG_CACHE_HOME/gpucnn/tune.json (else "
                        "~/.cache/gpucnn/tune.json); later runs on this GPU use them.")
     u.add_argument("--device", choices=devices, default="cuda", help="must be a GPU (cuda)")
@@ -121,11 +123,11 @@ def _parser():
                    "(default lenet)")
     u.add_argument("--batch-size", type=int, help="default 64 for a model, the listed "
                    "batch sizes for --bench")
-    u.add_argument("--bench", action="store_true", help="tune gpucnn.bench's shapes instead")
+    u.add_argument("--bench", action="store_true", help="tune gpucnn.tools.bench's shapes instead")
     u.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     u.add_argument("--repeat", type=int, default=5, help="timed launches per configuration")
 
-    b = sub.add_parser("bench", help="time gpucnn against PyTorch (python -m gpucnn.bench)")
+    b = sub.add_parser("bench", help="time gpucnn against PyTorch (python -m gpucnn.tools.bench)")
     b.add_argument("--device", choices=devices, default="auto")
     b.add_argument("--repeat", type=int, default=10)
     b.add_argument("--json")
@@ -146,7 +148,7 @@ def cmd_train(args):
     config = training.Config(**fields, overwrite=args.overwrite,
                              progress=False if args.no_progress else None,
                              cuda_graph=args.cuda_graph)
-    runs.keep_freed_memory()  # this process is a training run
+    threads.keep_freed_memory()  # this process is a training run
     try:
         training.train(config)
     except training.TrainingDiverged as e:
@@ -188,9 +190,10 @@ def cmd_predict(args):
 
 
 def cmd_info(args):
-    from . import cuda, nvrtc
+    from ..backends.cuda import kernels as cuda
+    from ..tools import nvrtc
     if args.kernels:
-        from . import kernel_report
+        from ..tools import kernel_report
         return kernel_report.main()
     print(f"gpucnn {gpucnn.__version__}, Python {platform.python_version()}, "
           f"NumPy {numpy.__version__}")
@@ -230,7 +233,7 @@ def cmd_info(args):
 
 
 def cmd_gradcheck(args):
-    from . import gradcheck
+    from ..tools import gradcheck
     if args.seed < 0:
         raise ConfigError(f"--seed must be an int >= 0, got {args.seed}")
     device, why = backend.resolve_device(args.device)
@@ -245,7 +248,8 @@ def cmd_gradcheck(args):
 
 
 def cmd_tune(args):
-    from . import cuda, tune
+    from ..backends.cuda import kernels as cuda
+    from ..tools import tune
     if args.bench:
         shapes = tune.bench_geometries(args.batch_size)
     else:
@@ -262,7 +266,7 @@ def cmd_tune(args):
 
 
 def cmd_bench(args):
-    from . import bench
+    from ..tools import bench
     if args.repeat < 1:
         raise ConfigError(f"--repeat must be a positive int, got {args.repeat}")
     return bench.main(["--device", args.device, "--repeat", str(args.repeat)] +

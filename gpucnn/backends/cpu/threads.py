@@ -17,14 +17,15 @@ honours OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and the like), as PyTorch's
 defaults to the cores; `gpucnn.set_num_threads` changes it.
 """
 import contextlib
+import ctypes
 import os
+import platform
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy
 
-from . import runs
 
 # One section at a time holds the threads (a training step, or a single pass);
 # re-entrant, so that the passes inside a step's section go straight through.
@@ -33,10 +34,52 @@ _this_thread = threading.local()  # whether in a block; its scratch buffers
 _state = {"threads": None, "pool": None, "controller": None, "modules": 0, "held": 0}
 
 
+def blas_threads():
+    """The number of threads the BLAS behind NumPy uses (the order of a matrix
+    product's sums, hence its last bits, depends on it), or None if unknown."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        threadpool_info = None
+    if threadpool_info is not None:
+        counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+        if counts:
+            return max(counts)
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep the memory a process frees for its next allocations:
+    a training step frees and allocates the same tens of MB every step, and memory
+    given back to the system faults in again page by page (on the CPU 11k page
+    faults a resnet step with one thread and 17-29k with two, 10-25% of its time;
+    docs/benchmarks.md). For processes that are a training run (`gpucnn train`): it
+    changes the allocator of the whole process. True when applied; False where the
+    C library is not glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # malloc.h
+    # never trim the heap; up to glibc's limit (32 MiB on 64-bit) from the heap, not
+    # mmap; one arena, so that gpucnn's worker threads reuse what the main thread freed
+    largest = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long) if ctypes.sizeof(
+        ctypes.c_void_p) == 8 else 512 * 1024
+    applied = [mallopt(option, value) == 1 for option, value in
+               ((M_TRIM_THRESHOLD, 1 << 30), (M_MMAP_THRESHOLD, largest), (M_ARENA_MAX, 1))]
+    return all(applied)
+
+
 def get_num_threads():
     """How many threads gpucnn's CPU passes use (gpucnn.get_num_threads)."""
     if _state["threads"] is None:
-        _state["threads"] = max(1, runs.blas_threads() or 1)
+        _state["threads"] = max(1, blas_threads() or 1)
     return _state["threads"]
 
 
@@ -44,7 +87,7 @@ def step_blas_threads():
     """The BLAS threads a CPU training step's matrix products run with: one where
     gpucnn spreads the step over its own threads, else the BLAS's count (or None if
     unknown). A run repeats bit for bit where this is the same."""
-    return 1 if get_num_threads() > 1 else runs.blas_threads()
+    return 1 if get_num_threads() > 1 else blas_threads()
 
 
 def set_num_threads(n):

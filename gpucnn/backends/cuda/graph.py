@@ -25,9 +25,9 @@ static input. A replayed Dropout would draw one mask forever (its generator is
 seeded on the host per call), so with Dropout the step runs eagerly, said once.
 A capture that fails falls back to eager steps with one line saying why.
 """
-from . import backend
-from .nn.layers import Dropout
-from .step import train_step
+from ... import backend
+from ...nn.layers import Dropout
+from ...step import train_step
 
 WARMUP = 3
 

@@ -9,8 +9,8 @@ Used by ``gpucnn gradcheck`` and by the tests.
 """
 import numpy
 
-from . import backend
-from . import functional as F
+from .. import backend
+from .. import functional as F
 
 EPS = 1e-6
 TOLERANCE = 1e-6  # relative to the largest gradient entry; float64 only

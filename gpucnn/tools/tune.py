@@ -15,8 +15,8 @@ import time
 
 import numpy
 
-from . import cuda
-from .errors import ConfigError, DeviceError
+from ..backends.cuda import kernels as cuda
+from ..errors import ConfigError, DeviceError
 
 
 def cache_path():
@@ -67,8 +67,8 @@ INPUT_SIZES = {"lenet": 28, "digits": 8}  # a built-in model's image side (else 
 def model_geometries(model, batch_size):
     """The ConvGeometry of every Conv2D of a built-in model at this batch size, found
     by running the model on the CPU on one image (each Conv2D keeps its geometry)."""
-    from . import models
-    from .nn import Conv2D
+    from ..app import models
+    from ..nn import Conv2D
     if model not in models.MODELS:
         raise ConfigError(f"unknown model {model!r}: choose from {', '.join(sorted(models.MODELS))}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -90,17 +90,17 @@ def model_geometries(model, batch_size):
 
 
 def bench_geometries(batch_size=None):
-    """The ConvGeometries of gpucnn.bench.CONV_SHAPES: dicts or tuples of
+    """The ConvGeometries of gpucnn.tools.bench.CONV_SHAPES: dicts or tuples of
     (N, C, H, W, K, R, S, stride, padding, dilation), or of the older
     (N, C, H, W, K, kernel, stride, padding[, dilation]); GPU_EXTRA_SHAPES too if listed."""
     from . import bench
-    from .functional import conv
+    from ..functional import conv
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ConfigError(f"batch size must be a positive int, got {batch_size!r}")
     shapes = list(getattr(bench, "CONV_SHAPES", [])) + list(getattr(bench, "GPU_EXTRA_SHAPES", []))
     if not shapes:
-        raise ConfigError("gpucnn.bench has no CONV_SHAPES list in this version")
+        raise ConfigError("gpucnn.tools.bench has no CONV_SHAPES list in this version")
     names = ("N", "C", "H", "W", "K", "R", "S", "stride", "padding", "dilation")
     out = []
     for s in shapes:
@@ -111,7 +111,7 @@ def bench_geometries(batch_size=None):
         elif len(s) in (8, 9):  # the older form: a square kernel, dilation optional
             d = dict(zip(("N", "C", "H", "W", "K", "R", "stride", "padding", "dilation"), s))
         else:
-            raise ConfigError(f"gpucnn.bench.CONV_SHAPES holds {s!r}: expected a dict or a tuple "
+            raise ConfigError(f"gpucnn.tools.bench.CONV_SHAPES holds {s!r}: expected a dict or a tuple "
                              f"of {', '.join(names)}")
         d.setdefault("S", d["R"])
         g = conv.geometry(numpy.zeros((1, d["C"], d["H"], d["W"]), numpy.float32),

@@ -1,5 +1,5 @@
 """The built-in networks. A user can pass any Sequential of their own instead."""
-from .nn import (BatchNorm2D, Conv2D, Flatten, GlobalAvgPool2D, Linear, MaxPool2D, ReLU, Residual,
+from ..nn import (BatchNorm2D, Conv2D, Flatten, GlobalAvgPool2D, Linear, MaxPool2D, ReLU, Residual,
                  Sequential)
 
 

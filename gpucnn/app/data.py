@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from . import backend
-from .errors import UserError
+from .. import backend
+from ..errors import UserError
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot")

@@ -127,7 +127,7 @@ def source(filename):
             return path.read_text()
     except ModuleNotFoundError:
         pass
-    path = pathlib.Path(__file__).resolve().parent.parent / "kernels" / filename
+    path = pathlib.Path(__file__).resolve().parents[3] / "kernels" / filename
     if not path.is_file():
         raise FileNotFoundError(f"CUDA source {filename} is missing: looked in the gpucnn.kernels "
                                 f"package data and in {path.parent}")
@@ -287,9 +287,9 @@ class Kernels:
         config = self._choices.get(key)
         if config is None:
             if self._tuned is None:
-                from . import tune
+                from ...tools import tune
                 self._tuned = tune.choices_for(self.device_name) if self.device_name else {}
-            from .tune import entry_key
+            from ...tools.tune import entry_key
             config = self._tuned.get(entry_key(pass_, g, dtype))
             if config not in CONV_CONFIGS:
                 config = heuristic_config(pass_, g)

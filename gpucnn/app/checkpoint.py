@@ -8,8 +8,8 @@ import zipfile
 
 import numpy
 
-from . import backend
-from .errors import UserError
+from .. import backend
+from ..errors import UserError
 
 
 class CheckpointError(UserError, ValueError):

@@ -8,11 +8,11 @@ import numbers
 import pathlib
 
 from . import checkpoint
-from .augment import Augment
-from .errors import ConfigError
+from ..augment import Augment
+from ..errors import ConfigError
 from .models import MODELS
-from .optim import SGD, Adam
-from .schedules import SCHEDULES
+from ..optim import SGD, Adam
+from ..schedules import SCHEDULES
 
 DEFAULTS = {  # per dataset: what reaches the README's accuracy targets
     "digits": dict(model="digits", epochs=20, batch_size=32, optimizer="adam", lr=2e-3),

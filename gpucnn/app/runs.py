@@ -3,16 +3,14 @@ locking it against a second live run, and writing its metrics so that they
 always match the checkpoint. Also the run's environment that decides whether
 results repeat bit for bit (BLAS threads) and SIGTERM handled like Ctrl-C."""
 import contextlib
-import ctypes
 import errno
 import json
 import os
 import pathlib
-import platform
 import signal
 import time
 
-from .errors import DiskFullError, RunFolderError
+from ..errors import DiskFullError, RunFolderError
 
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
@@ -172,48 +170,6 @@ def disk_full(error, what, survivor):
         return None
     return DiskFullError(f"no space left to write {what} ({error.strerror}); free some space "
                          f"and run again. {survivor}")
-
-
-def blas_threads():
-    """The number of threads the BLAS behind NumPy uses (the order of a matrix
-    product's sums, hence its last bits, depends on it), or None if unknown."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        threadpool_info = None
-    if threadpool_info is not None:
-        counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
-        if counts:
-            return max(counts)
-    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return None
-
-
-def keep_freed_memory():
-    """Have glibc's malloc keep the memory a process frees for its next allocations:
-    a training step frees and allocates the same tens of MB every step, and memory
-    given back to the system faults in again page by page (on the CPU 11k page
-    faults a resnet step with one thread and 17-29k with two, 10-25% of its time;
-    docs/benchmarks.md). For processes that are a training run (`gpucnn train`): it
-    changes the allocator of the whole process. True when applied; False where the
-    C library is not glibc."""
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # malloc.h
-    # never trim the heap; up to glibc's limit (32 MiB on 64-bit) from the heap, not
-    # mmap; one arena, so that gpucnn's worker threads reuse what the main thread freed
-    largest = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long) if ctypes.sizeof(
-        ctypes.c_void_p) == 8 else 512 * 1024
-    applied = [mallopt(option, value) == 1 for option, value in
-               ((M_TRIM_THRESHOLD, 1 << 30), (M_MMAP_THRESHOLD, largest), (M_ARENA_MAX, 1))]
-    return all(applied)
 
 
 class Terminated(KeyboardInterrupt):

@@ -9,14 +9,16 @@ import time
 
 import numpy
 
-from . import backend, checkpoint, cpu_threads, data, plots, runs
-from . import functional as F
+from .. import backend
+from . import checkpoint, data, plots, runs
+from ..backends.cpu import threads as cpu_threads
+from .. import functional as F
 from .config import Config  # noqa: F401  (train.Config: the public name, as before)
 from .config import is_int, make_augment, make_optimizer, make_schedule, merge_resume
-from .errors import ConfigError, UserError
+from ..errors import ConfigError, UserError
 from .models import MODELS
-from .random import manual_seed
-from .step import check_labels, train_step
+from ..random import manual_seed
+from ..step import check_labels, train_step
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
@@ -276,7 +278,7 @@ def _step_function(config, device, model, optimizer, log):
                                                          label_smoothing=smoothing)
     if device != "cuda":
         raise ConfigError(f"cuda_graph needs device 'cuda', got {device!r}")
-    from .graph import GraphedStep
+    from ..backends.cuda.graph import GraphedStep
     graphed = GraphedStep(model, optimizer, label_smoothing=smoothing, log=log)
     return lambda model, optimizer, x, y: graphed(x, y)
 

@@ -4,8 +4,9 @@ import pathlib
 
 import numpy
 
-from . import backend, checkpoint
-from .errors import UserError
+from .. import backend
+from . import checkpoint
+from ..errors import UserError
 from .models import MODELS
 
 # For checkpoints written before the input shape was recorded.

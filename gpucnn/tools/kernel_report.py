@@ -23,7 +23,8 @@ import shutil
 import subprocess
 import tempfile
 
-from . import cuda, nvrtc
+from ..backends.cuda import kernels as cuda
+from . import nvrtc
 
 ARCH = "sm_90"
 Limits = collections.namedtuple(

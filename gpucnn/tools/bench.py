@@ -2,7 +2,7 @@
 PyTorch measured in the same run (where torch is installed), with the ratio and
 the goal it is held to; on a GPU also the peak memory of a LeNet step.
 
-    python -m gpucnn.bench [--device cpu|cuda|auto] [--repeat N] [--json FILE] [--smoke]
+    python -m gpucnn.tools.bench [--device cpu|cuda|auto] [--repeat N] [--json FILE] [--smoke]
 
 Ratios above 1 mean gpucnn is slower. On the GPU, PyTorch runs cuDNN in FP32
 with TF32 off and both sides are timed with CUDA events after warm-up; medians
@@ -20,9 +20,11 @@ import time
 import numpy
 
 import gpucnn
-from . import backend, cpu_threads, functional as F, models, runs
-from .functional import conv, pool
-from .step import train_step
+from .. import backend, functional as F
+from ..backends.cpu import threads as cpu_threads
+from ..app import models
+from ..functional import conv, pool
+from ..step import train_step
 
 
 # (N, C, H, W, K, kernel, stride, pad[, dilation]): issue 8's shapes, all timed on a GPU.
@@ -106,7 +108,7 @@ class Timer:
             return self(ours), None
         if self.device == "cuda":
             return self(ours), self(theirs, torch_cuda=True)
-        threaded = cpu_threads.get_num_threads() > 1 or (runs.blas_threads() or 2) > 1
+        threaded = cpu_threads.get_num_threads() > 1 or (cpu_threads.blas_threads() or 2) > 1
         turns, times = (min(TURNS, self.repeat) if threaded else self.repeat), ([], [])
         for turn in range(turns):
             timed = self.repeat // turns + (turn < self.repeat % turns)

@@ -1,0 +1,65 @@
+"""MaxPool2D and AvgPool2D: torch.nn's pooling layers."""
+from .. import functional as F
+from .module import Module
+
+
+class _Pool(Module):
+    """A pooling layer: its arguments are checked once, here; its PoolGeometry is
+    computed once per input shape and shared by forward and backward."""
+
+    def __init__(self, **args):
+        super().__init__()
+        self._pool_args = args
+        self._parsed = F.pool.arguments(**args)
+        for name, value in args.items():
+            setattr(self, name, value)
+
+    def _geometry_for(self, x):
+        """The PoolGeometry for input x, computed when its shape (or type) changes and
+        saved for backward."""
+        key = (type(x), x.dtype, tuple(x.shape))
+        if getattr(self, "_geometry_key", None) != key:
+            self._geometry = F.pool.geometry_for(x, self._parsed)
+            self._geometry_key = key
+        self._saved_geometry = self._geometry
+        return self._geometry
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self._pool_args.items())
+
+
+class MaxPool2D(_Pool):
+    """Max pooling; the gradient goes to each window's first maximum (PyTorch's rule).
+
+    torch.nn.MaxPool2d's arguments; ceil_mode is keyword-only (PyTorch's fifth
+    positional argument is return_indices).
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, *, ceil_mode=False):
+        super().__init__(kernel_size=kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, ceil_mode=ceil_mode)
+
+    def forward(self, x):
+        y, self._saved_indices = F.pool.max_forward(x, self._geometry_for(x))
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        return F.pool.max_backward(dy, self._saved("_saved_indices"),
+                                   self._saved("_saved_geometry"))
+
+
+class AvgPool2D(_Pool):
+    """Average pooling, torch.nn.AvgPool2d's arguments: count_include_pad=False
+    divides by the cells inside the input, divisor_override by a fixed number."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False,
+                 count_include_pad=True, divisor_override=None):
+        super().__init__(kernel_size=kernel_size, stride=stride, padding=padding,
+                         ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+                         divisor_override=divisor_override)
+
+    def forward(self, x):
+        return F.pool.avg_forward(x, self._geometry_for(x))
+
+    def backward(self, dy, need_input_grad=True):
+        return F.pool.avg_backward(dy, self._saved("_saved_geometry"))
