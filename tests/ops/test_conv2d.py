@@ -1,34 +1,10 @@
 import numpy
 import pytest
 
+from cases import CONV_GRID as GRID
 from conftest import close
 from gpucnn import functional as F
 from gpucnn.tools import gradcheck
-
-# (x shape, weight shape, kwargs): stride 2 and 3, padding 0/1/2/same/valid,
-# dilation 2, groups 2 and depthwise, non-square inputs and kernels, odd sizes, batch 1.
-GRID = [
-    ((2, 3, 8, 8), (4, 3, 3, 3), {}),
-    ((1, 3, 9, 7), (5, 3, 3, 2), dict(stride=2, padding=1)),
-    ((2, 2, 11, 10), (3, 2, 3, 3), dict(stride=3, padding=2)),
-    ((2, 4, 9, 8), (6, 2, 3, 3), dict(groups=2, padding=1)),
-    ((2, 4, 9, 8), (4, 1, 3, 3), dict(groups=4, padding="same")),
-    ((2, 4, 9, 8), (8, 1, 5, 3), dict(groups=4, stride=2)),
-    ((1, 3, 10, 9), (2, 3, 3, 3), dict(dilation=2, padding=2)),
-    ((2, 3, 12, 11), (4, 3, 3, 2), dict(dilation=(2, 1), stride=(2, 3), padding=(1, 0))),
-    ((2, 3, 8, 7), (4, 3, 4, 2), dict(padding="same")),
-    ((2, 3, 8, 7), (4, 3, 4, 3), dict(padding="same", dilation=2)),
-    ((2, 3, 7, 7), (4, 3, 7, 7), dict(padding="valid")),
-    ((3, 1, 5, 5), (2, 1, 1, 1), {}),
-    ((2, 6, 7, 9), (6, 3, 2, 4), dict(groups=2, stride=(1, 2), padding=(2, 1), dilation=(1, 2))),
-    # stride 1 with 16+ channels a group: dx as the forward pass over dy (groups,
-    # dilation, uneven padding); padding beyond the filter's extent: tap by tap
-    ((2, 32, 9, 8), (6, 16, 3, 2), dict(groups=2, dilation=(2, 3), padding=(1, 3))),
-    ((2, 17, 8, 7), (5, 17, 4, 3), dict(padding="same", dilation=2)),
-    ((2, 16, 6, 6), (4, 16, 1, 1), dict(padding=1)),
-    ((2, 3, 6, 6), (4, 3, 1, 1), dict(padding=1)),
-    ((2, 3, 6, 5), (4, 3, 3, 3), dict(padding=(3, 1))),
-]
 
 
 def _torch_conv(torch, x, w, b, dy, kw):

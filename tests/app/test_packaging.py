@@ -8,7 +8,7 @@ import pytest
 
 from gpucnn.backends.cuda import kernels as cuda
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_wheel_contains_the_kernels(tmp_path):

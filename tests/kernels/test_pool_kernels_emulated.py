@@ -9,8 +9,7 @@ from conftest import close
 from gpucnn.backends.cuda import kernels as cuda
 from gpucnn import functional as F
 from gpucnn.functional import pool
-from test_avg_pool2d import DIVISORS, GRID as AVG_GRID
-from test_max_pool2d import GRID as MAX_GRID
+from cases import AVG_POOL_DIVISORS as DIVISORS, AVG_POOL_GRID as AVG_GRID, MAX_POOL_GRID as MAX_GRID
 
 DTYPES = [numpy.float64, numpy.float32]
 # Ragged sizes: outputs and inputs that are not a multiple of the 256-thread

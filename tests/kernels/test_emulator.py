@@ -338,6 +338,6 @@ def test_address_sanitizer_catches_out_of_bounds_accesses(code, report):
     import pathlib
     import subprocess
     import sys
-    script = OOB.format(tests=str(pathlib.Path(__file__).parent), code=code)
+    script = OOB.format(tests=str(pathlib.Path(__file__).resolve().parents[1]), code=code)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode != 0 and report in done.stderr, done.stderr[-2000:]

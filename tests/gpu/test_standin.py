@@ -13,7 +13,7 @@ import pytest
 from gpucnn import backend, functional as F
 from gpucnn.backends.cuda import kernels as cuda
 
-TESTS = pathlib.Path(__file__).resolve().parent
+TESTS = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("convert", [numpy.asarray, numpy.ascontiguousarray, numpy.array,

@@ -1,25 +1,10 @@
 import numpy
 import pytest
 
+from cases import AVG_POOL_DIVISORS as DIVISORS, AVG_POOL_GRID as GRID
 from conftest import close
 from gpucnn import functional as F
 from gpucnn.tools import gradcheck
-
-# (x shape, kwargs): overlapping windows, padding, ceil_mode (last windows
-# overhanging the padded input, one longer than the input), non-square, batch 1.
-GRID = [
-    ((2, 3, 8, 8), dict(kernel_size=2)),
-    ((1, 2, 9, 7), dict(kernel_size=3, stride=2, padding=1)),
-    ((2, 2, 9, 7), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
-    ((2, 2, 10, 9), dict(kernel_size=3, stride=1)),
-    ((2, 2, 10, 9), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0))),
-    ((2, 2, 11, 10), dict(kernel_size=2, stride=3, ceil_mode=True)),
-    ((2, 2, 5, 5), dict(kernel_size=4, stride=2, padding=2, ceil_mode=True)),
-    ((1, 2, 6, 7), dict(kernel_size=(5, 3), stride=(3, 2), padding=(2, 1), ceil_mode=True)),
-    ((2, 1, 2, 3), dict(kernel_size=3, stride=3, ceil_mode=True)),
-]
-DIVISORS = [  # count_include_pad, divisor_override
-    (True, None), (False, None), (True, 3), (False, -2)]
 
 
 def _torch_pool(torch, x, dy, kw):

@@ -1,28 +1,10 @@
 import numpy
 import pytest
 
+from cases import MAX_POOL_GRID as GRID
 from conftest import close
 from gpucnn import functional as F
 from gpucnn.tools import gradcheck
-
-# (x shape, kwargs): overlapping windows, padding, ceil_mode, non-square, batch 1.
-GRID = [
-    ((2, 3, 8, 8), dict(kernel_size=2)),
-    ((1, 2, 9, 7), dict(kernel_size=3, stride=2, padding=1)),
-    ((2, 2, 9, 7), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
-    ((2, 2, 10, 9), dict(kernel_size=3, stride=1)),
-    ((2, 2, 10, 9), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0))),
-    ((2, 2, 11, 10), dict(kernel_size=2, stride=3, ceil_mode=True)),
-    ((2, 2, 5, 5), dict(kernel_size=4, stride=2, padding=2, ceil_mode=True)),
-    # dilation: overlapping dilated windows, per-axis dilation with padding and
-    # ceil_mode, a last window overhanging the end, a window longer than the input
-    ((2, 2, 9, 8), dict(kernel_size=3, stride=1, padding=1, dilation=2)),
-    ((1, 2, 11, 10), dict(kernel_size=(2, 3), stride=(2, 1), padding=1, dilation=(3, 2),
-                          ceil_mode=True)),
-    ((2, 1, 8, 9), dict(kernel_size=3, stride=2, dilation=2, ceil_mode=True)),
-    ((2, 2, 5, 6), dict(kernel_size=3, stride=3, dilation=3, ceil_mode=True)),
-    ((1, 3, 6, 7), dict(kernel_size=(1, 2), stride=1, padding=(0, 1), dilation=(5, 4))),
-]
 
 
 def _torch_pool(torch, x, dy, kw):

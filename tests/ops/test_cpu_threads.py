@@ -104,7 +104,7 @@ def test_a_blas_loaded_after_the_first_section_is_held_too():
                 print(threads_module.blas_threads())  # the most threads of any BLAS loaded
     """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1"], out.stdout
 

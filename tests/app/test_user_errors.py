@@ -18,7 +18,7 @@ from gpucnn.app import checkpoint, data, train
 from gpucnn import errors
 from gpucnn.app.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = ["--limit", "64", "--epochs", "1", "--no-progress", "--device", "cpu"]
 
 

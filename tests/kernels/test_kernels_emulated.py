@@ -8,7 +8,7 @@ import emulator
 from gpucnn.backends.cuda import kernels as cuda
 from gpucnn import functional as F
 from gpucnn.functional import conv, pool
-from test_conv2d import GRID as CONV_GRID
+from cases import CONV_GRID
 
 # Beyond test_conv2d's grid: ragged tile edges (rows past 128, K/groups = 65 and
 # 70 past a 64 tile, C = 40), 1x1 and 7x7 filters, depthwise with stride 2 and

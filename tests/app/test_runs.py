@@ -18,7 +18,7 @@ from gpucnn.errors import UserError
 from gpucnn.nn import Module, Sequential
 
 QUICK = dict(dataset="digits", limit=96, batch_size=32, progress=False)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def quiet(*a):

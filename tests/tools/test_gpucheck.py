@@ -11,7 +11,7 @@ import pytest
 from gpucnn.tools import bench, gpucheck
 from gpucnn.functional import conv
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" tests="5">
