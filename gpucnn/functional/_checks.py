@@ -3,26 +3,11 @@
 Each check raises TypeError or ValueError naming the argument, what it got and
 what it needs, before any work is done.
 """
-import numbers
-
 import numpy
 
+from ..validate import is_int, pair  # noqa: F401  (pair: the functional ops' name for it)
+
 FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
-
-
-def pair(value, name, minimum=1):
-    """An int or a pair of ints -> (a, b), each >= minimum."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        out = (int(value), int(value))
-    elif (isinstance(value, (tuple, list)) and len(value) == 2
-          and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
-        out = (int(value[0]), int(value[1]))
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(out) < minimum:
-        need = "positive" if minimum == 1 else f">= {minimum}"
-        raise ValueError(f"{name} must be {need}, got {value!r}")
-    return out
 
 
 def output_size(size, kernel, stride, pad_total, dilation=1, ceil_mode=False, name="output"):
@@ -72,8 +57,7 @@ def shape_is(a, name, shape):
 def nchw_shape(shape, name="input_shape"):
     """(N, C, H, W) as ints; N may be 0 (an empty batch), the others are positive."""
     if (not isinstance(shape, (tuple, list)) or len(shape) != 4
-            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
-                       for v in shape)
+            or not all(map(is_int, shape))
             or shape[0] < 0 or min(shape[1:]) < 1):
         raise ValueError(f"{name} must be 4 positive ints (N, C, H, W) (N may be 0), "
                          f"got {shape!r}")
