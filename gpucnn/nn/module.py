@@ -66,6 +66,25 @@ class Module:
     def backward(self, dy, need_input_grad=True):
         raise NotImplementedError
 
+    def _keep(self, ctx):
+        """Keep what this forward's backward needs (the functional forward's ctx):
+        one slot a layer, replaced by the next forward."""
+        self._ctx = ctx
+
+    def _take(self):
+        """The ctx the last forward kept, released as it is read (as PyTorch frees its
+        graph), so that a second backward for one forward is an error rather than
+        gradients added twice."""
+        ctx = getattr(self, "_ctx", None)
+        if ctx is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        if ctx is _RELEASED:
+            raise RuntimeError(f"{type(self).__name__}.backward called a second time for one "
+                               "forward; run forward again first (the gradients would "
+                               "otherwise be added twice)")
+        self._ctx = _RELEASED
+        return ctx
+
     def _saved(self, attr):
         """What forward stored for backward. Each saved value is read once per
         backward and then released (as PyTorch frees its graph), so a second
@@ -170,6 +189,7 @@ class Module:
         return self
 
     def _clear_saved(self):
+        self._ctx = None
         for attr in [a for a in vars(self) if a.startswith("_saved_")]:
             setattr(self, attr, None)
         if "_workspace" in vars(self):
