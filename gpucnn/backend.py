@@ -198,3 +198,15 @@ def to_device(a, device):
 
 def to_numpy(a):
     return to_device(a, "cpu")
+
+
+def ops_for(xp):
+    """The backend serving arrays of the array module xp: gpucnn.backends.cpu's ops
+    for NumPy, gpucnn.backends.cuda's for CuPy (or the module playing it). The one
+    place that turns an array module into a device's implementation: functional
+    code calls ``ops_for(xp).conv2d_forward(...)`` and never branches on the device."""
+    if xp is numpy:
+        from .backends import cpu
+        return cpu.OPS
+    from .backends import cuda
+    return cuda.ops_for(xp)
