@@ -6,9 +6,9 @@ the goal it is held to; on a GPU also the peak memory of a LeNet step.
 
 Ratios above 1 mean gpucnn is slower. On the GPU, PyTorch runs cuDNN in FP32
 with TF32 off and both sides are timed with CUDA events after warm-up; medians
-are reported. The goals are issue 8's on a GPU (every conv pass <= 1.2x cuDNN
-where C and K >= 32, <= 1.5x elsewhere; LeNet step >= 1.25x PyTorch's images/s
-at batch 256; peak memory <= 1.5x) and docs/benchmarks.md's on the CPU.
+are reported. The goals on a GPU: every conv pass <= 1.2x cuDNN where C and
+K >= 32, <= 1.5x elsewhere; LeNet step >= 1.25x PyTorch's images/s at batch 256;
+peak memory <= 1.5x. On the CPU: docs/benchmarks.md's.
 """
 import argparse
 import gc
@@ -27,7 +27,8 @@ from ..functional import conv, pool
 from ..step import train_step
 
 
-# (N, C, H, W, K, kernel, stride, pad[, dilation]): issue 8's shapes, all timed on a GPU.
+# (N, C, H, W, K, kernel, stride, pad[, dilation]): LeNet's layers and common CNN
+# layers from small to large, all timed on a GPU.
 # `gpucnn tune --bench` imports this list.
 def _lenet_convs(n):
     return [(n, 1, 28, 28, 32, 5, 1, 2), (n, 32, 14, 14, 64, 5, 1, 2)]
@@ -400,10 +401,10 @@ def main(argv=None):
 
 
 
-# --- issue 11: BN, a residual block, the ResNet step and the ResNet stem's pool ---
+# --- BN, a residual block, the ResNet step and the ResNet stem's pool ---
 
 def torch_resnet(torch):
-    """gpucnn.models.resnet written in torch, with the same state_dict names."""
+    """gpucnn.app.models.resnet written in torch, with the same state_dict names."""
     tn = torch.nn
 
     class Block(tn.Module):
