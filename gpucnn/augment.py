@@ -11,9 +11,7 @@ samples. The random numbers come from a generator seeded by (seed, batch
 counter), so the state is two ints that checkpoints store: a resumed run draws
 the same crops and flips as an uninterrupted one.
 """
-import numbers
-
-from . import backend, random
+from . import backend, random, validate
 
 
 class Augment:
@@ -27,11 +25,9 @@ class Augment:
     """
 
     def __init__(self, padding=0, flip=False, fill=0.0, seed=0):
-        if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
-            raise ValueError(f"padding must be an int >= 0, got {padding!r}")
-        if not isinstance(fill, numbers.Real):
-            raise TypeError(f"fill must be a number, got {fill!r}")
-        self.padding, self.flip, self.fill = int(padding), bool(flip), float(fill)
+        self.padding = validate.integer(padding, "padding", 0)
+        self.fill = validate.number(fill, "fill", finite=False, error=TypeError, what="a number")
+        self.flip = bool(flip)
         self.seed, self.calls = int(seed), 0
 
     def get_rng_state(self):

@@ -7,7 +7,7 @@ drawn from gpucnn's seeded host generator.
 """
 import math
 
-from . import backend, random
+from . import backend, random, validate
 
 GAINS = {"relu": math.sqrt(2.0), "linear": 1.0}
 INITS = ("default", "kaiming_normal")
@@ -23,10 +23,8 @@ def fans(shape):
 
 def kaiming_normal_(param, mode="fan_out", nonlinearity="relu"):
     """Redraw param.data (a Parameter) in place, keeping its device and dtype; returns it."""
-    if mode not in ("fan_in", "fan_out"):
-        raise ValueError(f"mode must be 'fan_in' or 'fan_out', got {mode!r}")
-    if nonlinearity not in GAINS:
-        raise ValueError(f"nonlinearity must be one of {tuple(GAINS)}, got {nonlinearity!r}")
+    validate.choice(mode, "mode", ("fan_in", "fan_out"))
+    validate.choice(nonlinearity, "nonlinearity", tuple(GAINS))
     shape = tuple(param.data.shape)
     fan_in, fan_out = fans(shape)
     std = GAINS[nonlinearity] / math.sqrt(fan_in if mode == "fan_in" else fan_out)
@@ -36,6 +34,5 @@ def kaiming_normal_(param, mode="fan_out", nonlinearity="relu"):
 
 
 def check_init(init):
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    return init
+    """init, where it is one of INITS (a layer's init= argument)."""
+    return validate.choice(init, "init", INITS)

@@ -15,22 +15,18 @@ a Python-float lr: the 0-d array has the parameter's dtype, which is what NumPy 
 CuPy round a Python float to in ``lr * g`` (NEP 50), and Adam's corrections are
 computed in float64, as Python computed them, then rounded the same way.
 """
-import math
-import numbers
-
 import numpy
 
-from . import backend
+from . import backend, validate
 from .nn.module import Parameter
 
 
-def _number(value, name, low=0.0, high=None, high_open=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if value < low or (high is not None and (value >= high if high_open else value > high)):
-        bound = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be in {bound}, got {value!r}")
-    return float(value)
+def hyper_number(value, name, low=0.0, high=None, high_open=False):
+    """A hyper-parameter (lr, momentum, a beta, ...) as a float: TypeError where it is
+    not a finite number, ValueError where it lies outside [low, high] (high excluded
+    where high_open). Shared with gpucnn.schedules."""
+    validate.number(value, name, error=TypeError)
+    return validate.number(value, name, low, high, high_open=high_open)
 
 
 class Optimizer:
@@ -60,7 +56,7 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value):
-        self._lr = _number(value, "lr")
+        self._lr = hyper_number(value, "lr")
         for a in self._lr_arrays.values():
             a.fill(self._lr)
 
@@ -139,9 +135,9 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, dampening=0.0):
         super().__init__(params, lr)
-        self.momentum = _number(momentum, "momentum")
-        self.weight_decay = _number(weight_decay, "weight_decay")
-        self.dampening = _number(dampening, "dampening")
+        self.momentum = hyper_number(momentum, "momentum")
+        self.weight_decay = hyper_number(weight_decay, "weight_decay")
+        self.dampening = hyper_number(dampening, "dampening")
         self.nesterov = bool(nesterov)
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError("nesterov=True needs momentum > 0 and dampening = 0, got "
@@ -173,10 +169,10 @@ class Adam(Optimizer):
         super().__init__(params, lr)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas must be a pair of numbers, got {betas!r}")
-        self.betas = (_number(betas[0], "betas[0]", 0.0, 1.0, True),
-                      _number(betas[1], "betas[1]", 0.0, 1.0, True))
-        self.eps = _number(eps, "eps")
-        self.weight_decay = _number(weight_decay, "weight_decay")
+        self.betas = (hyper_number(betas[0], "betas[0]", 0.0, 1.0, True),
+                      hyper_number(betas[1], "betas[1]", 0.0, 1.0, True))
+        self.eps = hyper_number(eps, "eps")
+        self.weight_decay = hyper_number(weight_decay, "weight_decay")
         # each parameter's step count t (float64: exact to 2**53), on the device once stepped
         self._counts = numpy.zeros(len(self.params))
 

@@ -16,22 +16,9 @@ A schedule is stepped after optimizer.step(), per epoch or per batch as the
 caller chooses; state_dict()/load_state_dict() hold everything a resume needs.
 """
 import math
-import numbers
 
-
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def _number(value, name, low=0.0, high=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be in [{low}, {high if high is not None else 'inf'}], "
-                         f"got {value!r}")
-    return float(value)
+from . import validate
+from .optim import hyper_number
 
 
 class Schedule:
@@ -43,11 +30,9 @@ class Schedule:
                             f"{type(optimizer).__name__}")
         self.optimizer = optimizer
         self.base_lr = float(optimizer.lr)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) \
-                or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        self.warmup_steps = int(warmup_steps)
-        self.warmup_start_factor = _number(warmup_start_factor, "warmup_start_factor", 0.0, 1.0)
+        self.warmup_steps = validate.integer(warmup_steps, "warmup_steps", 0)
+        self.warmup_start_factor = hyper_number(warmup_start_factor, "warmup_start_factor",
+                                                0.0, 1.0)
         if self.warmup_steps and self.warmup_start_factor == 0:
             raise ValueError("warmup_start_factor must be > 0 (PyTorch's LinearLR rule), got 0")
         self.last_step = 0
@@ -96,8 +81,8 @@ class StepLR(Schedule):
     """lr = base * gamma ** (t // step_size), torch.optim.lr_scheduler.StepLR."""
 
     def __init__(self, optimizer, step_size, gamma=0.1, **warmup):
-        self.step_size = _positive_int(step_size, "step_size")
-        self.gamma = _number(gamma, "gamma")
+        self.step_size = validate.positive_int(step_size, "step_size")
+        self.gamma = hyper_number(gamma, "gamma")
         super().__init__(optimizer, **warmup)
 
     def _settings(self):
@@ -111,8 +96,8 @@ class CosineAnnealingLR(Schedule):
     """lr = eta_min + (base - eta_min)(1 + cos(pi t / T_max)) / 2, torch's CosineAnnealingLR."""
 
     def __init__(self, optimizer, T_max, eta_min=0.0, **warmup):
-        self.T_max = _positive_int(T_max, "T_max")
-        self.eta_min = _number(eta_min, "eta_min")
+        self.T_max = validate.positive_int(T_max, "T_max")
+        self.eta_min = hyper_number(eta_min, "eta_min")
         super().__init__(optimizer, **warmup)
 
     def _settings(self):

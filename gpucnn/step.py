@@ -9,14 +9,15 @@ range-checked here (that needs a sync on a GPU): check them once per dataset
 with ``check_labels``, as ``gpucnn.train`` does.
 """
 from . import backend
-from .backends.cpu import threads as cpu_threads
 from . import functional as F
 
 
 def train_step(model, optimizer, x, y, *, label_smoothing=0.0):
     """Run one SGD/Adam step on the batch (x, y); returns (loss, logits) as device
     arrays: the batch-mean loss (0-d) and the logits, read them when needed."""
-    with cpu_threads.section(backend.get_array_module(x)):
+    # one section for the whole step: the CPU's threads (and its BLAS held to one
+    # thread) are taken once, not pass by pass; nothing on a GPU
+    with backend.ops_for(backend.get_array_module(x)).section():
         optimizer.zero_grad()
         logits = model.forward(x)
         kwargs = {"label_smoothing": label_smoothing} if label_smoothing else {}

@@ -10,8 +10,10 @@ import numpy
 import gpucnn
 from .. import backend
 from ..backends.cpu import threads
-from . import data, runs, train as training
+from . import runs, train as training
+from .config import DEVICES, FIELDS as CONFIG_FIELDS
 from ..errors import ConfigError, DeviceError, UserError
+from ..validate import integer, positive_int
 
 EPILOG = """examples:
   gpucnn train                                   # 8x8 digits, under a minute on a CPU
@@ -28,6 +30,16 @@ MNIST: --data-dir DIR holding the four MNIST IDX files (gzipped or not).
 The device is --device, else $GPUCNN_DEVICE, else auto (cuda where CuPy sees a GPU)."""
 
 
+TRAIN_DESCRIPTION = (
+    "Train a CNN with a progress bar, per-epoch metrics (OUT/metrics.jsonl), a checkpoint "
+    "(OUT/checkpoint.npz) and plots (OUT/curves.png, OUT/confusion.png). Unset options take "
+    "the dataset's defaults: digits 20 epochs, batch 32, adam lr 2e-3; fashion-mnist and mnist "
+    "3 epochs, batch 64, adam lr 1e-3 with the LeNet. --model resnet takes its recipe: 10 "
+    "epochs, batch 128, SGD momentum 0.9 Nesterov, lr 0.1 cosine to 0 per batch, weight decay "
+    "5e-4, random crop (padding 2) + horizontal flip (crop only on digits and MNIST).")
+DEVICE_HELP = "default: $GPUCNN_DEVICE or auto"
+
+
 def _parser():
     p = argparse.ArgumentParser(
         prog="gpucnn", description="Train and check convolutional networks whose "
@@ -35,82 +47,65 @@ def _parser():
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"gpucnn {gpucnn.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    devices = ["auto", "cpu", "cuda"]
+    for add in (_train_parser, _eval_parser, _predict_parser, _info_parser, _gradcheck_parser,
+                _tune_parser, _bench_parser):
+        add(sub)
+    return p
 
+
+def _train_parser(sub):
+    """train's options: one per Config field, as the field's metadata says
+    (gpucnn.app.config.setting)."""
     t = sub.add_parser("train", help="train a CNN (default: scikit-learn's 8x8 digits)",
-                       description="Train a CNN with a progress bar, per-epoch metrics "
-                       "(OUT/metrics.jsonl), a checkpoint (OUT/checkpoint.npz) and plots "
-                       "(OUT/curves.png, OUT/confusion.png). Unset options take the dataset's "
-                       "defaults: digits 20 epochs, batch 32, adam lr 2e-3; fashion-mnist and "
-                       "mnist 3 epochs, batch 64, adam lr 1e-3 with the LeNet. --model resnet "
-                       "takes its recipe: 10 epochs, batch 128, SGD momentum 0.9 Nesterov, lr 0.1 "
-                       "cosine to 0 per batch, weight decay 5e-4, random crop (padding 2) + "
-                       "horizontal flip (crop only on digits and MNIST).")
-    t.add_argument("--dataset", choices=data.DATASETS, help="what to train on (default digits)")
-    t.add_argument("--data-dir", help="directory with the IDX files (fashion-mnist, mnist)")
-    t.add_argument("--model", choices=sorted(training.MODELS), help="built-in network "
-                   "(default: lenet for 28x28 images, digits for 8x8)")
-    t.add_argument("--epochs", type=int, help="total number of epochs")
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--optimizer", choices=["sgd", "adam"])
-    t.add_argument("--lr", type=float, help="learning rate")
-    t.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    t.add_argument("--weight-decay", type=float, help="L2 weight decay (default 0; resnet 5e-4)")
-    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
-                   help="Nesterov momentum for SGD")
-    t.add_argument("--schedule", choices=["none", "cosine", "step"],
-                   help="learning-rate schedule, stepped per batch: cosine to 0 over the run, "
-                   "or step (x0.1 every third of the run); default none")
-    t.add_argument("--warmup", type=int, metavar="STEPS",
-                   help="linear lr warmup over the first STEPS batches (default 0)")
-    t.add_argument("--augment", choices=["none", "crop", "flip", "crop+flip"],
-                   help="on-device augmentation: random crop with padding 2, random "
-                   "horizontal flip; default none")
-    t.add_argument("--label-smoothing", type=float, metavar="S",
-                   help="cross-entropy label smoothing in [0, 1] (default 0)")
-    t.add_argument("--device", choices=devices, help="default: $GPUCNN_DEVICE or auto")
-    t.add_argument("--seed", type=int, help="seed for initialisation and shuffling (default 0)")
-    t.add_argument("--out", help="output directory (default: a new runs/<date-time>); one that "
-                   "already holds a run needs --resume or --overwrite")
-    t.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (its run files are removed first)")
-    t.add_argument("--resume", metavar="CHECKPOINT",
-                   help="continue a run from its checkpoint (its settings are kept)")
-    t.add_argument("--limit", type=int, metavar="N", help="train on the first N samples only")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay the training step from a CUDA graph (default: on with "
-                   "--device cuda; with any optimizer, schedule, warmup, augmentation or label "
-                   "smoothing; a model with Dropout runs eagerly)")
+                       description=TRAIN_DESCRIPTION)
+    for field in CONFIG_FIELDS:
+        meta = field.metadata
+        options = dict(meta["cli"])
+        if "action" not in options:
+            options["type"] = field.type
+        t.add_argument(meta["flag"] or "--" + field.name.replace("_", "-"), dest=field.name,
+                       help=meta["help"], **options)
 
+
+def _eval_parser(sub):
     e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test set")
-    e.add_argument("checkpoint")
-    e.add_argument("--data-dir")
-    e.add_argument("--device", choices=devices)
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("checkpoint", help="a checkpoint.npz written by gpucnn train")
+    e.add_argument("--data-dir", help="directory with the IDX files (default: the run's, else "
+                   "the dataset's)")
+    e.add_argument("--device", choices=DEVICES, help=DEVICE_HELP)
+    e.add_argument("--batch-size", type=int, default=256,
+                   help="test images per batch (default 256)")
 
+
+def _predict_parser(sub):
     r = sub.add_parser("predict", help="classify images (PNG, JPEG) or .npy arrays with a "
                        "checkpoint", description="Print the most probable classes of each "
                        "image. Images are converted to grayscale, resized to the model's input, "
                        "inverted when their background is light and scaled with the "
                        "checkpoint's normalisation; .npy arrays hold uint8 pixels or floats in "
                        "[0, 1] of shape (H, W), (C, H, W), (N, H, W) or (N, C, H, W).")
-    r.add_argument("checkpoint")
-    r.add_argument("files", nargs="+", metavar="FILE")
+    r.add_argument("checkpoint", help="a checkpoint.npz written by gpucnn train")
+    r.add_argument("files", nargs="+", metavar="FILE", help="an image file or a .npy array")
     r.add_argument("--top", type=int, default=3, metavar="K", help="classes to show (default 3)")
     r.add_argument("--json", action="store_true", help="print JSON instead of text")
-    r.add_argument("--device", choices=devices)
+    r.add_argument("--device", choices=DEVICES, help=DEVICE_HELP)
 
+
+def _info_parser(sub):
     i = sub.add_parser("info", help="versions, the device found, whether the GPU kernels compile")
     i.add_argument("--kernels", action="store_true", help="instead, the static report of every "
                    "kernel compiled for sm_90 (H100), no GPU needed: registers, spills, shared "
                    "memory, occupancy, FFMA share of the SASS")
 
+
+def _gradcheck_parser(sub):
     g = sub.add_parser("gradcheck", help="check every layer's backward against float64 "
                        "finite differences on a device")
-    g.add_argument("--device", choices=devices)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=DEVICES, help=DEVICE_HELP)
+    g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
 
+
+def _tune_parser(sub):
     u = sub.add_parser("tune", help="time the convolution kernels' tile configurations on this "
                        "GPU and remember the fastest",
                        description="Time every tile configuration of the convolution kernels "
@@ -118,36 +113,30 @@ def _parser():
                        "--bench, of gpucnn.tools.bench's shapes) and cache the fastest per (GPU, "
                        "shape, dtype) in $XDG_CACHE_HOME/gpucnn/tune.json (else "
                        "~/.cache/gpucnn/tune.json); later runs on this GPU use them.")
-    u.add_argument("--device", choices=devices, default="cuda", help="must be a GPU (cuda)")
+    u.add_argument("--device", choices=DEVICES, default="cuda", help="must be a GPU (cuda)")
     u.add_argument("--model", default="lenet", help="built-in model whose shapes to tune "
                    "(default lenet)")
     u.add_argument("--batch-size", type=int, help="default 64 for a model, the listed "
                    "batch sizes for --bench")
     u.add_argument("--bench", action="store_true", help="tune gpucnn.tools.bench's shapes instead")
-    u.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    u.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="the kernels' precision (default float32)")
     u.add_argument("--repeat", type=int, default=5, help="timed launches per configuration")
 
+
+def _bench_parser(sub):
     b = sub.add_parser("bench", help="time gpucnn against PyTorch (python -m gpucnn.tools.bench)")
-    b.add_argument("--device", choices=devices, default="auto")
-    b.add_argument("--repeat", type=int, default=10)
-    b.add_argument("--json")
+    b.add_argument("--device", choices=DEVICES, default="auto", help="default auto")
+    b.add_argument("--repeat", type=int, default=10,
+                   help="timed runs per case, of which the median counts (default 10)")
+    b.add_argument("--json", help="also write the results as JSON to this file")
     b.add_argument("--smoke", action="store_true", help="one tiny case of each kind")
     b.add_argument("--modern", action="store_true",
                    help="only BN, a residual block, the ResNet stem pool and a resnet step")
-    return p
 
 
 def cmd_train(args):
-    fields = dict(dataset=args.dataset, data_dir=args.data_dir, model=args.model,
-                  epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-                  lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                  device=args.device, seed=args.seed, out=args.out, resume=args.resume,
-                  limit=args.limit, nesterov=args.nesterov, schedule=args.schedule,
-                  warmup=args.warmup, augment=args.augment,
-                  label_smoothing=args.label_smoothing)
-    config = training.Config(**fields, overwrite=args.overwrite,
-                             progress=False if args.no_progress else None,
-                             cuda_graph=args.cuda_graph)
+    config = training.Config(**{field.name: getattr(args, field.name) for field in CONFIG_FIELDS})
     threads.keep_freed_memory()  # this process is a training run
     try:
         training.train(config)
@@ -174,8 +163,7 @@ def cmd_eval(args):
 def cmd_predict(args):
     from . import inference
     model = inference.load(args.checkpoint, device=args.device)
-    if args.top < 1:
-        raise ConfigError(f"--top must be a positive int, got {args.top}")
+    positive_int(args.top, "--top", error=ConfigError)
     items = inference.read_inputs(args.files, model.input_shape)
     probs = inference.probabilities(model, numpy.stack([x for _, x in items]))
     top = inference.top_classes(probs, model.classes, min(args.top, len(model.classes)))
@@ -190,13 +178,22 @@ def cmd_predict(args):
 
 
 def cmd_info(args):
-    from ..backends.cuda import kernels as cuda
-    from ..tools import nvrtc
     if args.kernels:
         from ..tools import kernel_report
         return kernel_report.main()
     print(f"gpucnn {gpucnn.__version__}, Python {platform.python_version()}, "
           f"NumPy {numpy.__version__}")
+    device = _report_device()
+    ok = _compile_kernels()
+    if device == "cuda":
+        from ..backends import cuda
+        loaded = cuda.kernels_for(backend.xp_for("cuda")).load_all()
+        print(f"kernels: all {len(loaded)} instantiations loaded on the GPU through CuPy")
+    return 0 if ok else 1
+
+
+def _report_device():
+    """Print CuPy's version and the device auto picks (and why); returns that device."""
     device, why = backend.resolve_device("auto")  # compiles and runs one tiny kernel first
     if device == "cuda":
         cp = backend.xp_for("cuda")
@@ -205,37 +202,41 @@ def cmd_info(args):
         print(f"device: cuda ({why}; a test kernel compiled with NVRTC and ran)")
         print(f"GPU: {props['name'].decode()}, compute capability "
               f"{props['major']}.{props['minor']}")
-    else:
-        try:
-            import cupy
-            print(f"CuPy {cupy.__version__}")
-        except ImportError:
-            print("CuPy: not installed (pip install 'gpucnn[cuda12]' or 'gpucnn[cuda13]')")
-        print(f"device: cpu ({why})")
-        if why != "cpu requested (argument)":
-            print(f"cuda: not usable: {backend.cuda_unavailable_reason()}")
-    ok = True
+        return device
+    try:
+        import cupy
+        print(f"CuPy {cupy.__version__}")
+    except ImportError:
+        print("CuPy: not installed (pip install 'gpucnn[cuda12]' or 'gpucnn[cuda13]')")
+    print(f"device: cpu ({why})")
+    if why != "cpu requested (argument)":
+        print(f"cuda: not usable: {backend.cuda_unavailable_reason()}")
+    return device
+
+
+def _compile_kernels():
+    """Compile every kernel source with NVRTC (no GPU needed) and print the outcome;
+    False where one fails."""
+    from ..backends import cuda
+    from ..tools import nvrtc
     if nvrtc.library() is None:
         print("NVRTC: not found, so the kernels were not compiled here "
               "(pip install nvidia-cuda-nvrtc-cu12)")
-    else:
-        major, minor = nvrtc.version()
-        for filename in sorted(cuda.KERNELS):
-            good, log, _ = nvrtc.compile(cuda.source(filename), cuda.name_expressions(filename),
-                                         options=cuda.NVRTC_OPTIONS, filename=filename)
-            ok &= good
-            print(f"kernels/{filename}: {'compiles' if good else 'FAILS'} with NVRTC "
-                  f"{major}.{minor} (compute_90)" + ("" if good else f"\n{log}"))
-    if device == "cuda":
-        loaded = cuda.kernels_for(backend.xp_for("cuda")).load_all()
-        print(f"kernels: all {len(loaded)} instantiations loaded on the GPU through CuPy")
-    return 0 if ok else 1
+        return True
+    ok = True
+    major, minor = nvrtc.version()
+    for filename in sorted(cuda.KERNELS):
+        good, log, _ = nvrtc.compile(cuda.source(filename), cuda.name_expressions(filename),
+                                     options=cuda.NVRTC_OPTIONS, filename=filename)
+        ok &= good
+        print(f"kernels/{filename}: {'compiles' if good else 'FAILS'} with NVRTC "
+              f"{major}.{minor} (compute_90)" + ("" if good else f"\n{log}"))
+    return ok
 
 
 def cmd_gradcheck(args):
     from ..tools import gradcheck
-    if args.seed < 0:
-        raise ConfigError(f"--seed must be an int >= 0, got {args.seed}")
+    integer(args.seed, "--seed", 0, error=ConfigError)
     device, why = backend.resolve_device(args.device)
     print(f"float64 finite-difference check of every backward on {device} ({why})")
     rows = gradcheck.run_all(device, args.seed)
@@ -248,7 +249,7 @@ def cmd_gradcheck(args):
 
 
 def cmd_tune(args):
-    from ..backends.cuda import kernels as cuda
+    from ..backends import cuda
     from ..tools import tune
     if args.bench:
         shapes = tune.bench_geometries(args.batch_size)
@@ -267,8 +268,7 @@ def cmd_tune(args):
 
 def cmd_bench(args):
     from ..tools import bench
-    if args.repeat < 1:
-        raise ConfigError(f"--repeat must be a positive int, got {args.repeat}")
+    positive_int(args.repeat, "--repeat", error=ConfigError)
     return bench.main(["--device", args.device, "--repeat", str(args.repeat)] +
                       (["--json", args.json] if args.json else []) +
                       (["--smoke"] if args.smoke else []) +

@@ -1,45 +1,62 @@
-"""A training run's settings: `Config` (the fields of ``gpucnn train``), the
-defaults per dataset and the recipe per built-in model, the checks, what a resume
-keeps from its checkpoint, and the optimizer, schedule and augmentation a config
-asks for."""
+"""A training run's settings: `Config`, whose fields each say once what a setting
+is (its ``gpucnn train`` option, help, choices and check, and whether it defines
+the run); how unset fields are filled (the user's value, else the model's recipe,
+else the dataset's defaults, else the field's fallback); what a resume keeps from
+its checkpoint; and the optimizer, schedule and augmentation a config asks for."""
+import argparse
 import dataclasses
-import math
-import numbers
+import functools
 import pathlib
 
-from . import checkpoint
+from . import checkpoint, data
 from ..augment import Augment
 from ..errors import ConfigError
 from .models import MODELS
 from ..optim import SGD, Adam
 from ..schedules import SCHEDULES
+from ..validate import choice, integer, number, positive_int
 
-DEFAULTS = {  # per dataset: what reaches the README's accuracy targets
-    "digits": dict(model="digits", epochs=20, batch_size=32, optimizer="adam", lr=2e-3),
-    "fashion-mnist": dict(model="lenet", epochs=3, batch_size=64, optimizer="adam", lr=1e-3),
-    "mnist": dict(model="lenet", epochs=3, batch_size=64, optimizer="adam", lr=1e-3),
-}
-# Per built-in model, its recipe (issue 11's ResNet recipe); it overrides the
-# dataset's defaults, and whatever the user sets overrides both.
-MODEL_DEFAULTS = {
-    "resnet": dict(epochs=10, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9,
-                   nesterov=True, weight_decay=5e-4, schedule="cosine", augment="crop+flip"),
-}
-# Unset after both: plain training.
-FALLBACKS = dict(nesterov=False, weight_decay=0.0, schedule="none", augment="none",
-                 label_smoothing=0.0, warmup=0)
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULE_NAMES = ("none",) + tuple(sorted(SCHEDULES))
 AUGMENTS = ("none", "crop", "flip", "crop+flip")
 CROP_PADDING = 2
-NO_FLIP = ("digits", "mnist")  # a flipped digit is another symbol
-# Settings that define a run: a resumed run takes them from its checkpoint.
-RUN_KEYS = ("dataset", "model", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-            "seed", "limit", "nesterov", "schedule", "augment", "label_smoothing", "warmup")
+DEFAULT_DATASET = "digits"
 
 
-# Unset (None) fields take these, then the dataset's DEFAULTS. A run-defining
-# field must default to None, so that a resume can tell "not given" (keep the
-# checkpoint's) from "given" (must match the checkpoint's).
-GENERAL_DEFAULTS = dict(dataset="digits", momentum=0.9, weight_decay=0.0, seed=0)
+def setting(help, *, run=False, check=None, fallback=None, default=None, flag=None, **cli):
+    """A Config field together with its ``gpucnn train`` option.
+
+    help: the option's help text. run: the setting defines the run: a resume takes
+    it from the checkpoint and refuses a different value. check(value, name): raises
+    ConfigError for a bad value (run on the filled-in config, where the value is not
+    None); where cli has choices and check is None, the value must be one of them;
+    check=False: checked elsewhere. fallback: the value where neither the user, the
+    model's recipe nor the dataset's defaults set one. flag: the option's name
+    (default --name-with-dashes); cli: further argparse.add_argument keywords
+    (choices, metavar, action, ...; type defaults to the field's annotation).
+    A run-defining field defaults to None, so that a resume can tell "not given"
+    (keep the checkpoint's) from "given" (must match the checkpoint's)."""
+    if check is None and "choices" in cli:
+        check = _checked(choice, choices=cli["choices"])
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, run=run, check=check, fallback=fallback, flag=flag, cli=cli))
+
+
+def _listing(text, registry):
+    """An option's help followed by each registered name's own help."""
+    return f"{text}: " + "; ".join(f"{name}: {spec.help}" for name, spec in registry.items())
+
+
+def _checked(check, **keywords):
+    return functools.partial(check, error=ConfigError, **keywords)
+
+
+def _momentum(value, name):
+    try:
+        return number(value, name, 0, 1, high_open=True, what="in [0, 1)", error=ConfigError)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (SGD diverges from 1 on)") from None
 
 
 @dataclasses.dataclass
@@ -51,90 +68,94 @@ class Config:
     the resumed run's own or overwrite=True (its run files are removed first).
     epochs: the total; on a resume more than the checkpoint's extends the run.
     progress: a progress bar; None shows one only when stderr is a terminal.
+    cuda_graph: None replays the step from a CUDA graph where the device is cuda.
     """
-    dataset: str = None
-    data_dir: str = None
-    model: str = None
-    epochs: int = None
-    batch_size: int = None
-    optimizer: str = None
-    lr: float = None
-    momentum: float = None
-    weight_decay: float = None
-    nesterov: bool = None
-    schedule: str = None
-    augment: str = None
-    label_smoothing: float = None
-    warmup: int = None
-    device: str = None
-    seed: int = None
-    out: str = None
-    resume: str = None
-    limit: int = None
-    progress: bool = None
-    overwrite: bool = False
-    cuda_graph: bool = None  # None: on where the device is cuda (gpucnn.graph)
+    dataset: str = setting(_listing(f"what to train on (default {DEFAULT_DATASET})",
+                                    data.DATASETS),
+                           run=True, fallback=DEFAULT_DATASET, choices=tuple(data.DATASETS))
+    data_dir: str = setting("directory with the IDX files (fashion-mnist, mnist)")
+    model: str = setting(_listing("built-in network (default: lenet for 28x28 images, digits "
+                                  "for 8x8)", MODELS), run=True, choices=tuple(MODELS))
+    epochs: int = setting("total number of epochs", check=_checked(positive_int))
+    batch_size: int = setting("images per training step (default: the dataset's or the "
+                              "model's recipe)", run=True, check=_checked(positive_int))
+    optimizer: str = setting("the optimizer (default: the dataset's or the model's recipe)",
+                             run=True, choices=OPTIMIZERS)
+    lr: float = setting("learning rate", run=True,
+                        check=_checked(number, low=0, low_open=True))
+    momentum: float = setting("SGD momentum (default 0.9)", run=True, fallback=0.9,
+                              check=_momentum)
+    weight_decay: float = setting("L2 weight decay (default 0; resnet 5e-4)", run=True,
+                                  fallback=0.0, check=_checked(number, low=0))
+    nesterov: bool = setting("Nesterov momentum for SGD", run=True, fallback=False,
+                             action=argparse.BooleanOptionalAction)
+    schedule: str = setting("learning-rate schedule, stepped per batch: cosine to 0 over the "
+                            "run, or step (x0.1 every third of the run); default none",
+                            run=True, fallback="none", choices=SCHEDULE_NAMES)
+    warmup: int = setting("linear lr warmup over the first STEPS batches (default 0)",
+                          run=True, fallback=0, metavar="STEPS",
+                          check=_checked(integer, minimum=0, what="a number of steps >= 0"))
+    augment: str = setting("on-device augmentation: random crop with padding 2, random "
+                           "horizontal flip; default none", run=True, fallback="none",
+                           choices=AUGMENTS)
+    label_smoothing: float = setting("cross-entropy label smoothing in [0, 1] (default 0)",
+                                     run=True, fallback=0.0, metavar="S",
+                                     check=_checked(number, low=0, high=1, what="in [0, 1]"))
+    # checked when resolved (gpucnn.backend.resolve_device), $GPUCNN_DEVICE too
+    device: str = setting("default: $GPUCNN_DEVICE or auto", choices=DEVICES, check=False)
+    seed: int = setting("seed for initialisation and shuffling (default 0)", run=True,
+                        fallback=0, check=_checked(integer, minimum=0))
+    out: str = setting("output directory (default: a new runs/<date-time>); one that already "
+                       "holds a run needs --resume or --overwrite")
+    overwrite: bool = setting("replace the run already in --out (its run files are removed "
+                              "first)", default=False, action="store_true")
+    resume: str = setting("continue a run from its checkpoint (its settings are kept)",
+                          metavar="CHECKPOINT")
+    limit: int = setting("train on the first N samples only", run=True, metavar="N",
+                         check=_checked(positive_int, what="a positive number of samples"))
+    progress: bool = setting("no progress bar", flag="--no-progress", action="store_const",
+                             const=False)
+    cuda_graph: bool = setting("replay the training step from a CUDA graph (default: on with "
+                               "--device cuda; with any optimizer, schedule, warmup, "
+                               "augmentation or label smoothing; a model with Dropout runs "
+                               "eagerly)", action=argparse.BooleanOptionalAction)
 
     def filled(self):
-        """A copy with the defaults in place of unset fields, checked."""
-        c = dataclasses.replace(self, **{k: v for k, v in GENERAL_DEFAULTS.items()
-                                        if getattr(self, k) is None})
-        if c.dataset not in DEFAULTS:
-            raise ConfigError(f"dataset must be one of {tuple(DEFAULTS)}, got {c.dataset!r}")
-        c = dataclasses.replace(c, **{k: v for k, v in DEFAULTS[c.dataset].items()
-                                     if getattr(c, k) is None})
-        c = _fill_recipe(c, self)
-        for name in ("epochs", "batch_size"):
-            if not is_int(getattr(c, name)) or getattr(c, name) < 1:
-                raise ConfigError(f"{name} must be a positive int, got {getattr(c, name)!r}")
-        if c.limit is not None and (not is_int(c.limit) or c.limit < 1):
-            raise ConfigError(f"limit must be a positive number of samples, got {c.limit!r}")
-        if not is_int(c.seed) or c.seed < 0:
-            raise ConfigError(f"seed must be an int >= 0, got {c.seed!r}")
-        if c.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {c.optimizer!r}")
-        if c.model not in MODELS:
-            raise ConfigError(f"model must be one of {tuple(MODELS)}, got {c.model!r}")
-        if not (is_real(c.lr) and c.lr > 0 and math.isfinite(c.lr)):
-            raise ConfigError(f"lr must be a positive number, got {c.lr!r}")
-        if not (is_real(c.momentum) and 0 <= c.momentum < 1):
-            raise ConfigError(f"momentum must be in [0, 1), got {c.momentum!r} (SGD diverges "
-                              "from 1 on)")
-        if not (is_real(c.weight_decay) and 0 <= c.weight_decay < math.inf):
-            raise ConfigError(f"weight_decay must be a number >= 0, got {c.weight_decay!r}")
+        """A copy with the defaults in place of unset fields, checked. An unset field
+        takes the model's recipe, else the dataset's defaults, else its fallback."""
+        dataset = data.DATASETS[_check("dataset", FALLBACKS["dataset"] if self.dataset is None
+                                       else self.dataset)]
+        model = self.model if self.model is not None else dataset.defaults["model"]
+        recipe = dict(MODELS[model].recipe) if model in MODELS else {}
+        if recipe.get("augment") == "crop+flip" and not dataset.flip:
+            recipe["augment"] = "crop"
+        fills = {}
+        for name in (f.name for f in FIELDS if getattr(self, f.name) is None):
+            source = next((s for s in (recipe, dataset.defaults, FALLBACKS) if name in s), None)
+            if source is not None:
+                fills[name] = source[name]
+        c = dataclasses.replace(self, **fills)
+        for f in FIELDS:
+            if getattr(c, f.name) is not None:
+                _check(f.name, getattr(c, f.name))
+        if c.nesterov and c.optimizer != "sgd":
+            raise ConfigError(f"nesterov applies to --optimizer sgd, got {c.optimizer!r}")
         return c
 
 
-def is_int(v):
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+FIELDS = dataclasses.fields(Config)
+# Settings that define a run: a resumed run takes them from its checkpoint.
+RUN_KEYS = tuple(f.name for f in FIELDS if f.metadata["run"])
+# Unset after the model's recipe and the dataset's defaults: plain training.
+FALLBACKS = {f.name: f.metadata["fallback"] for f in FIELDS if f.metadata["fallback"] is not None}
 
 
-def is_real(v):
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _fill_recipe(c, given):
-    """The model's recipe, then FALLBACKS, in place of the fields the user left unset
-    (the dataset's defaults give way to the recipe); checks the new settings."""
-    recipe = dict(MODEL_DEFAULTS.get(c.model, {}))
-    if recipe.get("augment") == "crop+flip" and c.dataset in NO_FLIP:
-        recipe["augment"] = "crop"
-    fields = {k: v for k, v in recipe.items() if getattr(given, k) is None}
-    fields.update({k: v for k, v in FALLBACKS.items()
-                   if getattr(given, k) is None and k not in recipe})
-    c = dataclasses.replace(c, **fields)
-    if c.schedule not in ("none",) + tuple(SCHEDULES):
-        raise ConfigError(f"schedule must be one of {('none',) + tuple(SCHEDULES)}, "
-                          f"got {c.schedule!r}")
-    if c.augment not in AUGMENTS:
-        raise ConfigError(f"augment must be one of {AUGMENTS}, got {c.augment!r}")
-    if not (is_real(c.label_smoothing) and 0 <= c.label_smoothing <= 1):
-        raise ConfigError(f"label_smoothing must be in [0, 1], got {c.label_smoothing}")
-    if not is_int(c.warmup) or c.warmup < 0:
-        raise ConfigError(f"warmup must be a number of steps >= 0, got {c.warmup!r}")
-    if c.nesterov and c.optimizer != "sgd":
-        raise ConfigError(f"nesterov applies to --optimizer sgd, got {c.optimizer!r}")
-    return c
+def _check(name, value):
+    """The value, after its field's check (which raises ConfigError)."""
+    check = Config.__dataclass_fields__[name].metadata["check"]
+    if check:
+        check(value, name)
+    return value
 
 
 def make_schedule(config, optimizer, steps_per_epoch):

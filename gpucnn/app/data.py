@@ -1,12 +1,16 @@
 """Datasets: scikit-learn's 8x8 digits (bundled) and MNIST-format IDX files
 (MNIST, Fashion-MNIST) from a directory. Nothing is downloaded.
 
-Every loader returns a Dataset of float32 images (N, 1, H, W), standardised
-with the training set's mean and standard deviation, and int64 labels.
+DATASETS registers each one once, as a DatasetSpec: how it loads, its image
+shape and classes, the training settings it defaults to and whether a flipped
+image keeps its class. Every loader returns a Dataset of float32 images
+(N, 1, H, W), standardised with the training set's mean and standard deviation,
+and int64 labels.
 """
 import gzip
 import os
 import pathlib
+import types
 import zlib
 from dataclasses import dataclass, field
 
@@ -14,25 +18,13 @@ import numpy
 
 from .. import backend
 from ..errors import UserError
+from ..validate import choice
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot")
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
-DEFAULT_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist",
-                "mnist": "/usr/share/datasets/mnist"}
-HOW_TO_GET = {
-    "fashion-mnist": "install Debian's package (apt-get install dataset-fashion-mnist) or pass "
-                     "--data-dir DIR with the four Fashion-MNIST IDX files",
-    "mnist": "pass --data-dir DIR with the four MNIST IDX files (train-images-idx3-ubyte, "
-             "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, "
-             "gzipped or not)",
-}
-# Where torchvision and the original archives leave the files, under a data dir.
-SUBDIRS = {"fashion-mnist": ("", "raw", "FashionMNIST/raw", "fashion-mnist"),
-           "mnist": ("", "raw", "MNIST/raw", "mnist")}
 IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
              "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
-DATASETS = ("digits", "fashion-mnist", "mnist")
 
 
 class DataError(UserError, ValueError):
@@ -119,12 +111,13 @@ def read_idx(path, kind):
 
 def find_idx_files(name, data_dir=None, keys=tuple(IDX_FILES)):
     """Paths of the IDX files (by default all four) of a dataset under data_dir (or its default)."""
-    base = pathlib.Path(data_dir or DEFAULT_DIRS[name])
+    spec = DATASETS[name]
+    base = pathlib.Path(data_dir or spec.default_dir)
     if not base.is_dir():
-        raise DataError(f"{name}: data directory {base} does not exist; {HOW_TO_GET[name]}")
+        raise DataError(f"{name}: data directory {base} does not exist; {spec.how_to_get}")
     found = {}
     for key, stem in ((k, IDX_FILES[k]) for k in keys):
-        for sub in SUBDIRS[name]:
+        for sub in spec.subdirs:
             for suffix in ("", ".gz"):
                 candidate = base / sub / (stem + suffix)
                 if candidate.is_file():
@@ -134,8 +127,8 @@ def find_idx_files(name, data_dir=None, keys=tuple(IDX_FILES)):
                 break
         if key not in found:
             raise DataError(f"{name}: {stem}[.gz] not found under {base} (looked in "
-                            f"{', '.join(str(base / s) or str(base) for s in SUBDIRS[name])}); "
-                            f"{HOW_TO_GET[name]}")
+                            f"{', '.join(str(base / s) or str(base) for s in spec.subdirs)}); "
+                            f"{spec.how_to_get}")
     return found
 
 
@@ -165,28 +158,91 @@ def load_idx_dataset(name, data_dir=None, stats=None, splits=("train", "test")):
     train = arrays["train_x"][:, None] / 255.0 if "train" in splits else test[:0]
     train_y = arrays["train_y"] if "train" in splits else arrays["test_y"][:0]
     train_x, test_x, stats = _standardise(train, test, stats)
-    classes = FASHION_CLASSES if name == "fashion-mnist" else DIGIT_CLASSES
     return Dataset(name, train_x, train_y.astype(numpy.int64), test_x,
-                   arrays["test_y"].astype(numpy.int64), classes,
+                   arrays["test_y"].astype(numpy.int64), DATASETS[name].classes,
                    str(paths[keys[0]].parent), stats)
 
 
+def _load_digits(name, data_dir, seed, stats, splits):
+    return load_digits(seed, stats=stats)  # bundled: no files, both splits from one set
+
+
+def _load_idx(name, data_dir, seed, stats, splits):
+    return load_idx_dataset(name, data_dir, stats, splits)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset gpucnn trains on, said once.
+
+    loader(name, data_dir, seed, stats, splits): its Dataset (see load, load_test).
+    input_shape: (C, H, W) of one image; classes: the class names, in label order.
+    defaults: the settings a run takes where the user sets none (model, epochs,
+    batch_size, optimizer, lr); a model's recipe overrides them (gpucnn.app.config).
+    flip: whether a horizontally flipped image keeps its class (a flipped digit is
+    another symbol), i.e. whether a recipe's flip augmentation applies.
+    default_dir, subdirs, how_to_get (IDX datasets): the folder read without
+    --data-dir, the folders under a data folder where the files may lie (where
+    torchvision and the original archives leave them), how to get the files.
+    """
+    name: str
+    help: str
+    loader: object
+    input_shape: tuple
+    classes: tuple
+    defaults: types.MappingProxyType
+    flip: bool
+    default_dir: str = None
+    subdirs: tuple = ("",)
+    how_to_get: str = ""
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+    def load(self, data_dir=None, seed=0, stats=None, splits=("train", "test")):
+        return self.loader(self.name, data_dir, seed, stats, splits)
+
+
+def _defaults(**settings):
+    return types.MappingProxyType(settings)
+
+
+# Each dataset's defaults are what reaches the README's accuracy targets.
+DATASETS = {spec.name: spec for spec in (
+    DatasetSpec("digits", "scikit-learn's 1,797 8x8 digits (bundled)", _load_digits, (1, 8, 8),
+                DIGIT_CLASSES, _defaults(model="digits", epochs=20, batch_size=32,
+                                         optimizer="adam", lr=2e-3), flip=False),
+    DatasetSpec("fashion-mnist", "Zalando's 28x28 clothing images (IDX files)", _load_idx,
+                (1, 28, 28), FASHION_CLASSES, _defaults(model="lenet", epochs=3, batch_size=64,
+                                                        optimizer="adam", lr=1e-3), flip=True,
+                default_dir="/usr/share/datasets/fashion-mnist",
+                subdirs=("", "raw", "FashionMNIST/raw", "fashion-mnist"),
+                how_to_get="install Debian's package (apt-get install dataset-fashion-mnist) or "
+                "pass --data-dir DIR with the four Fashion-MNIST IDX files"),
+    DatasetSpec("mnist", "28x28 handwritten digits (IDX files)", _load_idx, (1, 28, 28),
+                DIGIT_CLASSES, _defaults(model="lenet", epochs=3, batch_size=64,
+                                         optimizer="adam", lr=1e-3), flip=False,
+                default_dir="/usr/share/datasets/mnist", subdirs=("", "raw", "MNIST/raw", "mnist"),
+                how_to_get="pass --data-dir DIR with the four MNIST IDX files "
+                "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                "t10k-labels-idx1-ubyte, gzipped or not)"),
+)}
+
+
+def dataset(name):
+    """The DatasetSpec of a name; a ValueError names the known ones."""
+    return DATASETS[choice(name, "dataset", DATASETS)]
+
+
 def load(name, data_dir=None, seed=0):
-    if name == "digits":
-        return load_digits(seed)
-    if name in DEFAULT_DIRS:
-        return load_idx_dataset(name, data_dir)
-    raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    return dataset(name).load(data_dir, seed)
 
 
 def load_test(name, data_dir=None, seed=0, stats=None):
     """Only the test set, standardised with the given (a checkpoint's) stats; for
     IDX datasets only the two t10k files are read."""
-    if name == "digits":
-        return load_digits(seed, stats=stats)
-    if name in DEFAULT_DIRS:
-        return load_idx_dataset(name, data_dir, stats, splits=("test",))
-    raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    return dataset(name).load(data_dir, seed, stats, splits=("test",))
 
 
 def batches(x, y, batch_size, device, order=None, start=0):

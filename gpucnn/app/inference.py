@@ -5,12 +5,9 @@ import pathlib
 import numpy
 
 from .. import backend
-from . import checkpoint
+from . import checkpoint, data
 from ..errors import UserError
 from .models import MODELS
-
-# For checkpoints written before the input shape was recorded.
-INPUT_SHAPES = {"digits": (1, 8, 8), "fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28)}
 
 
 class InputError(UserError, ValueError):
@@ -31,8 +28,8 @@ def from_checkpoint(path, device=None, model=None):
                 "num_classes" not in meta:
             raise checkpoint.CheckpointError(f"{path} was not written by gpucnn train (its run "
                                              "settings are missing)")
-        model = MODELS[saved["model"]](num_classes=meta["num_classes"],
-                                       in_channels=meta.get("in_channels", 1))
+        model = MODELS[saved["model"]].build(num_classes=meta["num_classes"],
+                                             in_channels=meta.get("in_channels", 1))
     device, why = backend.resolve_device(device)
     checkpoint.restore(path, model)
     model.to(device)
@@ -53,9 +50,16 @@ def load(path, device=None, model=None):
     model.eval()
     dataset = (meta.get("config") or {}).get("dataset")
     model.classes = tuple(meta.get("classes") or range(meta.get("num_classes", 0)))
-    model.input_shape = tuple(meta.get("input_shape") or INPUT_SHAPES.get(dataset, ()))
+    model.input_shape = tuple(meta.get("input_shape") or _dataset_input_shape(dataset))
     model.normalization = dict(meta.get("data_stats") or dict(mean=0.0, std=1.0))
     return model
+
+
+def _dataset_input_shape(name):
+    """The dataset's image shape, for checkpoints written before the input shape was
+    recorded; () for an unknown dataset."""
+    spec = data.DATASETS.get(name)
+    return spec.input_shape if spec is not None else ()
 
 
 def read_image(path, input_shape):

@@ -1,4 +1,9 @@
-"""The built-in networks. A user can pass any Sequential of their own instead."""
+"""The built-in networks, each registered once in MODELS as a ModelSpec: its
+builder, the image shape it is built for and the training recipe it needs. A
+user can pass any Sequential of their own to training instead."""
+import dataclasses
+import types
+
 from ..nn import (BatchNorm2D, Conv2D, Flatten, GlobalAvgPool2D, Linear, MaxPool2D, ReLU, Residual,
                  Sequential)
 
@@ -50,4 +55,35 @@ def resnet(num_classes=10, in_channels=1, widths=(16, 32, 64)):
     return Sequential(*layers)
 
 
-MODELS = {"lenet": lenet, "digits": digits_net, "resnet": resnet}
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A built-in network: ``build(num_classes, in_channels)`` makes a fresh one
+    (its weights drawn from gpucnn's seeded generator); input_shape is the (C, H, W)
+    of one image it is built for; recipe holds the training settings it needs
+    unless the user sets them (they override the dataset's defaults)."""
+    name: str
+    builder: object
+    input_shape: tuple
+    help: str
+    recipe: types.MappingProxyType
+
+    def build(self, num_classes=10, in_channels=1):
+        return self.builder(num_classes=num_classes, in_channels=in_channels)
+
+
+def _spec(name, builder, input_shape, help, **recipe):
+    return ModelSpec(name, builder, tuple(input_shape), help, types.MappingProxyType(recipe))
+
+
+MODELS = {spec.name: spec for spec in (  # in the order --help lists them
+    _spec("digits", digits_net, (1, 8, 8), "two 3x3 convs with max pooling for 8x8 images"),
+    _spec("lenet", lenet, (1, 28, 28), "LeNet-style, two 5x5 convs with max pooling and two "
+          "linear layers"),
+    # A BN ResNet trains with SGD, Nesterov momentum, a cosine schedule, weight decay
+    # and augmentation (docs/benchmarks.md compares this recipe with PyTorch's). On
+    # a dataset whose images change class when mirrored crop+flip becomes crop.
+    _spec("resnet", resnet, (1, 28, 28), "a small ResNet (three basic blocks, batch norm) "
+          "trained with its own recipe", epochs=10, batch_size=128, optimizer="sgd", lr=0.1,
+          momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine",
+          augment="crop+flip"),
+)}

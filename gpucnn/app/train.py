@@ -13,12 +13,13 @@ from .. import backend
 from . import checkpoint, data, plots, runs
 from ..backends.cpu import threads as cpu_threads
 from .. import functional as F
-from .config import Config  # noqa: F401  (train.Config: the public name, as before)
-from .config import is_int, make_augment, make_optimizer, make_schedule, merge_resume
+from .config import Config  # train.Config: the public name
+from .config import make_augment, make_optimizer, make_schedule, merge_resume
 from ..errors import ConfigError, UserError
 from .models import MODELS
 from ..random import manual_seed
 from ..step import check_labels, train_step
+from ..validate import positive_int
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
@@ -62,10 +63,8 @@ def train(config, model=None, log=print):
     Before any training the output folder is checked, locked and claimed
     (see Config); a UserError says what is wrong with the settings, files or folder.
     """
-    resume_meta = None
     if config.resume:
-        resume_meta = checkpoint.read(config.resume)[0]
-        config = merge_resume(config, resume_meta)
+        config = merge_resume(config, checkpoint.read(config.resume)[0])
     config = config.filled()
     if config.progress is None:
         config = dataclasses.replace(config, progress=sys.stderr.isatty())
@@ -78,7 +77,7 @@ def train(config, model=None, log=print):
     lock = runs.claim(out, resuming_here=here, overwrite=config.overwrite)
     try:
         with runs.interrupts() as interrupts:
-            return _run(config, model, log, out, resume_meta, interrupts)
+            return _run(config, model, log, out, interrupts)
     except UserError:
         lock.release()
         if created:  # e.g. a dataset error: leave no empty folder behind
@@ -89,7 +88,85 @@ def train(config, model=None, log=print):
         lock.release()
 
 
-def _run(config, model, log, out, resume_meta, interrupts):
+def _run(config, model, log, out, interrupts):
+    run = _setup(config, model, log, out)
+    if config.resume:
+        _restore(run)
+    with runs.writing(out / runs.METRICS, run.survivor):
+        runs.write_metrics(out, run.history)  # a resumed run's rows, rebuilt from its checkpoint
+    if run.history and not all((out / name).exists() for name in runs.PLOTS):
+        with runs.writing("the plots", run.survivor):
+            _draw_plots(out, run.history, run.confusion and numpy.array(run.confusion),
+                        run.ds.classes, config)
+    check_labels(run.train_y, len(run.ds.classes), "training labels")  # once, not per step
+    step_fn = _step_function(config, run.device, run.model, run.optimizer, log)
+    for epoch in range(run.start_epoch, config.epochs):
+        row, confusion, train_time = _epoch(run, epoch, interrupts, step_fn)
+        run.partial = None
+        run.history.append(row)
+        _after_epoch(run, row, confusion, train_time)
+    log(f"gpucnn: done; metrics, checkpoint and plots are in {out}")
+    return run.history, run.model
+
+
+@dataclasses.dataclass
+class _Run:
+    """A training run from its setup to its last epoch: what the epochs work on,
+    where they start and what a checkpoint saves."""
+    config: Config
+    out: pathlib.Path
+    log: object
+    device: str
+    ds: data.Dataset
+    train_x: numpy.ndarray
+    train_y: numpy.ndarray
+    model: object
+    custom_model: bool  # a network passed in from Python, not a built-in one
+    optimizer: object
+    batches: int  # per epoch
+    schedule: object
+    augment: object
+    rng: numpy.random.Generator  # the epochs' shuffling
+    threads: object  # the BLAS threads of a CPU step (gpucnn.backends.cpu.threads)
+    history: list = dataclasses.field(default_factory=list)
+    start_epoch: int = 0
+    start_step: int = 0
+    partial: dict = None  # a resumed mid-epoch checkpoint's running sums
+    confusion: list = None  # the last evaluation's confusion matrix
+    saved_epoch: int = None  # that of the last complete checkpoint; None: none written
+
+    @property
+    def ckpt_path(self):
+        return self.out / runs.CHECKPOINT
+
+    def survivor(self):
+        if self.saved_epoch is None:
+            return "No checkpoint was written."
+        return f"The last complete checkpoint is {self.ckpt_path} (epoch {self.saved_epoch})."
+
+    def save(self, epoch, step, rng_state, part=None, rows=None):
+        """The checkpoint at `step` of `epoch` (0: the epoch's start), with the
+        shuffling state that repeats the epoch and, mid-epoch, its running sums."""
+        ds = self.ds
+        meta = dict(version=1, epoch=epoch, step=step, rng_state=rng_state, partial=part,
+                    config=dataclasses.asdict(self.config),
+                    history=self.history if rows is None else rows,
+                    classes=list(ds.classes), num_classes=len(ds.classes),
+                    in_channels=int(ds.image_shape[0]),
+                    input_shape=[int(v) for v in ds.image_shape], data_stats=ds.stats,
+                    custom_model=self.custom_model, device=self.device,
+                    blas_threads=self.threads, confusion=self.confusion,
+                    **_extras(self.model, self.schedule, self.augment))
+        with runs.writing(self.ckpt_path, self.survivor):
+            checkpoint.save(self.ckpt_path, self.model, self.optimizer, meta)
+        if not part:
+            self.saved_epoch = epoch
+
+
+def _setup(config, model, log, out):
+    """The device, the data, the model (the config's built-in one, or the given
+    one), its optimizer, schedule and augmentation, and the shuffling generator,
+    all seeded from config.seed in the order that a resume repeats."""
     device, why = backend.resolve_device(config.device)
     log(f"gpucnn: training on {device} ({why})")
     ds = data.load(config.dataset, config.data_dir, seed=config.seed)
@@ -102,136 +179,154 @@ def _run(config, model, log, out, resume_meta, interrupts):
     manual_seed(config.seed)
     custom_model = model is not None
     if model is None:
-        model = MODELS[config.model](num_classes=len(ds.classes), in_channels=ds.image_shape[0])
+        model = MODELS[config.model].build(num_classes=len(ds.classes),
+                                           in_channels=ds.image_shape[0])
     model.to(device).train()
     optimizer = make_optimizer(config, model.parameters())
     nb = data.num_batches(len(train_y), config.batch_size)
     schedule = make_schedule(config, optimizer, nb)
     augment = make_augment(config, ds.stats, config.seed + 1)
     rng = numpy.random.default_rng(config.seed)
-    ckpt_path = out / runs.CHECKPOINT
-    threads = cpu_threads.step_blas_threads()
-    history, start_epoch, start_step, partial, confusion = [], 0, 0, None, None
-    if config.resume:
-        resume_meta = checkpoint.restore(config.resume, model, optimizer)
-        history, start_epoch, start_step = (resume_meta["history"], resume_meta["epoch"],
-                                            resume_meta["step"])
-        rng.bit_generator.state = resume_meta["rng_state"]
-        _restore_extras(resume_meta, schedule, augment)
-        partial = resume_meta.get("partial")
-        confusion = resume_meta.get("confusion")
-        _warn_environment(resume_meta, device, threads, log)
-        if start_epoch >= config.epochs and not start_step:
-            log(f"gpucnn: {config.resume} has finished its {start_epoch} epochs; nothing to do "
-                f"(pass --epochs N with N > {start_epoch} to train further)")
-        else:
-            log(f"gpucnn: resumed from {config.resume} at epoch {start_epoch + 1}, "
-                f"step {start_step}")
-    saved = dict(epoch=start_epoch if config.resume else None)
+    return _Run(config, out, log, device, ds, train_x, train_y, model, custom_model, optimizer,
+                nb, schedule, augment, rng, cpu_threads.step_blas_threads())
 
-    def survivor():
-        if saved["epoch"] is None:
-            return "No checkpoint was written."
-        return f"The last complete checkpoint is {ckpt_path} (epoch {saved['epoch']})."
 
-    def save(epoch, step, rng_state, part=None, rows=None):
-        meta = dict(version=1, epoch=epoch, step=step, rng_state=rng_state, partial=part,
-                    config=dataclasses.asdict(config), history=history if rows is None else rows,
-                    classes=list(ds.classes), num_classes=len(ds.classes),
-                    in_channels=int(ds.image_shape[0]),
-                    input_shape=[int(v) for v in ds.image_shape], data_stats=ds.stats,
-                    custom_model=custom_model, device=device, blas_threads=threads,
-                    confusion=confusion, **_extras(model, schedule, augment))
-        with runs.writing(ckpt_path, survivor):
-            checkpoint.save(ckpt_path, model, optimizer, meta)
-        if not part:
-            saved["epoch"] = epoch
+def _restore(run):
+    """Load the resumed checkpoint into the run: the weights and optimizer state,
+    the history, where it stopped, and the shuffling, schedule and augmentation
+    states."""
+    config, log = run.config, run.log
+    meta = checkpoint.restore(config.resume, run.model, run.optimizer)
+    run.history, run.start_epoch, run.start_step = meta["history"], meta["epoch"], meta["step"]
+    run.rng.bit_generator.state = meta["rng_state"]
+    _restore_extras(meta, run.schedule, run.augment)
+    run.partial = meta.get("partial")
+    run.confusion = meta.get("confusion")
+    _warn_environment(meta, run.device, run.threads, log)
+    if run.start_epoch >= config.epochs and not run.start_step:
+        log(f"gpucnn: {config.resume} has finished its {run.start_epoch} epochs; nothing to do "
+            f"(pass --epochs N with N > {run.start_epoch} to train further)")
+    else:
+        log(f"gpucnn: resumed from {config.resume} at epoch {run.start_epoch + 1}, "
+            f"step {run.start_step}")
+    run.saved_epoch = run.start_epoch
 
-    with runs.writing(out / runs.METRICS, survivor):
-        runs.write_metrics(out, history)  # a resumed run's rows, rebuilt from its checkpoint
-    if history and not all((out / name).exists() for name in runs.PLOTS):
-        with runs.writing("the plots", survivor):
-            _draw_plots(out, history, confusion and numpy.array(confusion), ds.classes, config)
 
-    check_labels(train_y, len(ds.classes), "training labels")  # once, not per step
-    step_fn = _step_function(config, device, model, optimizer, log)
-    for epoch in range(start_epoch, config.epochs):
-        epoch_state = rng.bit_generator.state
-        skip = start_step if epoch == start_epoch else 0
-        loss_sum, correct, seen, train_time = ((partial["loss_sum"], partial["correct"],
-                                                partial["seen"], partial["train_time"])
-                                               if partial and skip else (0.0, 0, 0, 0.0))
-        step, bar, sums = skip, None, None
-        try:  # from here on a Ctrl-C is answered with a checkpoint and a line
-            order = rng.permutation(len(train_y))
-            bar = _progress(nb, skip, f"epoch {epoch + 1}/{config.epochs}", config.progress)
-            # Nothing is read back inside a step: the losses and the correct count are
-            # read every READ_EVERY steps (progress bar, NaN stop) and at the epoch's end.
-            sums = _DeviceSums(backend.xp_for(device), loss_sum, correct)
-            t0 = time.perf_counter()
-            for xb, yb in data.batches(train_x, train_y, config.batch_size, device, order, skip):
-                with interrupts.step():  # Ctrl-C waits for the step's end: a whole step
-                    if augment is not None:
-                        xb = augment(xb)
-                    loss, logits = step_fn(model, optimizer, xb, yb)
-                    if schedule is not None:
-                        schedule.step()
-                    step += 1
-                    sums.add(loss, logits, yb, step)
-                    seen += len(yb)
-                now = time.perf_counter()
-                train_time += now - t0
-                t0 = now
-                if sums.full():
-                    loss_sum, correct = sums.read(epoch, ckpt_path, config.lr)
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}",
-                                    img_s=f"{seen / train_time:.0f}")
-                bar.update(1)
-            loss_sum, correct = sums.read(epoch, ckpt_path, config.lr)
-            bar.close()
-            test_loss, test_acc, epoch_confusion = evaluate(model, ds.test_x, ds.test_y,
-                                                            max(config.batch_size, 256), device,
-                                                            len(ds.classes))
-            elapsed = (history[-1]["elapsed_s"] if history else 0.0) + train_time
-            row = dict(epoch=epoch + 1, train_loss=loss_sum / seen,
-                       train_accuracy=int(correct) / seen, test_loss=test_loss,
-                       test_accuracy=test_acc, images_per_s=seen / train_time, elapsed_s=elapsed)
-            confusion = epoch_confusion.tolist()
-            save(epoch + 1, 0, rng.bit_generator.state, rows=history + [row])
-        except KeyboardInterrupt:
-            # during the steps or the evaluation: keep the epoch's work so far; a
-            # resume evaluates again (an evaluation changes nothing)
-            if bar is not None:
-                bar.close()
-            if interrupts.cut_short:  # a second Ctrl-C inside a step: not a whole step
-                log(f"gpucnn: interrupted twice inside step {step + 1} of epoch {epoch + 1}; "
-                    f"that step was cut short, so nothing was saved. {survivor()}")
-                raise
-            if sums is not None:
-                loss_sum, correct = sums.read(epoch, ckpt_path, config.lr, check=False)
-            save(epoch, step, epoch_state, dict(loss_sum=loss_sum, correct=int(correct), seen=seen,
-                                                train_time=train_time))
-            log(f"gpucnn: interrupted at epoch {epoch + 1}, step {step}; saved {ckpt_path} "
+@dataclasses.dataclass
+class _Epoch:
+    """One epoch's running counts, where a Ctrl-C finds them."""
+    index: int
+    step: int  # steps done
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    train_time: float = 0.0
+    bar: object = None
+    sums: object = None
+
+
+def _epoch(run, epoch, interrupts, step_fn):
+    """One epoch's steps (from the resumed step on), the test set and the
+    checkpoint; returns (its metrics row, confusion matrix, seconds of training).
+    A Ctrl-C during the steps or the evaluation saves the epoch's work so far."""
+    config, ds = run.config, run.ds
+    epoch_state = run.rng.bit_generator.state
+    e = _Epoch(epoch, run.start_step if epoch == run.start_epoch else 0)
+    if run.partial and e.step:
+        e.loss_sum, e.correct, e.seen, e.train_time = (
+            run.partial[k] for k in ("loss_sum", "correct", "seen", "train_time"))
+    try:  # from here on a Ctrl-C is answered with a checkpoint and a line
+        _steps(run, e, interrupts, step_fn)
+        test_loss, test_acc, confusion = evaluate(run.model, ds.test_x, ds.test_y,
+                                                  max(config.batch_size, 256), run.device,
+                                                  len(ds.classes))
+        elapsed = (run.history[-1]["elapsed_s"] if run.history else 0.0) + e.train_time
+        row = dict(epoch=epoch + 1, train_loss=e.loss_sum / e.seen,
+                   train_accuracy=int(e.correct) / e.seen, test_loss=test_loss,
+                   test_accuracy=test_acc, images_per_s=e.seen / e.train_time,
+                   elapsed_s=elapsed)
+        run.confusion = confusion.tolist()
+        run.save(epoch + 1, 0, run.rng.bit_generator.state, rows=run.history + [row])
+    except KeyboardInterrupt:
+        _save_interrupted(run, e, epoch_state, interrupts)
+        raise
+    return row, confusion, e.train_time
+
+
+def _steps(run, e, interrupts, step_fn):
+    """The epoch's training steps from step e.step on, counted into e. Nothing is
+    read back inside a step: the losses and the correct count are read every
+    READ_EVERY steps (progress bar, NaN stop) and at the epoch's end."""
+    config = run.config
+    order = run.rng.permutation(len(run.train_y))
+    e.bar = _progress(run.batches, e.step, f"epoch {e.index + 1}/{config.epochs}",
+                      config.progress)
+    e.sums = _DeviceSums(backend.xp_for(run.device), e.loss_sum, e.correct)
+    t0 = time.perf_counter()
+    for xb, yb in data.batches(run.train_x, run.train_y, config.batch_size, run.device, order,
+                               e.step):
+        with interrupts.step():  # Ctrl-C waits for the step's end: a whole step
+            if run.augment is not None:
+                xb = run.augment(xb)
+            loss, logits = step_fn(run.model, run.optimizer, xb, yb)
+            if run.schedule is not None:
+                run.schedule.step()
+            e.step += 1
+            e.sums.add(loss, logits, yb, e.step)
+            e.seen += len(yb)
+        now = time.perf_counter()
+        e.train_time += now - t0
+        t0 = now
+        if e.sums.full():
+            e.loss_sum, e.correct = e.sums.read(e.index, run.ckpt_path, config.lr)
+            e.bar.set_postfix(loss=f"{e.loss_sum / e.seen:.4f}",
+                              img_s=f"{e.seen / e.train_time:.0f}")
+        e.bar.update(1)
+    e.loss_sum, e.correct = e.sums.read(e.index, run.ckpt_path, config.lr)
+    e.bar.close()
+
+
+def _save_interrupted(run, e, epoch_state, interrupts):
+    """After a Ctrl-C inside epoch e: a mid-epoch checkpoint of its whole steps (a
+    resume evaluates again; an evaluation changes nothing), or nothing where a
+    second Ctrl-C cut a step short."""
+    if e.bar is not None:
+        e.bar.close()
+    if interrupts.cut_short:  # a second Ctrl-C inside a step: not a whole step
+        run.log(f"gpucnn: interrupted twice inside step {e.step + 1} of epoch {e.index + 1}; "
+                f"that step was cut short, so nothing was saved. {run.survivor()}")
+        return
+    if e.sums is not None:
+        e.loss_sum, e.correct = e.sums.read(e.index, run.ckpt_path, run.config.lr, check=False)
+    run.save(e.index, e.step, epoch_state, dict(loss_sum=e.loss_sum, correct=int(e.correct),
+                                                seen=e.seen, train_time=e.train_time))
+    run.log(f"gpucnn: interrupted at epoch {e.index + 1}, step {e.step}; saved {run.ckpt_path} "
+            f"(continue with --resume {run.ckpt_path})")
+
+
+# An epoch shorter than this many seconds of training skips the plots (unless it
+# is the last): drawing them could take longer than the epoch itself.
+PLOT_MIN_EPOCH_S = 5
+
+
+def _after_epoch(run, row, confusion, train_time):
+    """A finished (and saved) epoch's metrics line, log line and plots."""
+    out, epochs, ckpt_path = run.out, run.config.epochs, run.ckpt_path
+    try:
+        with runs.writing(out / runs.METRICS, run.survivor):
+            runs.write_metrics(out, run.history)
+        run.log(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}, "
+                f"test loss {row['test_loss']:.4f}, test accuracy "
+                f"{100 * row['test_accuracy']:.2f}%, {row['images_per_s']:.0f} images/s, "
+                f"{row['elapsed_s']:.1f} s")
+        if row["epoch"] < epochs and train_time < PLOT_MIN_EPOCH_S:
+            return
+        with runs.writing("the plots", run.survivor):
+            _draw_plots(out, run.history, confusion, run.ds.classes, run.config)
+    except KeyboardInterrupt:
+        run.log(f"gpucnn: interrupted after epoch {row['epoch']} was saved in {ckpt_path} "
                 f"(continue with --resume {ckpt_path})")
-            raise
-        partial = None
-        history.append(row)
-        try:
-            with runs.writing(out / runs.METRICS, survivor):
-                runs.write_metrics(out, history)
-            log(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}, "
-                f"test loss {test_loss:.4f}, test accuracy {100 * test_acc:.2f}%, "
-                f"{row['images_per_s']:.0f} images/s, {elapsed:.1f} s")
-            if epoch + 1 < config.epochs and train_time < 5:
-                continue  # drawing takes about a second: skip it for very short epochs
-            with runs.writing("the plots", survivor):
-                _draw_plots(out, history, epoch_confusion, ds.classes, config)
-        except KeyboardInterrupt:
-            log(f"gpucnn: interrupted after epoch {epoch + 1} was saved in {ckpt_path} "
-                f"(continue with --resume {ckpt_path})")
-            raise
-    log(f"gpucnn: done; metrics, checkpoint and plots are in {out}")
-    return history, model
+        raise
 
 
 def _extras(model, schedule, augment):
@@ -279,7 +374,7 @@ def _step_function(config, device, model, optimizer, log):
     if device != "cuda":
         raise ConfigError(f"cuda_graph needs device 'cuda', got {device!r}")
     from ..backends.cuda.graph import GraphedStep
-    graphed = GraphedStep(model, optimizer, label_smoothing=smoothing, log=log)
+    graphed = GraphedStep(model, optimizer, step=train_step, label_smoothing=smoothing, log=log)
     return lambda model, optimizer, x, y: graphed(x, y)
 
 
@@ -333,8 +428,7 @@ def evaluate_checkpoint(path, data_dir=None, device=None, batch_size=256, log=pr
     """Evaluate a checkpoint written by train() on its dataset's test set, scaled by
     the normalisation saved in the checkpoint (only the test files are read)."""
     from . import inference
-    if not is_int(batch_size) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+    positive_int(batch_size, "batch_size", error=ConfigError)
     model, meta, device, why = inference.from_checkpoint(path, device)
     saved = meta["config"]
     log(f"gpucnn: evaluating on {device} ({why})")

@@ -1,4 +1,5 @@
-"""ReLU, Linear and softmax cross-entropy, forward and backward.
+"""ReLU, Linear, Flatten, global average pooling, dropout and softmax cross-entropy,
+forward and backward.
 
     relu:    y = max(x, 0);           dx = dy * [x > 0]  (0 at exactly 0)
     linear:  y = x w^T + b;           dx = dy w, dw = dy^T x, db = sum_n dy   (w is (out, in))
@@ -6,24 +7,35 @@
              with q = (1 - s) onehot(y) + s / K  (label smoothing s, K classes; s = 0: plain
              cross-entropy), exactly torch.nn.functional.cross_entropy(label_smoothing=s)
     global average pool: y[n, c] = mean_hw x[n, c, h, w];  dx[n, c, h, w] = dy[n, c] / (H W)
-"""
-import numbers
+    dropout: y = x * mask, mask = [u >= p] / (1 - p) with u ~ U[0, 1) per element;  dx = dy * mask
 
-from .. import backend
-from ..backends.cpu import threads as cpu_threads
+The layers (gpucnn.nn) call the *_forward functions, which return (y, ctx), and
+hand ctx to the matching backward: relu_backward(dy, x), linear_backward(dy, x, w),
+flatten_backward(dy, shape), global_avg_pool2d_backward(dy, shape) and
+dropout_backward(dy, mask).
+"""
+import math
+
+from .. import backend, random, validate
 from . import _checks
 
 
 def relu(x):
     _checks.float_array(x, "input")
     xp = backend.get_array_module(x)
+    ops = backend.ops_for(xp)
     out = xp.empty_like(x)
-    rows = cpu_threads.sample_rows(xp, x, out)
+    rows = ops.sample_rows(x, out)
     if rows is not None:  # the same bits as against a scalar 0, NaN and -0.0 included
         zeros = xp.zeros((1, rows[0].shape[1]), x.dtype)
-        cpu_threads.rows(xp, xp.maximum, rows[1], rows[0], zeros)
+        ops.rows(xp.maximum, rows[1], rows[0], zeros)
         return out
-    return cpu_threads.rows(xp, xp.maximum, out, x, 0)
+    return ops.rows(xp.maximum, out, x, 0)
+
+
+def relu_forward(x):
+    """(relu(x), ctx): the ctx for relu_backward is x."""
+    return relu(x), x
 
 
 def relu_backward(dy, x):
@@ -32,8 +44,8 @@ def relu_backward(dy, x):
     _checks.same_dtype("input", x, grad_output=dy)
     _checks.shape_is(dy, "grad_output", x.shape)
     xp = backend.get_array_module(dy, x)
-    return cpu_threads.rows(xp, lambda g, a, out: xp.multiply(g, a > 0, out=out),
-                            xp.empty(dy.shape, dy.dtype), dy, x)
+    return backend.ops_for(xp).rows(lambda g, a, out: xp.multiply(g, a > 0, out=out),
+                                    xp.empty(dy.shape, dy.dtype), dy, x)
 
 
 def _linear_checks(x, weight, bias=None):
@@ -58,6 +70,11 @@ def linear(x, weight, bias=None):
     return y
 
 
+def linear_forward(x, weight, bias=None):
+    """(linear(x, weight, bias), ctx): the ctx for linear_backward is x."""
+    return linear(x, weight, bias), x
+
+
 def linear_backward(dy, x, weight):
     """(dx, dweight, dbias) given dy of shape (N, out)."""
     _linear_checks(x, weight)
@@ -78,9 +95,7 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0, *, check_labels=T
     the labels are checked once per dataset instead (gpucnn.step.check_labels).
     """
     _checks.float_array(logits, "logits", ndim=2)
-    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
-            or not 0 <= label_smoothing <= 1):
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    validate.number(label_smoothing, "label_smoothing", 0, 1)
     xp = backend.get_array_module(logits, labels)
     if not hasattr(labels, "dtype") or labels.dtype.kind not in "iu":
         raise TypeError(f"labels must be an integer array, got "
@@ -122,3 +137,41 @@ def global_avg_pool2d_backward(dy, input_shape):
     xp = backend.get_array_module(dy)
     scaled = dy * dy.dtype.type(1 / (H * W))
     return xp.broadcast_to(scaled[:, :, None, None], (N, C, H, W)).copy()
+
+
+def global_avg_pool2d_forward(x):
+    """(global_avg_pool2d(x), ctx): the ctx for global_avg_pool2d_backward is x's shape."""
+    return global_avg_pool2d(x), tuple(x.shape)
+
+
+def flatten_forward(x):
+    """(N, ...) -> ((N, prod(...)), ctx): torch.nn.Flatten's default; the ctx for
+    flatten_backward is x's shape."""
+    _checks.float_array(x, "input")
+    if x.ndim < 2:
+        raise ValueError(f"Flatten needs an input with a batch axis, got shape {x.shape}")
+    shape = tuple(x.shape)
+    return x.reshape(shape[0], math.prod(shape[1:])), shape  # -1 fails for an empty batch
+
+
+def flatten_backward(dy, input_shape):
+    return dy.reshape(input_shape)
+
+
+def dropout_forward(x, p, stream=None):
+    """(y, mask): inverted dropout, each element zeroed with probability p and the
+    rest scaled by 1/(1-p). stream: (seed, counter) of the gpucnn.random stream
+    whose draw is the mask, or None for the identity (eval, or p = 0): y is then
+    x itself and the mask 1."""
+    _checks.float_array(x, "input")
+    if stream is None:
+        return x, 1
+    xp = backend.get_array_module(x)
+    keep = random.generator(xp, *stream).random(x.shape, dtype=x.dtype) >= p
+    scale = 0.0 if p == 1 else 1 / (1 - p)
+    mask = keep.astype(x.dtype) * x.dtype.type(scale)
+    return x * mask, mask
+
+
+def dropout_backward(dy, mask):
+    return dy * mask

@@ -30,10 +30,7 @@ formed in a work buffer, not a fresh array.
 import math
 from collections import namedtuple
 
-import numpy
-
 from .. import backend
-from ..backends.cpu import threads as cpu_threads, workspace as _workspace
 from . import _checks
 
 # What backward needs from forward: the centred input d = x - mean (x's shape),
@@ -53,24 +50,22 @@ def _channel_sum(a):
     return _spatial(a).sum(axis=2).sum(axis=0)
 
 
-DOT_CHUNK_BYTES = 256 << 10  # a few samples' products at a time, kept in the L2 cache
-
-
-def _channel_dot(xp, a, b):
+def _channel_dot(ops, a, b):
     """Per-channel sum of a * b, in _channel_sum's order and NumPy's pairwise sums
-    (einsum's plain float32 running sum lost up to 45x the accuracy on a 512x512
-    map). On the CPU the products are formed a few samples at a time in a small
-    work buffer, so that they are summed while still in cache (forward 3.9-4.2 ->
-    3.2-3.4 ms at 128x16x28x28; the einsum took 2.5-3.4); each (n, c) run is
-    summed whole, so the chunking changes no bit."""
+    (einsum's plain float32 running sum loses accuracy on large maps). Where the
+    device says so (ops.cache_chunk_bytes: the CPU) the products are formed a few
+    samples at a time in a small work buffer, so that they are summed while still
+    in cache rather than written out whole and read back; each (n, c) run is
+    summed whole, so the chunking changes no bit. A GPU forms them in one go."""
     a, b = _spatial(a), _spatial(b)
     N = a.shape[0]
-    step = max(1, DOT_CHUNK_BYTES // max(1, a[:1].nbytes)) if xp is numpy else N
-    work = cpu_threads.scratch(xp, "batch_norm", (min(step, N),) + a.shape[1:], a.dtype)
-    sums = xp.empty(a.shape[:2], a.dtype)
+    chunk = ops.cache_chunk_bytes
+    step = max(1, N if chunk is None else chunk // max(1, a[:1].nbytes))
+    work = ops.scratch("batch_norm", (min(step, N),) + a.shape[1:], a.dtype)
+    sums = ops.xp.empty(a.shape[:2], a.dtype)
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
-        sums[n0:n1] = xp.multiply(a[n0:n1], b[n0:n1], out=work[:n1 - n0]).sum(axis=2)
+        sums[n0:n1] = ops.xp.multiply(a[n0:n1], b[n0:n1], out=work[:n1 - n0]).sum(axis=2)
     return sums.sum(axis=0)
 
 
@@ -79,15 +74,15 @@ def _per_channel(v, x):
     return v.reshape((1, -1) + (1,) * (x.ndim - 2))
 
 
-def _channelwise(xp, op, a, v, out):
+def _channelwise(ops, op, a, v, out):
     """op(a, v[c], out=out) for each channel c of a and out (N, C, *spatial): over
     rows of a sample against v's values each repeated L times where
-    cpu_threads.sample_rows allows (the same products and sums), else broadcast."""
-    rows = cpu_threads.sample_rows(xp, a, out)
+    ops.sample_rows allows (the same products and sums), else broadcast."""
+    rows = ops.sample_rows(a, out)
     if rows is None:
         op(a, _per_channel(v, a), out=out)
     else:
-        op(rows[0], xp.repeat(v, math.prod(a.shape[2:]))[None], out=rows[1])
+        op(rows[0], ops.xp.repeat(v, math.prod(a.shape[2:]))[None], out=rows[1])
 
 
 def _checks_all(x, running_mean, running_var, weight, bias, training):
@@ -120,9 +115,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     As torch.nn.functional.batch_norm: in training the running statistics (when
     given) are updated in place with `momentum` (a number; the layer turns
     momentum=None into the cumulative-average factor 1/num_batches_tracked).
-    workspace: a gpucnn.workspace.Workspace in which the centred input (saved) is
-    built, reused from call to call (a layer's; what the last call saved is then
-    overwritten), or None for a fresh array.
+    workspace: a layer's Workspace (gpucnn.backends.cpu.workspace) in which the
+    centred input (saved) is built, reused from call to call (what the last call
+    saved is then overwritten), or None for a fresh array.
     """
     xp = _checks_all(x, running_mean, running_var, weight, bias, training)
     if training and x.size == 0:  # PyTorch: an empty output, the statistics unchanged
@@ -130,34 +125,37 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         saved = BatchNormSaved(x * 1, xp.ones(C, x.dtype), True)
         return x * 1, saved
     C = x.shape[1]
+    ops = backend.ops_for(xp)
     # in x's memory order, as x - mean was: the per-channel sums then go the same way
-    centred = (_workspace.empty(xp, workspace, "centred", x.shape, x.dtype)
+    centred = (ops.kept(workspace, "centred", x.shape, x.dtype)
                if x.flags.c_contiguous else xp.empty_like(x))
     y, inv_std = xp.empty_like(x), xp.empty(C, x.dtype)
 
     def channels(c0, c1):
         cut = slice(c0, c1)
-        _forward_channels(xp, x[:, cut], *(None if a is None else a[cut] for a in
-                                            (running_mean, running_var, weight, bias)),
+        _forward_channels(ops, x[:, cut], *(None if a is None else a[cut] for a in
+                                             (running_mean, running_var, weight, bias)),
                           training, momentum, eps, y[:, cut], centred[:, cut], inv_std[cut])
-    cpu_threads.ranges(xp, channels, C, at_least=MIN_CHANNELS_A_THREAD)
+    ops.ranges(channels, C, at_least=MIN_CHANNELS_A_THREAD)
     return y, BatchNormSaved(centred, inv_std, bool(training))
 
 
 # Channel ranges of at least 2 channels a thread: NumPy sums an (N, 1) column over N
 # pairwise but the columns of an (N, C) block row by row, so a one-channel range
-# would round its channel's sums differently from the whole (see cpu_threads).
+# would round its channel's sums differently from the whole (and the results would
+# then depend on the thread count).
 MIN_CHANNELS_A_THREAD = 2
 
 
-def _forward_channels(xp, x, running_mean, running_var, weight, bias, training, momentum, eps,
+def _forward_channels(ops, x, running_mean, running_var, weight, bias, training, momentum, eps,
                       y, centred, inv_std):
     """batch_norm for a range of channels, into y, centred and inv_std (views)."""
+    xp = ops.xp
     if training:
         M = x.size // x.shape[1]
         mean = _channel_sum(x) / x.dtype.type(M)
-        _channelwise(xp, xp.subtract, x, mean, centred)
-        var = _channel_dot(xp, centred, centred) / x.dtype.type(M)
+        _channelwise(ops, xp.subtract, x, mean, centred)
+        var = _channel_dot(ops, centred, centred) / x.dtype.type(M)
         if running_mean is not None:
             running_mean *= 1 - momentum
             running_mean += momentum * mean
@@ -166,12 +164,12 @@ def _forward_channels(xp, x, running_mean, running_var, weight, bias, training, 
             running_var += (momentum * M / (M - 1)) * var
     else:
         mean, var = running_mean, running_var
-        _channelwise(xp, xp.subtract, x, mean, centred)
+        _channelwise(ops, xp.subtract, x, mean, centred)
     xp.divide(1, xp.sqrt(var + x.dtype.type(eps)), out=inv_std)
     # y = x_hat * weight + bias, x_hat = centred * inv_std
-    _channelwise(xp, xp.multiply, centred, inv_std if weight is None else inv_std * weight, y)
+    _channelwise(ops, xp.multiply, centred, inv_std if weight is None else inv_std * weight, y)
     if bias is not None:
-        _channelwise(xp, xp.add, y, bias, y)
+        _channelwise(ops, xp.add, y, bias, y)
 
 
 def batch_norm_backward(dy, saved, weight=None):
@@ -181,31 +179,33 @@ def batch_norm_backward(dy, saved, weight=None):
     _checks.same_dtype("input", centred, grad_output=dy)
     _checks.shape_is(dy, "grad_output", centred.shape)
     xp = backend.get_array_module(dy, centred, weight)
+    ops = backend.ops_for(xp)
     C = dy.shape[1]
     dx, dweight, dbias = xp.empty_like(centred), xp.empty(C, dy.dtype), xp.empty(C, dy.dtype)
 
     def channels(c0, c1):
         cut = slice(c0, c1)
-        _backward_channels(xp, dy[:, cut], centred[:, cut], inv_std[cut],
+        _backward_channels(ops, dy[:, cut], centred[:, cut], inv_std[cut],
                            None if weight is None else weight[cut], training,
                            dx[:, cut], dweight[cut], dbias[cut])
-    cpu_threads.ranges(xp, channels, C, at_least=MIN_CHANNELS_A_THREAD)
+    ops.ranges(channels, C, at_least=MIN_CHANNELS_A_THREAD)
     if weight is None:
         return dx, None, None
     return dx, dweight, dbias
 
 
-def _backward_channels(xp, dy, centred, inv_std, weight, training, dx, dweight, dbias):
+def _backward_channels(ops, dy, centred, inv_std, weight, training, dx, dweight, dbias):
     """batch_norm_backward for a range of channels, into dx, dweight and dbias (views)."""
+    xp = ops.xp
     dbias[...] = _channel_sum(dy)
-    dweight[...] = _channel_dot(xp, dy, centred) * inv_std  # sum dy * x_hat
+    dweight[...] = _channel_dot(ops, dy, centred) * inv_std  # sum dy * x_hat
     scale = inv_std if weight is None else inv_std * weight
     if training:
         M = dy.dtype.type(max(dy.size // max(dy.shape[1], 1), 1))
         # x_hat * mean(dy * x_hat) = centred * (inv_std * dweight / M)
-        _channelwise(xp, xp.multiply, centred, -(inv_std * dweight) / M, dx)
+        _channelwise(ops, xp.multiply, centred, -(inv_std * dweight) / M, dx)
         dx += dy
-        _channelwise(xp, xp.subtract, dx, dbias / M, dx)
-        _channelwise(xp, xp.multiply, dx, scale, dx)
+        _channelwise(ops, xp.subtract, dx, dbias / M, dx)
+        _channelwise(ops, xp.multiply, dx, scale, dx)
     else:
-        _channelwise(xp, xp.multiply, dy, scale, dx)
+        _channelwise(ops, xp.multiply, dy, scale, dx)

@@ -2,6 +2,7 @@
 import numpy
 
 from .. import functional as F
+from .. import validate
 from .module import Buffer, Module, Parameter
 
 
@@ -19,16 +20,11 @@ class BatchNorm2D(Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True):
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) \
-                or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
-        if momentum is not None and (isinstance(momentum, bool) or
-                                     not isinstance(momentum, (int, float))
-                                     or not 0 <= momentum <= 1):
-            raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
-        self.num_features, self.eps, self.momentum = num_features, float(eps), momentum
+        num_features = validate.positive_int(num_features, "num_features")
+        eps = validate.number(eps, "eps", 0, low_open=True)
+        if momentum is not None:  # kept as given (a float or an int), as PyTorch does
+            validate.number(momentum, "momentum", 0, 1, what="a number in [0, 1] or None")
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
         C = num_features
         if self.affine:
@@ -69,7 +65,7 @@ class BatchNorm2D(Module):
             # as a 0-d device array so that no value crosses to the host
             momentum = (1 / tracked.data.astype(x.dtype) if self.momentum is None
                         else self.momentum)
-        y, self._saved_bn = F.batch_norm(
+        y, ctx = F.batch_norm(
             x, self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None,
             self.weight.data if self.affine else None, self.bias.data if self.affine else None,
@@ -77,10 +73,11 @@ class BatchNorm2D(Module):
             # kept memory in training only: an eval forward (Module.summary's, or
             # several threads' running one model) must not write over it
             workspace=self._workspace if self.training else None)
+        self._keep(ctx)
         return y
 
     def backward(self, dy, need_input_grad=True):
-        dx, dw, db = F.batch_norm_backward(dy, self._saved("_saved_bn"),
+        dx, dw, db = F.batch_norm_backward(dy, self._take(),
                                            self.weight.data if self.affine else None)
         if self.affine:
             self.weight.accumulate(dw)

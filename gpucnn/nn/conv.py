@@ -3,10 +3,17 @@ import math
 
 from .. import functional as F
 from .. import init as initialisers
-from .. import random
-from ..functional import _checks
-from .layers import _positive_int
+from .. import random, validate
+from .geometry import GeometryCache
 from .module import Module, Parameter
+
+
+def _size(value, name):
+    """A channel or group count: a positive Python or NumPy int, as an int (TypeError
+    for another type, ValueError below 1)."""
+    if not validate.is_int(value):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    return validate.positive_int(int(value), name)
 
 
 class Conv2D(Module):
@@ -22,58 +29,50 @@ class Conv2D(Module):
                  groups=1, bias=True, init="default"):
         super().__init__()
         initialisers.check_init(init)
-        in_channels = _positive_int(in_channels, "in_channels")
-        out_channels = _positive_int(out_channels, "out_channels")
-        groups = _positive_int(groups, "groups")
+        in_channels = _size(in_channels, "in_channels")
+        out_channels = _size(out_channels, "out_channels")
+        groups = _size(groups, "groups")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels ({in_channels}) and "
                              f"out_channels ({out_channels})")
-        kh, kw = _checks.pair(kernel_size, "kernel_size")
+        kh, kw = validate.pair(kernel_size, "kernel_size")
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
-        bound = 1 / math.sqrt(in_channels // groups * kh * kw)
         shape = (out_channels, in_channels // groups, kh, kw)
+        fan_in, fan_out = initialisers.fans(shape)
+        bound = 1 / math.sqrt(fan_in)
         self.weight = Parameter(random.uniform(shape, bound) if init == "default" else
-                                random.normal(shape, math.sqrt(2 / (out_channels * kh * kw))))
+                                random.normal(shape, math.sqrt(2 / fan_out)))
         self._params["weight"] = self.weight
         self.bias = Parameter(random.uniform((out_channels,), bound)) if bias else None
         if bias:
             self._params["bias"] = self.bias
-        # stride, dilation and padding are checked here rather than at the first forward
-        F.conv.padding_amounts(padding, kh, kw, _checks.pair(stride, "stride"),
-                               _checks.pair(dilation, "dilation"))
+        # stride, dilation and padding are parsed here, once, rather than at each forward
+        self._arguments = F.conv.arguments(stride, padding, dilation, groups)
+        self._geometries = GeometryCache()
 
-    def _args(self):
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
-                    groups=self.groups)
+    @property
+    def geometry(self):
+        """The ConvGeometry of the last input (None before the first forward)."""
+        return self._geometries.value
 
-    def _geometry_for(self, x):
+    def _geometry_for(self, x, w, b):
         """The ConvGeometry for input x: checked and computed once per input shape
-        (and dtype and array type), then shared by forward and backward."""
-        w, b = self.weight.data, self.bias.data if self.bias else None
+        (and dtype and array type)."""
         key = (x.shape, x.dtype, type(x), w.shape, w.dtype, type(w),
                None if b is None else b.dtype)
-        if getattr(self, "_geometry_key", None) != key:
-            self.geometry = F.conv.geometry(x, w, b, **self._args())
-            self._geometry_key = key
-        return self.geometry
+        return self._geometries.get(key, lambda: F.conv.geometry_for(x, w, b, self._arguments))
 
     def forward(self, x):
-        g = self._geometry_for(x)
-        bias = self.bias.data if self.bias else None
-        self._saved_x = x
-        if not self.training:  # a backward in eval mode is rare: it pads x again
-            self._saved_source = None
-            return F.conv.forward(x, self.weight.data, bias, g)
-        y, self._saved_source = F.conv.forward(x, self.weight.data, bias, g, save=True,
-                                               workspace=self._workspace)
+        w, b = self.weight.data, self.bias.data if self.bias else None
+        g = self._geometry_for(x, w, b)
+        y, ctx = F.conv.forward(x, w, b, g, workspace=self._workspace if self.training else None)
+        # an eval forward keeps no padded input: a backward there (rare) builds it again
+        self._keep(ctx if self.training else ctx._replace(source=None))
         return y
 
     def backward(self, dy, need_input_grad=True):
-        x = self._saved("_saved_x")
-        source, self._saved_source = self._saved_source, None  # None on a GPU
-        dx, dw, db = F.conv.backward(dy, x, self.weight.data, self._geometry_for(x),
-                                     need_input_grad, saved=source)
+        dx, dw, db = F.conv.backward(dy, self._take(), need_input_grad)
         self.weight.accumulate(dw)
         if self.bias is not None:
             self.bias.accumulate(db)

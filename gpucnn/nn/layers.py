@@ -1,45 +1,41 @@
-"""The layers: each keeps what its backward needs and calls gpucnn.functional."""
+"""The layers: each calls a gpucnn.functional forward, keeps its ctx for backward
+(Module._keep) and hands it to the matching functional backward (Module._take)."""
 import math
-import numbers
 
-from .. import backend
 from .. import functional as F
 from .. import init as initialisers
-from .. import random
-from ..functional import _checks
+from .. import random, validate
 from .module import Module, Parameter
 
 
 def _positive_int(value, name):
-    """A positive Python or NumPy integer, as an int."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    """A positive Python or NumPy integer, as an int: TypeError where value is not an
+    int (as PyTorch's layers raise), ValueError where it is below 1."""
+    if not validate.is_int(value):
         raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {int(value)}")
-    return int(value)
+    return validate.positive_int(int(value), name)
 
 
 class ReLU(Module):
     def forward(self, x):
-        self._saved_x = x
-        return F.relu(x)
+        y, ctx = F.basic.relu_forward(x)
+        self._keep(ctx)
+        return y
 
     def backward(self, dy, need_input_grad=True):
-        return F.relu_backward(dy, self._saved("_saved_x"))
+        return F.relu_backward(dy, self._take())
 
 
 class Flatten(Module):
     """(N, ...) -> (N, prod(...)), torch.nn.Flatten's default."""
 
     def forward(self, x):
-        _checks.float_array(x, "input")
-        if x.ndim < 2:
-            raise ValueError(f"Flatten needs an input with a batch axis, got shape {x.shape}")
-        self._saved_shape = tuple(x.shape)
-        return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # -1 fails for an empty batch
+        y, ctx = F.basic.flatten_forward(x)
+        self._keep(ctx)
+        return y
 
     def backward(self, dy, need_input_grad=True):
-        return dy.reshape(self._saved("_saved_shape"))
+        return F.basic.flatten_backward(dy, self._take())
 
 
 class Linear(Module):
@@ -52,21 +48,23 @@ class Linear(Module):
         in_features = _positive_int(in_features, "in_features")
         out_features = _positive_int(out_features, "out_features")
         self.in_features, self.out_features = in_features, out_features
-        bound = 1 / math.sqrt(in_features)
         shape = (out_features, in_features)
+        fan_in, fan_out = initialisers.fans(shape)
+        bound = 1 / math.sqrt(fan_in)
         self.weight = Parameter(random.uniform(shape, bound) if init == "default" else
-                                random.normal(shape, math.sqrt(2 / out_features)))
+                                random.normal(shape, math.sqrt(2 / fan_out)))
         self._params["weight"] = self.weight
         self.bias = Parameter(random.uniform((out_features,), bound)) if bias else None
         if bias:
             self._params["bias"] = self.bias
 
     def forward(self, x):
-        self._saved_x = x
-        return F.linear(x, self.weight.data, self.bias.data if self.bias else None)
+        y, ctx = F.basic.linear_forward(x, self.weight.data, self.bias.data if self.bias else None)
+        self._keep(ctx)
+        return y
 
     def backward(self, dy, need_input_grad=True):
-        dx, dw, db = F.linear_backward(dy, self._saved("_saved_x"), self.weight.data)
+        dx, dw, db = F.linear_backward(dy, self._take(), self.weight.data)
         self.weight.accumulate(dw)
         if self.bias is not None:
             self.bias.accumulate(db)
@@ -83,9 +81,7 @@ class Dropout(Module):
 
     def __init__(self, p=0.5):
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p <= 1:
-            raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
-        self.p = float(p)
+        self.p = validate.number(p, "p", 0, 1, what="a probability in [0, 1]")
         self.seed = int(random.host_rng().integers(2**63))
         self.calls = 0  # masks drawn so far: with the seed, the whole random state
 
@@ -96,19 +92,15 @@ class Dropout(Module):
         self.seed, self.calls = int(state["seed"]), int(state["calls"])
 
     def forward(self, x):
-        _checks.float_array(x, "input")
-        if not self.training or self.p == 0:
-            self._saved_mask = 1
-            return x
-        xp = backend.get_array_module(x)
-        keep = random.generator(xp, self.seed, self.calls).random(x.shape, dtype=x.dtype) >= self.p
-        self.calls += 1
-        scale = 0.0 if self.p == 1 else 1 / (1 - self.p)
-        self._saved_mask = keep.astype(x.dtype) * x.dtype.type(scale)
-        return x * self._saved_mask
+        draws = self.training and self.p != 0
+        y, ctx = F.basic.dropout_forward(x, self.p, (self.seed, self.calls) if draws else None)
+        if draws:
+            self.calls += 1
+        self._keep(ctx)
+        return y
 
     def backward(self, dy, need_input_grad=True):
-        return dy * self._saved("_saved_mask")
+        return F.basic.dropout_backward(dy, self._take())
 
     def extra_repr(self):
         return f"p={self.p}"
@@ -118,16 +110,17 @@ class GlobalAvgPool2D(Module):
     """(N, C, H, W) -> (N, C): each channel's mean (AdaptiveAvgPool2d(1) + flatten)."""
 
     def forward(self, x):
-        y = F.global_avg_pool2d(x)
-        self._saved_shape = tuple(x.shape)
+        y, ctx = F.basic.global_avg_pool2d_forward(x)
+        self._keep(ctx)
         return y
 
     def backward(self, dy, need_input_grad=True):
-        return F.global_avg_pool2d_backward(dy, self._saved("_saved_shape"))
+        return F.global_avg_pool2d_backward(dy, self._take())
 
 
 class Identity(Module):
-    """Returns its input; backward returns dy."""
+    """Returns its input; backward returns dy. Its backward needs nothing from its
+    forward, so it keeps no ctx (and may run any number of times)."""
 
     def forward(self, x):
         return x

@@ -1,11 +1,10 @@
 """Parameter, Module and Sequential: the containers around the functional math."""
 import contextlib
 import math
-import numbers
 
 import numpy
 
-from .. import backend
+from .. import backend, validate
 from ..backends.cpu.workspace import Workspace
 from ..functional import _checks
 
@@ -47,14 +46,22 @@ _RELEASED = type("Released", (), {"__repr__": lambda self: "<released by backwar
 
 
 class Module:
-    """Base of every layer: forward(x) stores what backward(dy) needs."""
+    """Base of every layer.
+
+    The layer protocol: forward(x) calls a functional forward, which returns
+    (y, ctx), keeps ctx with ``self._keep(ctx)`` and returns y; backward(dy) reads
+    it back with ``ctx = self._take()`` and hands it to the functional backward.
+    One ctx a layer (never None): the next forward replaces it, backward releases
+    it. to() drops what was kept; summary() leaves it as it was.
+    """
 
     training = True
 
     def __init__(self):
         self._params = {}
         self._buffers = {}
-        # the arrays forward builds for backward, kept from step to step (gpucnn.workspace)
+        # the arrays forward builds for backward, kept from step to step
+        # (gpucnn.backends.cpu.workspace)
         self._workspace = Workspace()
 
     def __call__(self, x):
@@ -85,20 +92,6 @@ class Module:
         self._ctx = _RELEASED
         return ctx
 
-    def _saved(self, attr):
-        """What forward stored for backward. Each saved value is read once per
-        backward and then released (as PyTorch frees its graph), so a second
-        backward for one forward is an error rather than gradients added twice."""
-        value = getattr(self, attr, None)
-        if value is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        if value is _RELEASED:
-            raise RuntimeError(f"{type(self).__name__}.backward called a second time for one "
-                               "forward; run forward again first (the gradients would "
-                               "otherwise be added twice)")
-        setattr(self, attr, _RELEASED)
-        return value
-
     def children(self):
         return [module for _, module in self.named_children()]
 
@@ -107,22 +100,25 @@ class Module:
         return []
 
     def named_modules(self, prefix=""):
-        """(dotted name, module) of this module and every module below it, depth first."""
+        """(dotted name, module) of this module and every module below it, depth first,
+        parents before their children; this module is named prefix without its dot
+        ('' by default). The one walk of the module tree: parameters, buffers, state
+        dicts, random states, summary and to() all go through it."""
         yield prefix.rstrip("."), self
         for name, child in self.named_children():
             yield from child.named_modules(f"{prefix}{name}.")
 
+    def _named_items(self, store, prefix):
+        """(dotted name, item) of the `store` dict ('_params' or '_buffers') of every module."""
+        for name, m in self.named_modules(prefix):
+            for key, item in getattr(m, store, {}).items():
+                yield (f"{name}.{key}" if name else key), item
+
     def named_parameters(self, prefix=""):
-        for name, p in self._params.items():
-            yield prefix + name, p
-        for name, child in self.named_children():
-            yield from child.named_parameters(f"{prefix}{name}.")
+        return self._named_items("_params", prefix)
 
     def named_buffers(self, prefix=""):
-        for name, b in getattr(self, "_buffers", {}).items():
-            yield prefix + name, b
-        for name, child in self.named_children():
-            yield from child.named_buffers(f"{prefix}{name}.")
+        return self._named_items("_buffers", prefix)
 
     def _named_state(self):
         """What state_dict holds, in PyTorch's order: per module, parameters then buffers."""
@@ -185,17 +181,11 @@ class Module:
                 if dtype is not None and a.dtype.kind == "f":
                     a = a.astype(dtype, copy=False)
                 setattr(p, attr, a)
-        self._clear_saved()
+        for _, m in self.named_modules():  # what forward kept holds the old device's arrays
+            m._ctx = None
+            if "_workspace" in vars(m):
+                m._workspace.clear()
         return self
-
-    def _clear_saved(self):
-        self._ctx = None
-        for attr in [a for a in vars(self) if a.startswith("_saved_")]:
-            setattr(self, attr, None)
-        if "_workspace" in vars(self):
-            self._workspace.clear()
-        for child in self.children():
-            child._clear_saved()
 
     def state_dict(self):
         """name -> array (references, on the module's device), like PyTorch."""
@@ -226,19 +216,19 @@ class Module:
         """Print each layer's output shape and parameter count, with totals (Keras's
         model.summary, torchinfo's summary). input_shape: one sample's shape,
         without the batch axis, e.g. (1, 28, 28). Runs one forward pass on zeros
-        in eval mode; the model's state, mode and saved activations are unchanged.
-        Returns the total number of parameters."""
+        in eval mode; the model's state, mode and what its layers kept for backward
+        are unchanged. Returns the total number of parameters."""
         shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
-        if not shape or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
-                                and v > 0 for v in shape):
+        if not shape or not all(validate.is_int(v) and v > 0 for v in shape):
             raise ValueError(f"input_shape must be a tuple of positive ints without the batch "
                              f"axis, e.g. (1, 28, 28), got {input_shape!r}")
         params = self.parameters()
         dtype = params[0].data.dtype if params else numpy.float32
         xp = backend.xp_for(self.device)
         rows = []
-        leaves = [(name, m) for name, m in _named_modules(self) if not m.children()]
-        saved = [(m, dict(vars(m))) for _, m in _named_modules(self)]
+        modules = [(name or type(self).__name__, m) for name, m in self.named_modules()]
+        leaves = [(name, m) for name, m in modules if not m.children()]
+        saved = [(m, dict(vars(m))) for _, m in modules]
         was_training = self.training
 
         def recorder(name, module, forward):
@@ -255,7 +245,7 @@ class Module:
                 m.forward = recorder(name, m, m.forward)
             out = self.forward(xp.zeros((1,) + shape, dtype=dtype))
         finally:
-            for m, attrs in saved:  # removes the recorders, puts saved activations back
+            for m, attrs in saved:  # removes the recorders, puts what forward kept back
                 vars(m).clear()
                 vars(m).update(attrs)
             self.train(was_training)
@@ -275,13 +265,6 @@ class Module:
 
     def extra_repr(self):
         return ""
-
-
-def _named_modules(module, prefix=""):
-    """(dotted name, module) for a module and everything inside it, in order."""
-    yield prefix or type(module).__name__, module
-    for name, child in module.named_children():
-        yield from _named_modules(child, f"{prefix}.{name}" if prefix else name)
 
 
 def _check_state_entry(name, value, current, allow_nonfinite):

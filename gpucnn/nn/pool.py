@@ -1,28 +1,25 @@
 """MaxPool2D and AvgPool2D: torch.nn's pooling layers."""
 from .. import functional as F
+from .geometry import GeometryCache
 from .module import Module
 
 
 class _Pool(Module):
     """A pooling layer: its arguments are checked once, here; its PoolGeometry is
-    computed once per input shape and shared by forward and backward."""
+    computed once per input shape and kept with what backward needs."""
 
     def __init__(self, **args):
         super().__init__()
         self._pool_args = args
-        self._parsed = F.pool.arguments(**args)
+        self._arguments = F.pool.arguments(**args)
+        self._geometries = GeometryCache()
         for name, value in args.items():
             setattr(self, name, value)
 
     def _geometry_for(self, x):
-        """The PoolGeometry for input x, computed when its shape (or type) changes and
-        saved for backward."""
+        """The PoolGeometry for input x, computed when its shape (or type) changes."""
         key = (type(x), x.dtype, tuple(x.shape))
-        if getattr(self, "_geometry_key", None) != key:
-            self._geometry = F.pool.geometry_for(x, self._parsed)
-            self._geometry_key = key
-        self._saved_geometry = self._geometry
-        return self._geometry
+        return self._geometries.get(key, lambda: F.pool.geometry_for(x, self._arguments))
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self._pool_args.items())
@@ -40,12 +37,12 @@ class MaxPool2D(_Pool):
                          dilation=dilation, ceil_mode=ceil_mode)
 
     def forward(self, x):
-        y, self._saved_indices = F.pool.max_forward(x, self._geometry_for(x))
+        y, ctx = F.pool.max_forward(x, self._geometry_for(x))
+        self._keep(ctx)
         return y
 
     def backward(self, dy, need_input_grad=True):
-        return F.pool.max_backward(dy, self._saved("_saved_indices"),
-                                   self._saved("_saved_geometry"))
+        return F.pool.max_backward(dy, self._take())
 
 
 class AvgPool2D(_Pool):
@@ -59,7 +56,9 @@ class AvgPool2D(_Pool):
                          divisor_override=divisor_override)
 
     def forward(self, x):
-        return F.pool.avg_forward(x, self._geometry_for(x))
+        y, ctx = F.pool.avg_forward(x, self._geometry_for(x))
+        self._keep(ctx)
+        return y
 
     def backward(self, dy, need_input_grad=True):
-        return F.pool.avg_backward(dy, self._saved("_saved_geometry"))
+        return F.pool.avg_backward(dy, self._take())

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import tempfile
 
-from ..backends.cuda import kernels as cuda
+from ..backends import cuda
 from . import nvrtc
 
 ARCH = "sm_90"

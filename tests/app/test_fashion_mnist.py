@@ -5,7 +5,7 @@ import pytest
 
 from gpucnn.app import data, train
 
-DIR = pathlib.Path(data.DEFAULT_DIRS["fashion-mnist"])
+DIR = pathlib.Path(data.DATASETS["fashion-mnist"].default_dir)
 pytestmark = pytest.mark.skipif(not DIR.is_dir(), reason=f"{DIR} is missing: apt-get install "
                                                           "dataset-fashion-mnist (CI installs it)")
 

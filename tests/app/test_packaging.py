@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from gpucnn.backends.cuda import kernels as cuda
+from gpucnn.backends import cuda
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

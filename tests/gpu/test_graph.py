@@ -77,7 +77,8 @@ def _graph_vs_eager(xp, case):
     xs, ys = _batches(xp)
     net, opt, sched, aug, smoothing = _setup("cuda", **CASES[case])
     ref_net, ref_opt, ref_sched, ref_aug, _ = _setup("cuda", **CASES[case])
-    graphed = graph.GraphedStep(net, opt, label_smoothing=smoothing, warmup=2, log=quiet)
+    graphed = graph.GraphedStep(net, opt, step=train_step, label_smoothing=smoothing, warmup=2,
+                                log=quiet)
     assert graphed.capture
     lrs = []
     for x, y in zip(xs, ys):
@@ -154,7 +155,7 @@ def test_standin_host_value_recording_sees_a_host_lr(standin):
     assert recorded[0] != recorded[1]
     assert [op for op in recorded[0] if op not in recorded[1]][0][1][0] == 0.05
     lines = []
-    assert not graph.GraphedStep(net, opt, log=lines.append).capture
+    assert not graph.GraphedStep(net, opt, step=train_step, log=lines.append).capture
     assert len(lines) == 1 and "HostLR does not read its per-step values" in lines[0]
 
 
@@ -163,7 +164,7 @@ def test_standin_graph_steps_never_sync_and_capture_once_as_lr_changes(standin, 
     xs, ys = _batches(standin)
     net, opt, sched, _, _ = _setup("cuda", **CASES[case])
     captures = standin.cuda.Stream.captures
-    graphed = graph.GraphedStep(net, opt, warmup=1, log=quiet)
+    graphed = graph.GraphedStep(net, opt, step=train_step, warmup=1, log=quiet)
     for x, y in zip(xs[:-1], ys[:-1]):
         with standin.count_syncs() as syncs:
             graphed(x, y)
@@ -188,7 +189,7 @@ def test_standin_adam_state_dict_holds_plain_numbers_and_resumes_exactly(standin
     other.load_state_dict(net.state_dict())
     other_opt.load_state_dict(sd)
     other_sched.load_state_dict(sched.state_dict())
-    graphed = graph.GraphedStep(other, other_opt, warmup=1, log=quiet)
+    graphed = graph.GraphedStep(other, other_opt, step=train_step, warmup=1, log=quiet)
     for x, y in zip(xs[3:-1], ys[3:-1]):
         train_step(net, opt, x, y)
         sched.step()
@@ -200,14 +201,14 @@ def test_standin_adam_state_dict_holds_plain_numbers_and_resumes_exactly(standin
 def test_standin_graph_is_on_for_adam(standin):
     net, opt, _, _, _ = _setup("cuda", optimizer="adam")
     lines = []
-    graphed = graph.GraphedStep(net, opt, log=lines.append)
+    graphed = graph.GraphedStep(net, opt, step=train_step, log=lines.append)
     assert graphed.capture and lines == []
 
 
 def test_standin_graph_warmup_needs_an_eager_step(standin):
     net, opt, _, _, _ = _setup("cuda")
     with pytest.raises(ValueError, match="warmup must be an int >= 1.*got 0"):
-        graph.GraphedStep(net, opt, warmup=0)
+        graph.GraphedStep(net, opt, step=train_step, warmup=0)
 
 
 def test_standin_train_resnet_recipe_with_the_graph(standin, tmp_path):
@@ -239,7 +240,7 @@ def test_standin_loading_state_after_capture_writes_into_the_captured_arrays(sta
     for x, y in zip(xs[:3], ys[:3]):
         train_step(source, source_opt, x, y)
     net, opt, _, _, _ = _setup("cuda", optimizer=optimizer)
-    graphed = graph.GraphedStep(net, opt, warmup=1, log=quiet)
+    graphed = graph.GraphedStep(net, opt, step=train_step, warmup=1, log=quiet)
     for x, y in zip(xs[:3], ys[:3]):
         graphed(x, y)
     held = ([p.data for p in net.parameters()] + [b.data for _, b in net.named_buffers()]

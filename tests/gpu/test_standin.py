@@ -11,7 +11,7 @@ import numpy
 import pytest
 
 from gpucnn import backend, functional as F
-from gpucnn.backends.cuda import kernels as cuda
+from gpucnn.backends import cuda
 
 TESTS = pathlib.Path(__file__).resolve().parents[1]
 

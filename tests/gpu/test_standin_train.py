@@ -150,7 +150,8 @@ def test_standin_info_reports_the_device_and_the_test_kernel(standin, capsys):
 def _graphed_vs_eager(standin, batches_x, batches_y, capture):
     net, opt, _ = _digits("cuda")
     eager_net, eager_opt, _ = _digits("cuda")
-    graphed = graph.GraphedStep(net, opt, capture=capture, warmup=2, log=quiet)
+    graphed = graph.GraphedStep(net, opt, step=train_step, capture=capture, warmup=2,
+                                log=quiet)
     for x, y in zip(batches_x, batches_y):
         loss, logits = graphed(x, y)
         eager_loss, eager_logits = train_step(eager_net, eager_opt, x, y)
@@ -179,7 +180,7 @@ def test_standin_cuda_graph_static_buffers_match_eager(standin, capture):
 def test_standin_cuda_graph_capture_failure_falls_back_with_one_line(standin):
     net, opt, batches = _digits("cuda")
     lines = []
-    graphed = graph.GraphedStep(net, opt, warmup=1, log=lines.append)
+    graphed = graph.GraphedStep(net, opt, step=train_step, warmup=1, log=lines.append)
     stream = graphed.stream
     stream.begin_capture()  # a capture already under way makes begin_capture fail
     for x, y in batches:
@@ -199,7 +200,8 @@ def test_standin_cuda_graph_is_off_with_dropout(standin):
     net = gpucnn.Sequential(gpucnn.Flatten(), gpucnn.Dropout(0.2),
                             gpucnn.Linear(64, 10)).to("cuda")
     lines = []
-    graphed = graph.GraphedStep(net, gpucnn.SGD(net.parameters(), lr=0.1), log=lines.append)
+    graphed = graph.GraphedStep(net, gpucnn.SGD(net.parameters(), lr=0.1), step=train_step,
+                                log=lines.append)
     assert not graphed.capture and len(lines) == 1 and "Dropout" in lines[0]
 
 

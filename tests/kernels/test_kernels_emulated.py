@@ -5,7 +5,9 @@ import pytest
 
 from conftest import close
 import emulator
-from gpucnn.backends.cuda import kernels as cuda
+from gpucnn.backends import cuda
+from gpucnn.backends.cuda import conv as cuda_conv
+from gpucnn.backends.cuda.kernels import Kernels
 from gpucnn import functional as F
 from gpucnn.functional import conv, pool
 from cases import CONV_GRID
@@ -48,7 +50,7 @@ def _passes(kernels, x, w, b, g, dy, config):
             kernels.conv2d_backward_filter(dy, x, g, config=config))
 
 
-@pytest.mark.parametrize("config", sorted(cuda.CONV_CONFIGS))
+@pytest.mark.parametrize("config", sorted(cuda_conv.CONV_CONFIGS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("xs, ws, kw", CONV_GRID)
 def test_conv2d_every_configuration(kernels, rng, xs, ws, kw, dtype, config):
@@ -79,7 +81,7 @@ def test_the_grid_has_several_filter_slices_and_a_one_slice_case():
     for xs, ws, kw in CONV_GRID:
         x, w = numpy.zeros(xs), numpy.zeros(ws)
         g = conv.geometry(x, w, None, **kw)
-        slices |= {cuda.filter_slices(g, c)[0] for c in cuda.CONV_CONFIGS}
+        slices |= {cuda_conv.filter_slices(g, c)[0] for c in cuda_conv.CONV_CONFIGS}
     assert 1 in slices and max(slices) >= 4
 
 
@@ -93,7 +95,7 @@ def test_bias_gradient_in_many_slices(kernels, rng):
 def test_empty_batch_launches_nothing(dtype):
     def refuse(code, names, options):
         raise AssertionError("a kernel was loaded for an empty batch")
-    kernels = cuda.Kernels(numpy, refuse)
+    kernels = Kernels(numpy, refuse)
     x, w = numpy.zeros((0, 3, 8, 8), dtype), numpy.ones((4, 3, 3, 3), dtype)
     g = conv.geometry(x, w, None, padding=1)
     dy = numpy.zeros((0, 4, 8, 8), dtype)
@@ -108,33 +110,34 @@ def test_empty_batch_launches_nothing(dtype):
 def test_grid_limits_are_checked_before_a_launch():
     def refuse(code, names, options):
         raise AssertionError("loaded")
-    kernels = cuda.Kernels(numpy, refuse)
+    kernels = Kernels(numpy, refuse)
     # depthwise over 70000 channels: 70000 groups would be a grid z past 65535
     x = numpy.zeros((1, 70000, 1, 1), numpy.float32)
     w = numpy.zeros((70000, 1, 1, 1), numpy.float32)
     g = conv.geometry(x, w, None, groups=70000)
     with pytest.raises(ValueError, match="65535"):
         kernels.conv2d_forward(x, w, None, g)
-    for c in cuda.CONV_CONFIGS:  # backward-filter's slices never push z past the limit
-        assert cuda.filter_slices(g, c)[0] * g.groups <= 65535 or cuda.filter_slices(g, c)[0] == 1
+    for c in cuda_conv.CONV_CONFIGS:  # backward-filter's slices never push z past the limit
+        slices = cuda_conv.filter_slices(g, c)[0]
+        assert slices * g.groups <= 65535 or slices == 1
 
 
 def test_heuristic_picks_narrow_tiles_for_narrow_layers():
     def g(N, C, H, K, R, **kw):
         return conv.geometry(numpy.zeros((N, C, H, H)), numpy.zeros((K, C, R, R)), None, **kw)
     lenet1, big = g(256, 1, 28, 32, 5, padding=2), g(64, 256, 14, 256, 3, padding=1)
-    assert cuda.heuristic_config("forward", lenet1) == "128x32"       # K = 32 columns
-    assert cuda.heuristic_config("backward_data", lenet1) == "128x32"  # C = 1 column
-    assert cuda.heuristic_config("backward_filter", lenet1) == "32x32"  # 32 x 25
-    for p in cuda.PASSES:
-        assert cuda.heuristic_config(p, big) == "128x128"
-    assert cuda.heuristic_config("forward", g(2, 64, 8, 64, 3, padding=1)) == "64x64"
+    assert cuda_conv.heuristic_config("forward", lenet1) == "128x32"       # K = 32 columns
+    assert cuda_conv.heuristic_config("backward_data", lenet1) == "128x32"  # C = 1 column
+    assert cuda_conv.heuristic_config("backward_filter", lenet1) == "32x32"  # 32 x 25
+    for p in cuda_conv.PASSES:
+        assert cuda_conv.heuristic_config(p, big) == "128x128"
+    assert cuda_conv.heuristic_config("forward", g(2, 64, 8, 64, 3, padding=1)) == "64x64"
 
 
 def test_a_configuration_once_chosen_stays(kernels):
     g = conv.geometry(numpy.zeros((2, 3, 8, 8)), numpy.zeros((4, 3, 3, 3)), None)
     first = kernels.config_for("forward", g, numpy.float64)
-    assert first == cuda.heuristic_config("forward", g)
+    assert first == cuda_conv.heuristic_config("forward", g)
     assert kernels.config_for("forward", g, numpy.float64) == first
 
 
@@ -149,4 +152,4 @@ def test_every_instantiation_of_every_configuration_loads(kernels):
     names = kernels.load_all()
     units = cuda.compile_units()
     assert len(names) == 2 * sum(len(cuda.KERNELS[u.filename]) for u in units)
-    assert {u.config for u in units if u.filename == "conv2d.cu"} == set(cuda.CONV_CONFIGS)
+    assert {u.config for u in units if u.filename == "conv2d.cu"} == set(cuda_conv.CONV_CONFIGS)

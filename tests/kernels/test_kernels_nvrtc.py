@@ -3,7 +3,7 @@ instantiation and tile configuration the loader asks for, and alone with its
 default configuration. NVRTC runs without a GPU or a driver."""
 import pytest
 
-from gpucnn.backends.cuda import kernels as cuda
+from gpucnn.backends import cuda
 from gpucnn.tools import nvrtc
 
 pytestmark = pytest.mark.skipif(nvrtc.library() is None,

@@ -6,7 +6,8 @@ import pytest
 
 import emulator
 from conftest import close
-from gpucnn.backends.cuda import kernels as cuda
+from gpucnn.backends import cuda
+from gpucnn.backends.cuda.kernels import Kernels
 from gpucnn import functional as F
 from gpucnn.functional import pool
 from cases import AVG_POOL_DIVISORS as DIVISORS, AVG_POOL_GRID as AVG_GRID, MAX_POOL_GRID as MAX_GRID
@@ -33,7 +34,7 @@ def kernels(request):
 def _refusing_kernels():
     def refuse(*args, **kwargs):
         raise AssertionError("a kernel was loaded for an empty batch")
-    return cuda.Kernels(numpy, refuse)
+    return Kernels(numpy, refuse)
 
 
 @pytest.mark.parametrize("special", ["none", "ties", "nan"])

@@ -7,7 +7,8 @@ import pytest
 
 from emulator import EmulatedModule
 from gpucnn.app import cli
-from gpucnn.backends.cuda import kernels as cuda
+from gpucnn.backends.cuda import conv as cuda_conv
+from gpucnn.backends.cuda.kernels import Kernels
 from gpucnn.tools import tune
 from gpucnn.functional import conv
 
@@ -29,25 +30,26 @@ def test_bench_shapes_parse_when_listed():
 def test_tuned_choices_are_cached_and_used(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert tune.cache_path() == tmp_path / "gpucnn" / "tune.json"
-    kernels = cuda.Kernels(numpy, EmulatedModule, device_name="Emulated GPU")
+    kernels = Kernels(numpy, EmulatedModule, device_name="Emulated GPU")
     g = conv.geometry(numpy.zeros((2, 3, 6, 6)), numpy.zeros((4, 3, 3, 3)), None, padding=1)
     chosen = tune.tune(kernels, [g], (numpy.float32,), repeat=1, report=lambda line: None)
-    assert set(chosen) == {tune.entry_key(p, g, numpy.float32) for p in cuda.PASSES}
-    assert set(chosen.values()) <= set(cuda.CONV_CONFIGS)
+    assert set(chosen) == {tune.entry_key(p, g, numpy.float32) for p in cuda_conv.PASSES}
+    assert set(chosen.values()) <= set(cuda_conv.CONV_CONFIGS)
     data = json.loads(tune.cache_path().read_text())
     assert data["Emulated GPU"] == chosen
     assert [p.name for p in tune.cache_path().parent.iterdir()] == ["tune.json"]  # no temp left
 
     # plant a choice the heuristic would not make: a new Kernels must use it...
     key = tune.entry_key("forward", g, numpy.float32)
-    planted = next(c for c in cuda.CONV_CONFIGS if c != cuda.heuristic_config("forward", g))
+    heuristic = cuda_conv.heuristic_config("forward", g)
+    planted = next(c for c in cuda_conv.CONV_CONFIGS if c != heuristic)
     data["Emulated GPU"][key] = planted
     tune.cache_path().write_text(json.dumps(data))
-    fresh = cuda.Kernels(numpy, EmulatedModule, device_name="Emulated GPU")
+    fresh = Kernels(numpy, EmulatedModule, device_name="Emulated GPU")
     assert fresh.config_for("forward", g, numpy.float32) == planted
     # ...only on that GPU, and keep it once chosen
-    other = cuda.Kernels(numpy, EmulatedModule, device_name="Another GPU")
-    assert other.config_for("forward", g, numpy.float32) == cuda.heuristic_config("forward", g)
+    other = Kernels(numpy, EmulatedModule, device_name="Another GPU")
+    assert other.config_for("forward", g, numpy.float32) == heuristic
     tune.cache_path().unlink()
     assert fresh.config_for("forward", g, numpy.float32) == planted
 

@@ -166,9 +166,20 @@ def test_empty_batch_like_torch(torch):
     assert int(bn.num_batches_tracked) == 1  # torch counts the empty batch too
 
 
+def test_empty_batch_on_the_gpu_path_standin(standin):
+    """As on the CPU: the GPU path forms a reduction's products in one chunk of the
+    whole batch, which for an empty batch is a chunk of one (no samples) too."""
+    bn = BatchNorm2D(3).to("cuda")
+    x = standin.asarray(numpy.zeros((0, 3, 4, 4), numpy.float32))
+    dx = bn.backward(bn(x))
+    assert dx.shape == x.shape
+    assert not bn.weight.grad.get().any() and not bn.bias.grad.get().any()
+    assert numpy.array_equal(bn.running_var.get(), numpy.ones(3))
+
+
 def test_float32_sums_on_a_large_map_are_as_accurate_as_torchs(torch):
     """The per-channel sums over a 512x512 map are NumPy's pairwise ones: a plain
-    float32 running sum (as einsum's) made y and dx 45x less accurate than torch's."""
+    float32 running sum (as einsum's) makes y and dx far less accurate than torch's."""
     rng = numpy.random.default_rng(0)
     x = rng.standard_normal((1, 2, 512, 512)) * 2 + 3
     dy = rng.standard_normal(x.shape)
@@ -192,19 +203,20 @@ def test_float32_sums_on_a_large_map_are_as_accurate_as_torchs(torch):
 
 def test_channel_dot_in_chunks_is_bitwise_the_unchunked_sum():
     from gpucnn.functional import batchnorm
+    ops = gpucnn.backend.ops_for(numpy)
     rng = numpy.random.default_rng(0)
     a, b = (rng.standard_normal((37, 3, 61, 67)).astype(numpy.float32) for _ in range(2))
-    assert a[:1].nbytes * 2 < batchnorm.DOT_CHUNK_BYTES < a.nbytes  # several uneven chunks
+    assert a[:1].nbytes * 2 < ops.cache_chunk_bytes < a.nbytes  # several uneven chunks
     whole = (a * b).reshape(37, 3, -1).sum(axis=2).sum(axis=0)
-    numpy.testing.assert_array_equal(batchnorm._channel_dot(numpy, a, b), whole)
-    numpy.testing.assert_array_equal(batchnorm._channel_dot(numpy, a[:, 1:], b[:, 1:]), whole[1:])
+    numpy.testing.assert_array_equal(batchnorm._channel_dot(ops, a, b), whole)
+    numpy.testing.assert_array_equal(batchnorm._channel_dot(ops, a[:, 1:], b[:, 1:]), whole[1:])
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("training", [True, False])
 def test_every_layout_gives_the_contiguous_inputs_bits(cpu_threads, threads, training):
     """Contiguous samples go through the per-channel steps as rows of a sample
-    (cpu_threads.sample_rows), other layouts by broadcasting: the same bits. (Not
+    (the backend ops.sample_rows), other layouts by broadcasting: the same bits. (Not
     channels-last: its per-channel sums run in its memory order, which can round
     them differently, before and after sample_rows alike.)"""
     cpu_threads(threads)

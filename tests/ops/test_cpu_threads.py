@@ -1,4 +1,4 @@
-"""gpucnn's CPU threads (gpucnn/cpu_threads.py): the work is shared out, the answers
+"""gpucnn's CPU threads (gpucnn/backends/cpu/threads.py): the work is shared out, the answers
 do not depend on how many threads share it, and the BLAS is held to one thread
 meanwhile. The numbers are compared with the BLAS at one thread throughout: a
 matrix product's last bits depend on the BLAS's own thread count."""
@@ -14,7 +14,7 @@ import pytest
 import gpucnn
 from gpucnn import functional as F
 from gpucnn.app import models
-from gpucnn.backends.cpu import threads as threads_module
+from gpucnn.backends.cpu import conv as cpu_conv, threads as threads_module
 from gpucnn.functional import conv
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
@@ -194,12 +194,12 @@ def test_max_pool_is_bitwise_the_same_on_any_thread_count(kw, cpu_threads, rng):
 @pytest.mark.parametrize("N, per_sample", [(128, 451584), (128, 225792), (128, 112896),
                                            (100, 300000), (7, 10 ** 9), (3, 1), (0, 8)])
 def test_conv_chunks_are_even_and_a_multiple_of_four_so_threads_share_them_evenly(N, per_sample):
-    chunks = conv._chunks(N, per_sample)
+    chunks = cpu_conv._chunks(N, per_sample)
     assert [n for c in chunks for n in range(*c)] == list(range(N))  # in order, all, once
     sizes = [b - a for a, b in chunks]
     assert not sizes or max(sizes) - min(sizes) <= 1
-    assert not sizes or max(sizes) * per_sample <= max(conv.CHUNK_BYTES, per_sample)
-    assert len(chunks) == N or len(chunks) % conv.CHUNK_ROUND == 0
+    assert not sizes or max(sizes) * per_sample <= max(cpu_conv.CHUNK_BYTES, per_sample)
+    assert len(chunks) == N or len(chunks) % cpu_conv.CHUNK_ROUND == 0
     for threads in (2, 4):  # each thread's block of chunks holds as many samples, +-1
         if chunks and len(chunks) % threads == 0:
             work = [sum(b - a for a, b in block)
@@ -214,8 +214,8 @@ def test_backward_filter_holds_a_few_chunk_products_not_one_a_chunk(cpu_threads,
     w = rng.standard_normal((64, 512, 3, 3)).astype(numpy.float32)
     g = conv.geometry(x, w, None, 1, 1, 1, 1)
     dy = rng.standard_normal((48, 64, 8, 8)).astype(numpy.float32)
-    saved = conv.im2col_source(numpy, x, g)
-    assert len(conv._column_chunks(g, 4)) >= 12
+    saved = cpu_conv.im2col_source(x, g)
+    assert len(cpu_conv._column_chunks(g, 4)) >= 12
     conv.backward_filter(dy, x, g, saved)  # the threads' buffers exist from here
     tracemalloc.start()
     try:
@@ -224,7 +224,7 @@ def test_backward_filter_holds_a_few_chunk_products_not_one_a_chunk(cpu_threads,
     finally:
         tracemalloc.stop()
     product = w.nbytes  # one chunk's (K, R*S*C) product
-    assert peak < dy.nbytes + conv.CHUNK_BYTES + 6 * product, (peak, product)
+    assert peak < dy.nbytes + cpu_conv.CHUNK_BYTES + 6 * product, (peak, product)
 
 
 def test_set_num_threads_inside_a_block_is_an_error_not_a_deadlock(cpu_threads):

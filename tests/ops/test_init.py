@@ -41,5 +41,5 @@ def test_function_form_and_errors():
     assert init.fans((32, 16, 3, 3)) == (144, 288)
     with pytest.raises(ValueError, match="init must be one of"):
         Conv2D(1, 1, 1, init="xavier")
-    with pytest.raises(ValueError, match="mode must be 'fan_in' or 'fan_out'"):
+    with pytest.raises(ValueError, match=r"mode must be one of \('fan_in', 'fan_out'\), got 'fan'"):
         init.kaiming_normal_(conv.weight, mode="fan")

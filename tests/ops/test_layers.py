@@ -2,7 +2,8 @@ import numpy
 import pytest
 
 import gpucnn
-from gpucnn import Conv2D, Dropout, Flatten, Linear, MaxPool2D, AvgPool2D, ReLU, Sequential
+from gpucnn import (AvgPool2D, Conv2D, Dropout, Flatten, Linear, MaxPool2D, ReLU, Residual,
+                    Sequential)
 
 
 def test_conv_init_follows_torch_rule():
@@ -109,9 +110,21 @@ def test_conv_keeps_its_padded_input_for_backward_only_in_training():
         conv.train(training)
         conv.zero_grad()
         conv(x)
-        assert (conv._saved_source is not None) == training
+        assert (conv._ctx.source is not None) == training  # what the layer kept
         dx = conv.backward(dy)
-        assert conv._saved_source is None  # released by the backward
+        assert not hasattr(conv._ctx, "source")  # released by the backward
         grads.append((dx, conv.weight.grad.copy(), conv.bias.grad.copy()))
     for a, b in zip(*grads):
         numpy.testing.assert_array_equal(a, b)
+
+
+def test_summary_names_each_layer_by_its_dotted_path_and_a_lone_layer_by_its_type():
+    lines = []
+    Linear(3, 2).summary((3,), print_fn=lines.append)
+    assert [line.split()[:2] for line in lines[0].splitlines()[3:4]] == [["Linear", "(Linear)"]]
+    net = Sequential(Residual(Sequential(Linear(3, 3), ReLU())), Flatten())
+    lines = []
+    net.summary((3,), print_fn=lines.append)
+    names = [line.split()[:2] for line in lines[0].splitlines()[3:7]]
+    assert names == [["0.body.0", "(Linear)"], ["0.body.1", "(ReLU)"],
+                     ["0.shortcut", "(Identity)"], ["1", "(Flatten)"]]

@@ -40,12 +40,12 @@ def test_geometry_is_computed_once_per_input_shape(rng):
     layer = MaxPool2D(2)
     x = rng.standard_normal((2, 1, 6, 6))
     layer(x)
-    g = layer._saved_geometry
+    g = layer._ctx.g
     layer.backward(numpy.ones((2, 1, 3, 3)))
     layer(x + 1)
-    assert layer._saved_geometry is g  # the same object: not recomputed
+    assert layer._ctx.g is g  # the same object: not recomputed
     layer(rng.standard_normal((3, 1, 8, 6)))
-    assert layer._saved_geometry is not g and layer._saved_geometry.P == 4
+    assert layer._ctx.g is not g and layer._ctx.g.P == 4
     with pytest.raises(ValueError, match=r"grad_output must have shape \(3, 1, 4, 3\)"):
         layer.backward(numpy.ones((2, 1, 3, 3)))
 

@@ -16,8 +16,8 @@ cmi = pytest.importorskip("torch.testing._internal.common_methods_invocations",
 
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
-    """Hundreds of tiny ops: one thread each (on a busy 2-core machine, waking a
-    second thread costs PyTorch ~10 ms per op)."""
+    """Hundreds of tiny ops: one thread each (on a busy machine, waking a second
+    thread for an op that small costs PyTorch far more than the op itself)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

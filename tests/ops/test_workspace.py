@@ -36,7 +36,7 @@ def test_a_layer_reuses_its_kept_arrays_and_gets_the_numbers_of_fresh_ones():
     for seed in (1, 2, 3):
         x = _batch(seed)
         y = kept(x)
-        memory.append((conv._saved_source, bn._saved_bn.centred))
+        memory.append((conv._ctx.source, bn._ctx.centred))
         got = [y, kept.backward(dy)] + [p.grad.copy() for _, p in kept.named_parameters()]
         kept.zero_grad()
         fresh_layers = _net()  # a new net each step: nothing kept from before
@@ -73,18 +73,18 @@ def test_an_eval_forward_keeps_nothing_and_leaves_a_pending_backward_alone():
         numpy.testing.assert_array_equal(a, b)
     kept.eval()
     kept[1](_batch(1, (1, 8, 6, 6)))
-    second = kept[1]._saved_bn.centred
+    second = kept[1]._ctx.centred
     kept[1](_batch(2, (1, 8, 6, 6)))
-    assert not numpy.shares_memory(second, kept[1]._saved_bn.centred)
+    assert not numpy.shares_memory(second, kept[1]._ctx.centred)
 
 
 def test_to_gives_the_kept_memory_back():
     net = _net()
     net(_batch(1))
-    before = net[0]._saved_source
+    before = net[0]._ctx.source
     net.to(dtype=numpy.float64)
     net(_batch(1).astype(numpy.float64))
-    assert not numpy.shares_memory(net[0]._saved_source, before)
+    assert not numpy.shares_memory(net[0]._ctx.source, before)
 
 
 def test_the_functional_api_gives_fresh_arrays():
@@ -94,7 +94,7 @@ def test_the_functional_api_gives_fresh_arrays():
     assert not numpy.shares_memory(a, b)
     wt = _batch(2, (8, 3, 3, 3))
     g = F.conv.geometry(x, wt, padding=1)
-    s1, s2 = (F.conv.forward(x, wt, None, g, save=True)[1] for _ in range(2))
+    s1, s2 = (F.conv.forward(x, wt, None, g)[1].source for _ in range(2))
     assert not numpy.shares_memory(s1, s2)
 
 

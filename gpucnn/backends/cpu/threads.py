@@ -2,8 +2,8 @@
 
 NumPy runs an operation on one core (its BLAS aside), and the BLAS splits a
 matrix product well only when it is large: the CPU convolution passes are loops
-over batch chunks (an im2col copy and a cache-sized matrix product each), and
-with two BLAS threads they ran no faster than with one. Here the chunks are
+over batch chunks (an im2col copy and a cache-sized matrix product each), too
+small for the BLAS's own threads to speed them up. Here the chunks are
 handed out instead, in contiguous blocks, one block a thread; NumPy's copies,
 element-wise loops and BLAS calls release the GIL, so the blocks run side by side.
 Meanwhile the BLAS is held to one thread (threadpoolctl), so that the cores are
@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy
 
+from ... import validate
 
 # One section at a time holds the threads (a training step, or a single pass);
 # re-entrant, so that the passes inside a step's section go straight through.
@@ -55,11 +56,10 @@ def blas_threads():
 def keep_freed_memory():
     """Have glibc's malloc keep the memory a process frees for its next allocations:
     a training step frees and allocates the same tens of MB every step, and memory
-    given back to the system faults in again page by page (on the CPU 11k page
-    faults a resnet step with one thread and 17-29k with two, 10-25% of its time;
-    docs/benchmarks.md). For processes that are a training run (`gpucnn train`): it
-    changes the allocator of the whole process. True when applied; False where the
-    C library is not glibc."""
+    given back to the system faults in again page by page, a sizeable share of a
+    CPU step's time (docs/benchmarks.md). For processes that are a training run
+    (`gpucnn train`): it changes the allocator of the whole process. True when
+    applied; False where the C library is not glibc."""
     if platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -93,8 +93,7 @@ def step_blas_threads():
 def set_num_threads(n):
     """Use n threads for gpucnn's CPU passes (as torch.set_num_threads); 1 runs
     them in the calling thread with the BLAS's own threads."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"set_num_threads: num_threads must be an int >= 1, got {n!r}")
+    n = validate.integer(n, "set_num_threads: num_threads", 1, what="an int >= 1")
     if getattr(_this_thread, "active", False):  # it would wait for itself
         raise RuntimeError("set_num_threads was called inside a block of gpucnn's own "
                            "threads; call it outside gpucnn's passes")
@@ -123,9 +122,9 @@ def splits(xp):
 def section(xp=numpy):
     """Hold the threads, and the BLAS to one thread, for a stretch of work on xp's
     arrays (a training step): with the BLAS's threads left running between its
-    passes, they spin and take the cores the blocks need (a resnet step took 1.2x
-    the time of one thread, and 2.3x its CPU time). Passes outside a section hold
-    the BLAS themselves, pass by pass."""
+    passes, they spin and take the cores the blocks need, and the step runs slower
+    than on one thread. Passes outside a section hold the BLAS themselves, pass by
+    pass."""
     if not splits(xp):
         yield
         return
@@ -142,9 +141,10 @@ def section(xp=numpy):
 
 
 def _controller():
-    """threadpoolctl's view of the thread pools loaded, kept (it takes about a ms to
-    build) until a module is imported: an import may load another BLAS (SciPy
-    brings its own OpenBLAS), which a view from before would not hold to one thread."""
+    """threadpoolctl's view of the thread pools loaded, kept (building it scans the
+    loaded libraries, too slow to do at every pass) until a module is imported: an
+    import may load another BLAS (SciPy brings its own OpenBLAS), which a view from
+    before would not hold to one thread."""
     modules = len(sys.modules)
     if _state["controller"] is None or _state["modules"] != modules:
         from threadpoolctl import ThreadpoolController
@@ -224,8 +224,8 @@ def sample_rows(xp, *arrays):
     NumPy's element-wise loops run an innermost axis at a time: against a per-channel
     or scalar operand broadcast over (N, C, H, W) that is one 7- to 28-value pixel
     row (a scalar operand gets no SIMD loop at all), against a row of C*H*W values a
-    whole sample (BatchNorm's per-channel steps and ReLU's forward, 1.6-2.5x faster
-    at 128x16x28x28 on one thread). On a GPU a broadcast is one kernel already."""
+    whole sample, so BatchNorm's per-channel steps and ReLU's forward run much
+    faster on these rows. On a GPU a broadcast is one kernel already."""
     if xp is not numpy or any(a.ndim < 2 or not a.shape[0] or not a[0].flags.c_contiguous
                               for a in arrays):
         return None
@@ -237,11 +237,10 @@ def scratch(xp, slot, shape, dtype):
     at work (NumPy, 2+ threads) it is the calling thread's own for `slot`, its
     memory kept from call to call: a buffer of a few MB freed after each pass is
     given back to the system by the allocator and faults in again page by page on
-    the next (most of all in a worker thread's arena), which cost more than the
-    copy into it (29k page faults a resnet step fell to 17-19k, the step from
-    285-385 ms to 235-341). Valid until this thread asks for the slot again.
-    Otherwise it is allocated afresh: with one thread, kept buffers raised the
-    faults (8-11k to 18k a step)."""
+    the next (most of all in a worker thread's arena), which costs more than the
+    copy into it. Valid until this thread asks for the slot again. Otherwise it is
+    allocated afresh: with one thread (the main thread's arena), kept buffers raised
+    the page faults instead of lowering them."""
     if xp is not numpy or get_num_threads() == 1:
         return xp.empty(shape, dtype=dtype)
     dtype = numpy.dtype(dtype)

@@ -3,11 +3,11 @@
 A convolution's padded channels-last input and BatchNorm's centred input live
 from a layer's forward to its backward, and are freed after it. NumPy gives memory
 that large back to the system when it is freed, and the next step's forward faults
-it in again page by page: with these arrays kept by their layers a resnet step
-(batch 128, two threads) faulted 4-6k pages instead of 15k and took about 8% less
-time (docs/benchmarks.md). One array a slot: the next forward overwrites what the
-last one built, which the layer's backward has read by then (a layer runs one
-backward for its last forward; see Module._saved). Layers use it in training
+it in again page by page: kept by their layers, these arrays fault in once, and a
+step spends that time computing instead (docs/benchmarks.md). One array a slot:
+the next forward overwrites what the last one built, which the layer's backward
+has read by then (a layer runs one backward for its last forward; see
+Module._take). Layers use it in training
 only: an eval forward (Module.summary's between a forward and its backward, or
 several threads running one model) gets fresh arrays, as it always did.
 

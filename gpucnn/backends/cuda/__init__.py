@@ -1,5 +1,12 @@
 """The CUDA backend: CuPy (or the module playing it, gpucnn.backend.set_cupy_module)
-and the hand-written kernels of kernels/*.cu."""
+and the hand-written kernels of kernels/*.cu.
+
+loader.py compiles and loads the kernel files, each described by one record;
+conv.py and pool.py hold the launchers with their files' records and tables;
+kernels.py assembles them (Kernels, kernels_for); tune_cache.py keeps the tile
+configurations `gpucnn tune` chose; graph.py replays a training step from a
+CUDA graph.
+"""
 import contextlib
 
 from .kernels import KERNELS, NVRTC_OPTIONS, compile_units, kernels_for, name_expressions, source
@@ -10,8 +17,10 @@ __all__ = ["CudaOps", "ops_for", "kernels_for", "KERNELS", "NVRTC_OPTIONS", "com
 
 class CudaOps:
     """The GPU's side of the backend interface (gpucnn.backend.ops_for(cupy)): the
-    kernels' launchers for one device; a GPU's work is queued whole, so the
-    batch-sharing helpers run their function once."""
+    kernels' launchers for one device (the interface is described on
+    gpucnn.backends.cpu.CpuOps). A GPU's work is queued whole, so the batch-sharing
+    helpers run their function once; nothing is kept for backward-filter (it reads
+    x itself), so saved is None and a workspace is not used."""
 
     name = "cuda"
     cache_chunk_bytes = None  # a reduction's products are formed whole
@@ -41,6 +50,32 @@ class CudaOps:
 
     def kept(self, workspace, slot, shape, dtype):
         return self.xp.empty(shape, dtype)  # CuPy's memory pool reuses the memory already
+
+    # convolution (conv.py)
+    def conv2d_forward(self, x, weight, bias, g, workspace=None):
+        return self.kernels.conv2d_forward(x, weight, bias, g), None
+
+    def conv2d_backward_data(self, dy, weight, g):
+        return self.kernels.conv2d_backward_data(dy, weight, g)
+
+    def conv2d_backward_filter(self, dy, x, g, saved=None):
+        return self.kernels.conv2d_backward_filter(dy, x, g)
+
+    def conv2d_backward_bias(self, dy):
+        return self.kernels.conv2d_backward_bias(dy)
+
+    # pooling (pool.py)
+    def max_pool2d_forward(self, x, g):
+        return self.kernels.max_pool2d_forward(x, g)
+
+    def max_pool2d_backward(self, dy, indices, g):
+        return self.kernels.max_pool2d_backward(dy, indices, g)
+
+    def avg_pool2d_forward(self, x, g):
+        return self.kernels.avg_pool2d_forward(x, g)
+
+    def avg_pool2d_backward(self, dy, g):
+        return self.kernels.avg_pool2d_backward(dy, g)
 
 
 _ops = {}

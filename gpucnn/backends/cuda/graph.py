@@ -1,8 +1,8 @@
 """CUDA-graph replay of the training step (``gpucnn train --cuda-graph``).
 
-A LeNet step is ~100 small kernels; launched one by one from Python each costs
-8-15 us of host time, more than the GPU needs to run it. Captured once into a
-CUDA graph, a step is one launch. The recipe (as PyTorch's whole-network capture):
+A training step is about a hundred small kernels; launched one by one from
+Python, each costs more host time than the GPU needs to run it. Captured once
+into a CUDA graph, a step is one launch. The recipe (as PyTorch's whole-network capture):
 
 1. warm-up: a few eager steps on a side stream, so that every lazily created
    buffer (momentum, Adam's moments and step counts, the device lr, kernels'
@@ -21,21 +21,25 @@ schedule or warmup stepped per batch changes it between replays, with no sync
 and no new capture), and Adam counts its steps and computes its bias
 corrections on the device. Label smoothing is a constant of the run, captured
 with the step; augmentation runs on the batch before it is copied into the
-static input. A replayed Dropout would draw one mask forever (its generator is
-seeded on the host per call), so with Dropout the step runs eagerly, said once.
-A capture that fails falls back to eager steps with one line saying why.
+static input. A module that draws random numbers (one with a random state, as
+Dropout) would draw the same numbers at every replay (its generator is seeded on
+the host per call), so with one the step runs eagerly, said once. A capture that
+fails falls back to eager steps with one line saying why.
+
+The step itself is the caller's (gpucnn.step.train_step): this module runs it,
+it does not import it.
 """
-from ... import backend
-from ...nn.layers import Dropout
-from ...step import train_step
+from ... import backend, validate
 
 WARMUP = 3
 
 
 class GraphedStep:
-    """train_step(model, optimizer, x, y) for batches of one shape, replayed from a CUDA graph.
+    """step(model, optimizer, x, y) for batches of one shape, replayed from a CUDA graph.
 
-    Call it like train_step: ``loss, logits = graphed(x, y)``; the results are the
+    step: the training step, called as step(model, optimizer, x, y,
+    label_smoothing=...) and returning (loss, logits) (gpucnn.step.train_step).
+    Call it like the step: ``loss, logits = graphed(x, y)``; the results are the
     graph's static outputs, overwritten by the next call (read or reduce them first).
     label_smoothing: as train_step's, fixed for the run. capture=False runs the same
     static-buffer path without capturing. warmup (>= 1) eager steps come first: they
@@ -45,15 +49,17 @@ class GraphedStep:
     arrays, so state loaded after the first call is what the replays use.
     """
 
-    def __init__(self, model, optimizer, *, label_smoothing=0.0, capture=True,
+    def __init__(self, model, optimizer, *, step, label_smoothing=0.0, capture=True,
                  warmup=WARMUP, log=print):
-        self.model, self.optimizer, self.log = model, optimizer, log
+        self.model, self.optimizer, self.step_fn, self.log = model, optimizer, step, log
         self.xp = backend.get_array_module(model.parameters()[0].data)
         if self.xp is backend.numpy:
             raise ValueError("GraphedStep needs a model on a CUDA device, got one on the cpu")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"warmup must be an int >= 1 (eager steps before the capture), "
-                             f"got {warmup!r}")
+        if not callable(step):
+            raise TypeError(f"step must be the training step to run (gpucnn.train_step), "
+                            f"got {step!r}")
+        warmup = validate.integer(warmup, "warmup", 1,
+                                  what="an int >= 1 (eager steps before the capture)")
         self.label_smoothing = label_smoothing
         self.warmup, self.calls = warmup, 0
         self.static_x = self.static_y = None
@@ -65,9 +71,12 @@ class GraphedStep:
         self.pool = cuda.MemoryPool() if self.capture else None
 
     def _capturable(self):
-        if any(isinstance(m, Dropout) and m.p > 0 for m in _modules(self.model)):
-            self.log("gpucnn: CUDA graph off: a replayed Dropout would draw the same mask at "
-                     "every step; running eagerly")
+        drawing = self.model.random_state()  # {module name: state} of modules drawing numbers
+        if drawing:
+            modules = dict(self.model.named_modules())
+            kinds = ", ".join(sorted({type(modules[name]).__name__ for name in drawing}))
+            self.log(f"gpucnn: CUDA graph off: a replayed {kinds} would draw the same random "
+                     "numbers at every step; running eagerly")
             return False
         if not getattr(self.optimizer, "capturable", False):
             name = type(self.optimizer).__name__
@@ -77,8 +86,8 @@ class GraphedStep:
         return True
 
     def _eager(self, x, y):
-        return train_step(self.model, self.optimizer, x, y,
-                          label_smoothing=self.label_smoothing)
+        return self.step_fn(self.model, self.optimizer, x, y,
+                            label_smoothing=self.label_smoothing)
 
     def __call__(self, x, y):
         if self.static_x is None:
@@ -126,8 +135,3 @@ class GraphedStep:
             graph.launch(self.stream)  # capturing recorded the step; this runs it
         return outputs
 
-
-def _modules(module):
-    yield module
-    for child in module.children():
-        yield from _modules(child)

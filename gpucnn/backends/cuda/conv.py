@@ -1,0 +1,262 @@
+"""The convolution kernels' launchers (kernels/conv2d.cu, kernels/conv2d_reduce.cu):
+their tile configurations, GEMM shapes, split-K and stride-phase tables.
+
+The three passes are implicit GEMMs that gather their matrices tile by tile into
+shared memory. The tile configurations are defined here only (CONV_CONFIGS) and
+reach the kernel as -D options. A configuration is picked per pass and shape:
+the one `gpucnn tune` measured fastest on this GPU (tune_cache), else
+heuristic_config; once picked for a shape it stays, so a run's results are
+bitwise repeatable.
+"""
+import functools
+import math
+from collections import namedtuple
+
+import numpy
+
+from . import tune_cache
+from .loader import DEFAULT, MAX_GRID_YZ, THREADS, Build, KernelFile, cdiv, i32
+
+# The implicit-GEMM tile configurations of kernels/conv2d.cu, the one place they
+# are defined: rows x columns of a block tile (bm x bn), its reduction depth per
+# stage (bk for float, bk_double for double, whose 8x8 accumulators take twice the
+# registers), the outputs each thread holds (tm x tn) and the stages per main-loop iteration
+# (unroll, even). They reach the kernel as -D options.
+TileConfig = namedtuple("TileConfig", "bm bn bk bk_double tm tn unroll")
+CONV_CONFIGS = {
+    "128x128": TileConfig(128, 128, 16, 8, 8, 8, 2),  # big layers: 256 threads, 8x8 outputs each
+    "64x64": TileConfig(64, 64, 8, 4, 8, 8, 4),       # mid-size: 4x the blocks, of 64 threads
+    "128x32": TileConfig(128, 32, 8, 4, 8, 8, 4),     # few GEMM columns (C or K <= 32): 64 threads
+    "32x128": TileConfig(32, 128, 8, 2, 8, 8, 4),     # few GEMM rows (K <= 32, backward-filter)
+    "32x32": TileConfig(32, 32, 8, 4, 8, 4, 8),       # both small: one warp, 8x4 outputs each
+}
+SMEM_PAD = 4         # floats of padding per shared-memory row (-DCONV_PAD): rows are bm+4
+                     # and bn+4 long, the 8 k-rows a warp stores at once on different banks
+REDUCE_LANES = 8     # slice lanes per output in conv2d_sum_slices (blockDim.y)
+TARGET_BLOCKS = 264  # ~2 blocks per SM of a 132-SM GPU: the split-K and bias grids aim here;
+                     # a constant, so that a shape's summation order is the same on every GPU
+MIN_SLICE = 256      # reduction values per split-K slice, at least (16 float stages)
+PASSES = ("forward", "backward_data", "backward_filter")
+
+
+def config_threads(c):
+    """The threads per block of a TileConfig: one per tm x tn outputs of the tile."""
+    return (c.bm // c.tm) * (c.bn // c.tn)
+
+
+def conv_options(config):
+    """The -D options that compile kernels/conv2d.cu with a named configuration."""
+    c = CONV_CONFIGS[config]
+    return (f"-DCONV_BM={c.bm}", f"-DCONV_BN={c.bn}", f"-DCONV_BK={c.bk}",
+            f"-DCONV_BK_DOUBLE={c.bk_double}",
+            f"-DCONV_TM={c.tm}", f"-DCONV_TN={c.tn}", f"-DCONV_UNROLL={c.unroll}",
+            f"-DCONV_PAD={SMEM_PAD}")
+
+
+def smem_bytes(config, itemsize):
+    """The dynamic shared memory of a configuration's block: two stages of an A and a
+    B tile, bk rows each (bk_double for double)."""
+    c = CONV_CONFIGS[config]
+    bk = c.bk if itemsize == 4 else c.bk_double
+    return 2 * bk * (c.bm + SMEM_PAD + c.bn + SMEM_PAD) * itemsize
+
+
+CONV_KERNELS = ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_filter")
+CONV_FILE = KernelFile("conv2d.cu", CONV_KERNELS, {
+    name: Build(conv_options(name), dict.fromkeys(CONV_KERNELS, config_threads(c)),
+                dict.fromkeys(CONV_KERNELS, functools.partial(smem_bytes, name)))
+    for name, c in CONV_CONFIGS.items()})
+REDUCE_FILE = KernelFile("conv2d_reduce.cu", ("conv2d_sum_slices", "conv2d_backward_bias"), {
+    DEFAULT: Build((f"-DREDUCE_LANES={REDUCE_LANES}",),
+                   {"conv2d_sum_slices": 32 * REDUCE_LANES, "conv2d_backward_bias": THREADS},
+                   {"conv2d_sum_slices": lambda itemsize: 32 * REDUCE_LANES * itemsize,
+                    "conv2d_backward_bias": lambda itemsize: THREADS * itemsize})})
+FILES = (CONV_FILE, REDUCE_FILE)
+
+
+def gemm_shape(pass_, g):
+    """(rows, columns, reduction length, independent GEMMs) of a convolution pass, as
+    kernels/conv2d.cu sets it up; backward-data's GEMMs are one per group and stride
+    phase, the largest phase's rows counted."""
+    Cg, Kg = g.C // g.groups, g.K // g.groups
+    if pass_ == "forward":
+        return g.N * g.P * g.Q, Kg, Cg * g.R * g.S, g.groups
+    if pass_ == "backward_data":
+        rows = g.N * cdiv(g.H, g.sh) * cdiv(g.W, g.sw)
+        return rows, Cg, Kg * cdiv(g.R, g.sh) * cdiv(g.S, g.sw), g.groups * g.sh * g.sw
+    if pass_ == "backward_filter":
+        return Kg, Cg * g.R * g.S, g.N * g.P * g.Q, g.groups
+    raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
+
+
+def heuristic_config(pass_, g):
+    """The tile configuration for a pass and shape when none was tuned: narrow tiles
+    where a GEMM side is <= 32, else the big tile when its blocks fill a large GPU once
+    (backward-filter always, its split-K fills the GPU) and 64x64 when they do not."""
+    rows, cols, _, count = gemm_shape(pass_, g)
+    if rows <= 32 and cols <= 32:
+        return "32x32"
+    if cols <= 32:
+        return "128x32"
+    if rows <= 32:
+        return "32x128"
+    if pass_ == "backward_filter":
+        return "128x128" if rows >= 128 and cols >= 128 else "64x64"
+    big = cdiv(rows, 128) * cdiv(cols, 128) * count
+    return "128x128" if big >= TARGET_BLOCKS // 2 else "64x64"  # a full wave of big tiles
+
+
+def filter_slices(g, config):
+    """(slices, slice_len) of backward-filter's split of its N*P*Q reduction: enough
+    slices that the grid reaches TARGET_BLOCKS, each at least MIN_SLICE long; a
+    function of the shape and configuration alone, so the summation order is fixed."""
+    c = CONV_CONFIGS[config]
+    rows, cols, length, count = gemm_shape("backward_filter", g)
+    tiles = cdiv(rows, c.bm) * cdiv(cols, c.bn) * count
+    slices = max(1, min(cdiv(TARGET_BLOCKS, tiles), cdiv(length, MIN_SLICE),
+                        MAX_GRID_YZ // g.groups))
+    slice_len = cdiv(cdiv(length, slices), 16) * 16  # whole stages
+    return cdiv(length, slice_len), slice_len
+
+
+def dgrad_phases(g):
+    """Backward-data's stride phases, one row of 14 ints per phase (ph, pw) in
+    row-major order: h1st w1st Hph Wph r0 s0 rstep sstep nr ns offh offw dph dpw.
+
+    Phase (ph, pw) holds the input pixels with (h + pt) % sh == ph, (w + pl) % sw == pw:
+    h = h1st + ih*sh for ih < Hph. Its taps are r = r0 + i*rstep for i < nr (the r
+    with r*dh % sh == ph), and tap i reads dy row p = ih + offh - i*dph; likewise
+    along the width. A phase no tap reaches has nr or ns 0 (its pixels get zeros).
+    """
+    def axis(size, stride, pad, taps, dil, phase):
+        first = (phase - pad) % stride
+        count = max(0, cdiv(size - first, stride))
+        r0 = next((r for r in range(taps) if r * dil % stride == phase), taps)
+        step = stride // math.gcd(stride, dil)
+        n = len(range(r0, taps, step))
+        off = (first + pad - r0 * dil) // stride if n else 0
+        return first, count, r0, step, n, off, step * dil // stride
+
+    rows = []
+    for ph in range(g.sh):
+        for pw in range(g.sw):
+            h1, hc, r0, rs, nr, oh, dph = axis(g.H, g.sh, g.pt, g.R, g.dh, ph)
+            w1, wc, s0, ss, ns, ow, dpw = axis(g.W, g.sw, g.pl, g.S, g.dw, pw)
+            rows.append((h1, w1, hc, wc, r0, s0, rs, ss, nr, ns, oh, ow, dph, dpw))
+    return numpy.array(rows, dtype=numpy.int32)
+
+
+def _check_grid(name, grid, g):
+    if grid[1] > MAX_GRID_YZ or grid[2] > MAX_GRID_YZ:
+        raise ValueError(f"{name}: the launch grid {grid} exceeds the limit of {MAX_GRID_YZ} "
+                         f"blocks in y or z for {g}")
+    if max(g.N * g.C * g.H * g.W, g.N * g.K * g.P * g.Q, g.K * g.C * g.R * g.S) >= 2 ** 31:
+        raise ValueError(f"{name}: a tensor of {g} has 2**31 elements or more, past the "
+                         "32-bit indices of the convolution kernels")
+
+
+def _geometry_args(g):
+    return i32(g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q, g.sh, g.sw, g.pt, g.pl,
+               g.dh, g.dw, g.groups)
+
+
+class ConvLaunchers:
+    """The convolution passes on one device (a part of kernels.Kernels, with a Loader).
+    config: a CONV_CONFIGS name, or None for config_for's choice."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._choices = {}  # (pass, shape, dtype) -> configuration: fixed once chosen
+        self._phases = {}   # geometry -> its dgrad_phases table on the device
+        self._tuned = None
+
+    def config_for(self, pass_, g, dtype):
+        """The configuration a pass runs with for this shape and dtype: the tuned one for
+        this GPU if `gpucnn tune` chose one, else the heuristic's; then fixed."""
+        key = (pass_, g, numpy.dtype(dtype).name)
+        config = self._choices.get(key)
+        if config is None:
+            if self._tuned is None:
+                self._tuned = (tune_cache.choices_for(self.device_name, known=CONV_CONFIGS)
+                               if self.device_name else {})
+            config = self._tuned.get(tune_cache.entry_key(pass_, g, dtype))
+            if config not in CONV_CONFIGS:
+                config = heuristic_config(pass_, g)
+            self._choices[key] = config
+        return config
+
+    def _conv(self, kernel, pass_, dtype, g, config, grid, args):
+        config = config or self.config_for(pass_, g, dtype)
+        c = CONV_CONFIGS[config]
+        grid = (cdiv(grid[0], c.bm), cdiv(grid[1], c.bn), grid[2])
+        _check_grid(kernel, grid, g)
+        self._launch(CONV_FILE, kernel, dtype, grid, (config_threads(c),), args, config)
+        return config
+
+    def conv2d_forward(self, x, weight, bias, g, config=None):
+        """y (N, K, P, Q) = conv(x, weight) + bias: implicit GEMM, bias in the epilogue."""
+        x, weight = self._c(x), self._c(weight)
+        y = self.xp.empty((g.N, g.K, g.P, g.Q), dtype=x.dtype)
+        if y.size == 0:
+            return y
+        bias_arg = weight if bias is None else self._c(bias)
+        rows, cols, _, count = gemm_shape("forward", g)
+        self._conv("conv2d_forward", "forward", x.dtype, g, config, (rows, cols, count),
+                   (x, weight, bias_arg, y, *_geometry_args(g), numpy.int32(bias is not None)))
+        return y
+
+    def conv2d_backward_data(self, dy, weight, g, config=None):
+        """dx (N, C, H, W): implicit GEMM per group and stride phase."""
+        dy, weight = self._c(dy), self._c(weight)
+        dx = self.xp.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype)
+        if dx.size == 0:
+            return dx
+        phases = self._phases.get(g)
+        if phases is None:  # copied to the device once per shape, not at every step
+            phases = self._phases[g] = self.xp.asarray(dgrad_phases(g))
+        rows, cols, _, count = gemm_shape("backward_data", g)
+        self._conv("conv2d_backward_data", "backward_data", dy.dtype, g, config,
+                   (rows, cols, count), (dy, weight, dx, phases, *_geometry_args(g)))
+        return dx
+
+    def conv2d_backward_filter(self, dy, x, g, config=None):
+        """dweight (K, C/groups, R, S): implicit GEMM over (n,p,q), split into slices
+        (filter_slices) that conv2d_sum_slices adds in order."""
+        dy, x = self._c(dy), self._c(x)
+        shape = (g.K, g.C // g.groups, g.R, g.S)
+        if g.N * g.P * g.Q == 0:
+            return self.xp.zeros(shape, dtype=dy.dtype)
+        config = config or self.config_for("backward_filter", g, dy.dtype)
+        slices, slice_len = filter_slices(g, config)
+        rows, cols, _, count = gemm_shape("backward_filter", g)
+        partial = self.xp.empty((slices, *shape), dtype=dy.dtype)
+        self._conv("conv2d_backward_filter", "backward_filter", dy.dtype, g, config,
+                   (rows, cols, count * slices),
+                   (dy, x, partial, *_geometry_args(g), *i32(slices, slice_len)))
+        return partial[0] if slices == 1 else self._sum_slices(partial)
+
+    def _sum_slices(self, partial):
+        out = self.xp.empty(partial.shape[1:], dtype=partial.dtype)
+        self._launch(REDUCE_FILE, "conv2d_sum_slices", partial.dtype,
+                     (cdiv(out.size, 32),), (32, REDUCE_LANES),
+                     (partial, out, numpy.int64(out.size), numpy.int32(partial.shape[0])))
+        return out
+
+    def conv2d_backward_bias(self, dy):
+        """dbias (K,): each of K x slices blocks sums one range of (n,p,q) in a fixed tree,
+        then conv2d_sum_slices adds the slices in order."""
+        dy = self._c(dy)
+        N, K, P, Q = dy.shape
+        length = N * P * Q
+        if length == 0:
+            return self.xp.zeros((K,), dtype=dy.dtype)
+        if K > MAX_GRID_YZ:
+            raise ValueError(f"conv2d_backward_bias: {K} channels exceed the grid limit of "
+                             f"{MAX_GRID_YZ}")
+        slices = max(1, min(cdiv(TARGET_BLOCKS, K), cdiv(length, 16 * THREADS)))
+        slice_len = cdiv(length, slices)
+        slices = cdiv(length, slice_len)
+        partial = self.xp.empty((slices, K), dtype=dy.dtype)
+        self._launch(REDUCE_FILE, "conv2d_backward_bias", dy.dtype, (slices, K), (THREADS,),
+                     (dy, partial, *i32(N, K), numpy.int64(P * Q), numpy.int64(slice_len)))
+        return partial[0] if slices == 1 else self._sum_slices(partial)
