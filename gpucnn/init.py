@@ -33,6 +33,19 @@ def kaiming_normal_(param, mode="fan_out", nonlinearity="relu"):
     return param
 
 
+def layer_parameters(shape, bias=True, init="default"):
+    """(weight, bias or None) for a Conv2D or Linear weight of `shape` (out, in[, kH,
+    kW]), drawn from gpucnn's seeded host generator in this order: PyTorch's default
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both, or with init='kaiming_normal' the
+    weight from N(0, 2/fan_out) (torchvision's ResNet; the bias keeps the default)."""
+    check_init(init)
+    fan_in, fan_out = fans(shape)
+    bound = 1 / math.sqrt(fan_in)
+    weight = (random.uniform(shape, bound) if init == "default" else
+              random.normal(shape, math.sqrt(2 / fan_out)))
+    return weight, random.uniform((shape[0],), bound) if bias else None
+
+
 def check_init(init):
     """init, where it is one of INITS (a layer's init= argument)."""
     return validate.choice(init, "init", INITS)

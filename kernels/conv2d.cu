@@ -8,7 +8,7 @@
 // Every output element is written once by the thread that accumulated it, in a
 // fixed order: no atomics, bitwise repeatable for a given configuration.
 //
-// The tile configuration comes from the loader as -D options (gpucnn/cuda.py
+// The tile configuration comes from the loader as -D options (gpucnn/backends/cuda/conv.py
 // owns the named configurations); the defaults below let the file compile alone.
 #ifndef CONV_BM
 #define CONV_BM 128  // rows of the block tile
@@ -450,7 +450,7 @@ conv2d_forward(const T* __restrict__ x, const T* __restrict__ w, const T* __rest
 // GEMM per (group, phase) = blockIdx.z: rows (n,ih,iw) with h = h1st + ih*sh,
 // columns c', reduction (k, tap row, tap column).
 // phase_table[phase] holds the phase's PHASE_FIELDS ints, computed by the launcher
-// (gpucnn/cuda.py: dgrad_phases): h1st w1st Hph Wph r0 s0 rstep sstep nr ns offh
+// (gpucnn/backends/cuda/conv.py: dgrad_phases): h1st w1st Hph Wph r0 s0 rstep sstep nr ns offh
 // offw dph dpw, where p = ih + offh - i*dph for the i-th tap row (likewise q).
 // Grid (ceil(N*ceil(H/sh)*ceil(W/sw)/BM), ceil(C/groups/BN), groups*sh*sw).
 template <typename T>

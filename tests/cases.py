@@ -25,8 +25,9 @@ CONV_GRID = [
     ((2, 3, 6, 5), (4, 3, 3, 3), dict(padding=(3, 1))),
 ]
 
-# (x shape, kwargs): overlapping windows, padding, ceil_mode, non-square, batch 1.
-MAX_POOL_GRID = [
+# (x shape, kwargs) of both poolings: overlapping windows, padding, ceil_mode,
+# non-square, batch 1.
+POOL_GRID = [
     ((2, 3, 8, 8), dict(kernel_size=2)),
     ((1, 2, 9, 7), dict(kernel_size=3, stride=2, padding=1)),
     ((2, 2, 9, 7), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
@@ -34,6 +35,9 @@ MAX_POOL_GRID = [
     ((2, 2, 10, 9), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0))),
     ((2, 2, 11, 10), dict(kernel_size=2, stride=3, ceil_mode=True)),
     ((2, 2, 5, 5), dict(kernel_size=4, stride=2, padding=2, ceil_mode=True)),
+]
+
+MAX_POOL_GRID = POOL_GRID + [
     # dilation: overlapping dilated windows, per-axis dilation with padding and
     # ceil_mode, a last window overhanging the end, a window longer than the input
     ((2, 2, 9, 8), dict(kernel_size=3, stride=1, padding=1, dilation=2)),
@@ -44,16 +48,8 @@ MAX_POOL_GRID = [
     ((1, 3, 6, 7), dict(kernel_size=(1, 2), stride=1, padding=(0, 1), dilation=(5, 4))),
 ]
 
-# (x shape, kwargs): overlapping windows, padding, ceil_mode (last windows
-# overhanging the padded input, one longer than the input), non-square, batch 1.
-AVG_POOL_GRID = [
-    ((2, 3, 8, 8), dict(kernel_size=2)),
-    ((1, 2, 9, 7), dict(kernel_size=3, stride=2, padding=1)),
-    ((2, 2, 9, 7), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
-    ((2, 2, 10, 9), dict(kernel_size=3, stride=1)),
-    ((2, 2, 10, 9), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0))),
-    ((2, 2, 11, 10), dict(kernel_size=2, stride=3, ceil_mode=True)),
-    ((2, 2, 5, 5), dict(kernel_size=4, stride=2, padding=2, ceil_mode=True)),
+# ceil_mode's last windows overhanging the padded input, one longer than the input
+AVG_POOL_GRID = POOL_GRID + [
     ((1, 2, 6, 7), dict(kernel_size=(5, 3), stride=(3, 2), padding=(2, 1), ceil_mode=True)),
     ((2, 1, 2, 3), dict(kernel_size=3, stride=3, ceil_mode=True)),
 ]

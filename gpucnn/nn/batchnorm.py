@@ -3,7 +3,7 @@ import numpy
 
 from .. import functional as F
 from .. import validate
-from .module import Buffer, Module, Parameter
+from .module import Buffer, Module
 
 
 class BatchNorm2D(Module):
@@ -28,8 +28,8 @@ class BatchNorm2D(Module):
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
         C = num_features
         if self.affine:
-            self._params["weight"] = Parameter(numpy.ones(C, numpy.float32))
-            self._params["bias"] = Parameter(numpy.zeros(C, numpy.float32))
+            self._parameter("weight", numpy.ones(C, numpy.float32))
+            self._parameter("bias", numpy.zeros(C, numpy.float32))
         if self.track_running_stats:
             self._buffers["running_mean"] = Buffer(numpy.zeros(C, numpy.float32))
             self._buffers["running_var"] = Buffer(numpy.ones(C, numpy.float32))

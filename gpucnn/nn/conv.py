@@ -1,19 +1,10 @@
 """Conv2D: torch.nn.Conv2d's arguments, initialisation and state-dict names."""
-import math
 
 from .. import functional as F
 from .. import init as initialisers
-from .. import random, validate
+from .. import validate
 from .geometry import GeometryCache
-from .module import Module, Parameter
-
-
-def _size(value, name):
-    """A channel or group count: a positive Python or NumPy int, as an int (TypeError
-    for another type, ValueError below 1)."""
-    if not validate.is_int(value):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    return validate.positive_int(int(value), name)
+from .module import Module
 
 
 class Conv2D(Module):
@@ -29,9 +20,9 @@ class Conv2D(Module):
                  groups=1, bias=True, init="default"):
         super().__init__()
         initialisers.check_init(init)
-        in_channels = _size(in_channels, "in_channels")
-        out_channels = _size(out_channels, "out_channels")
-        groups = _size(groups, "groups")
+        in_channels = validate.positive_int(in_channels, "in_channels", type_error=TypeError)
+        out_channels = validate.positive_int(out_channels, "out_channels", type_error=TypeError)
+        groups = validate.positive_int(groups, "groups", type_error=TypeError)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels ({in_channels}) and "
                              f"out_channels ({out_channels})")
@@ -39,14 +30,9 @@ class Conv2D(Module):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         shape = (out_channels, in_channels // groups, kh, kw)
-        fan_in, fan_out = initialisers.fans(shape)
-        bound = 1 / math.sqrt(fan_in)
-        self.weight = Parameter(random.uniform(shape, bound) if init == "default" else
-                                random.normal(shape, math.sqrt(2 / fan_out)))
-        self._params["weight"] = self.weight
-        self.bias = Parameter(random.uniform((out_channels,), bound)) if bias else None
-        if bias:
-            self._params["bias"] = self.bias
+        weight, bias = initialisers.layer_parameters(shape, bias, init)
+        self.weight = self._parameter("weight", weight)
+        self.bias = self._parameter("bias", bias)
         # stride, dilation and padding are parsed here, once, rather than at each forward
         self._arguments = F.conv.arguments(stride, padding, dilation, groups)
         self._geometries = GeometryCache()

@@ -1,19 +1,10 @@
 """The layers: each calls a gpucnn.functional forward, keeps its ctx for backward
 (Module._keep) and hands it to the matching functional backward (Module._take)."""
-import math
 
 from .. import functional as F
 from .. import init as initialisers
 from .. import random, validate
-from .module import Module, Parameter
-
-
-def _positive_int(value, name):
-    """A positive Python or NumPy integer, as an int: TypeError where value is not an
-    int (as PyTorch's layers raise), ValueError where it is below 1."""
-    if not validate.is_int(value):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    return validate.positive_int(int(value), name)
+from .module import Module
 
 
 class ReLU(Module):
@@ -45,18 +36,13 @@ class Linear(Module):
     def __init__(self, in_features, out_features, bias=True, init="default"):
         super().__init__()
         initialisers.check_init(init)
-        in_features = _positive_int(in_features, "in_features")
-        out_features = _positive_int(out_features, "out_features")
+        in_features = validate.positive_int(in_features, "in_features", type_error=TypeError)
+        out_features = validate.positive_int(out_features, "out_features", type_error=TypeError)
         self.in_features, self.out_features = in_features, out_features
         shape = (out_features, in_features)
-        fan_in, fan_out = initialisers.fans(shape)
-        bound = 1 / math.sqrt(fan_in)
-        self.weight = Parameter(random.uniform(shape, bound) if init == "default" else
-                                random.normal(shape, math.sqrt(2 / fan_out)))
-        self._params["weight"] = self.weight
-        self.bias = Parameter(random.uniform((out_features,), bound)) if bias else None
-        if bias:
-            self._params["bias"] = self.bias
+        weight, bias = initialisers.layer_parameters(shape, bias, init)
+        self.weight = self._parameter("weight", weight)
+        self.bias = self._parameter("bias", bias)
 
     def forward(self, x):
         y, ctx = F.basic.linear_forward(x, self.weight.data, self.bias.data if self.bias else None)

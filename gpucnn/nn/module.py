@@ -73,6 +73,14 @@ class Module:
     def backward(self, dy, need_input_grad=True):
         raise NotImplementedError
 
+    def _parameter(self, name, data):
+        """A Parameter holding data, registered under name (state_dict, optimizers);
+        None where data is None (a layer without a bias)."""
+        if data is None:
+            return None
+        self._params[name] = Parameter(data)
+        return self._params[name]
+
     def _keep(self, ctx):
         """Keep what this forward's backward needs (the functional forward's ctx):
         one slot a layer, replaced by the next forward."""

@@ -446,7 +446,7 @@ def run_modern(device="auto", repeat=10, out=sys.stdout):
     bn = gpucnn.BatchNorm2D(32).to(device)
 
     def bn_ours():  # as in a training step (see train_step): one section of gpucnn's threads
-        with cpu_threads.section(xp):
+        with backend.ops_for(xp).section():
             bn(x_bn)
             bn.backward(dy_bn)
     theirs = None
@@ -461,7 +461,7 @@ def run_modern(device="auto", repeat=10, out=sys.stdout):
     x_blk, dy_blk = arr(128, 32, 14, 14), arr(128, 32, 14, 14)
 
     def block_ours():
-        with cpu_threads.section(xp):
+        with backend.ops_for(xp).section():
             block.zero_grad()
             block(x_blk)
             block.backward(dy_blk)
