@@ -22,6 +22,7 @@ EPILOG = """examples:
   gpucnn train --dataset fashion-mnist --model resnet --epochs 2   # the ResNet recipe
   gpucnn eval runs/fashion/checkpoint.npz
   gpucnn predict runs/fashion/checkpoint.npz shoe.png --top 3
+  gpucnn export runs/fashion/checkpoint.npz fashion.onnx   # needs gpucnn[onnx]
   gpucnn info; gpucnn gradcheck --device cuda; gpucnn bench --device cpu
 
 Fashion-MNIST: apt-get install dataset-fashion-mnist (read from
@@ -31,7 +32,8 @@ The device is --device, else $GPUCNN_DEVICE, else auto (cuda where CuPy sees a G
 
 
 TRAIN_DESCRIPTION = (
-    "Train a CNN with a progress bar, per-epoch metrics (OUT/metrics.jsonl), a checkpoint "
+    "Train a CNN with a progress bar (off a terminal, a progress line every 30 s), per-epoch "
+    "metrics (OUT/metrics.jsonl), a checkpoint "
     "(OUT/checkpoint.npz) and plots (OUT/curves.png, OUT/confusion.png). Unset options take "
     "the dataset's defaults: digits 20 epochs, batch 32, adam lr 2e-3; fashion-mnist and mnist "
     "3 epochs, batch 64, adam lr 1e-3 with the LeNet. --model resnet takes its recipe: 10 "
@@ -47,8 +49,8 @@ def _parser():
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"gpucnn {gpucnn.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_train_parser, _eval_parser, _predict_parser, _info_parser, _gradcheck_parser,
-                _tune_parser, _bench_parser):
+    for add in (_train_parser, _eval_parser, _predict_parser, _export_parser, _info_parser,
+                _gradcheck_parser, _tune_parser, _bench_parser):
         add(sub)
     return p
 
@@ -91,6 +93,26 @@ def _predict_parser(sub):
     r.add_argument("--device", choices=DEVICES, help=DEVICE_HELP)
 
 
+def _export_parser(sub):
+    x = sub.add_parser("export", help="write a checkpoint's model as ONNX (needs gpucnn[onnx])",
+                       description="Write the trained model of a checkpoint as an ONNX file "
+                       "(opset 17, any batch size) that takes raw pixels: the training set's "
+                       "normalisation is the graph's first nodes; the class names, the "
+                       "normalisation and the input shape are in its metadata.")
+    x.add_argument("checkpoint", help="a checkpoint.npz written by gpucnn train")
+    x.add_argument("output", help="the ONNX file to write, e.g. model.onnx")
+
+
+def cmd_export(args):
+    from .. import onnx_export
+    from . import inference
+    model = inference.load(args.checkpoint, device="cpu")
+    onnx_export.export(model, args.output)
+    print(f"gpucnn: wrote {args.output} (ONNX opset {onnx_export.OPSET}, input (batch, "
+          f"{', '.join(map(str, model.input_shape))}), {len(model.classes)} classes)")
+    return 0
+
+
 def _info_parser(sub):
     i = sub.add_parser("info", help="versions, the device found, whether the GPU kernels compile")
     i.add_argument("--kernels", action="store_true", help="instead, the static report of every "
@@ -113,7 +135,7 @@ def _tune_parser(sub):
                        "--bench, of gpucnn.tools.bench's shapes) and cache the fastest per (GPU, "
                        "shape, dtype) in $XDG_CACHE_HOME/gpucnn/tune.json (else "
                        "~/.cache/gpucnn/tune.json); later runs on this GPU use them.")
-    u.add_argument("--device", choices=DEVICES, default="cuda", help="must be a GPU (cuda)")
+    u.add_argument("--device", choices=DEVICES, help="must be a GPU (default cuda)")
     u.add_argument("--model", default="lenet", help="built-in model whose shapes to tune "
                    "(default lenet)")
     u.add_argument("--batch-size", type=int, help="default 64 for a model, the listed "
@@ -256,14 +278,25 @@ def cmd_tune(args):
     else:
         batch = 64 if args.batch_size is None else args.batch_size
         shapes = tune.model_geometries(args.model, batch)
-    device, why = backend.resolve_device(args.device)
-    if device != "cuda":
-        raise DeviceError(f"gpucnn tune times kernels on a GPU, and there is none here ({why})")
+    _tune_device(args.device)
     import cupy
     kernels = cuda.kernels_for(cupy)
     chosen = tune.tune(kernels, shapes, (numpy.dtype(args.dtype),), args.repeat)
     print(f"gpucnn: {len(chosen)} choices for {kernels.device_name} saved in {tune.cache_path()}")
     return 0
+
+
+def _tune_device(asked):
+    """tune's device: a GPU, by default cuda; the line for none says what was asked."""
+    if asked == "cpu":
+        raise ConfigError("--device cpu: gpucnn tune times kernels on a GPU; pass --device cuda "
+                          "(the default) on a machine with one")
+    if asked is None and not backend.cuda_available():
+        raise DeviceError("gpucnn tune times kernels on a GPU (device cuda, its default), and "
+                          f"there is none here: {backend.cuda_unavailable_reason()}")
+    device, why = backend.resolve_device(asked or "cuda")
+    if device != "cuda":
+        raise DeviceError(f"gpucnn tune times kernels on a GPU, and there is none here ({why})")
 
 
 def cmd_bench(args):
@@ -281,7 +314,7 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "info": cmd_info,
+    handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "info": cmd_info,
                "gradcheck": cmd_gradcheck, "bench": cmd_bench, "tune": cmd_tune}[args.command]
     try:
         rc = handler(args)

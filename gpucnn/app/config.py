@@ -66,8 +66,10 @@ class Config:
     out: the run folder; None gives a new runs/<date-time>[-N], or on a resume the
     checkpoint's folder. A folder that already holds a run is refused unless it is
     the resumed run's own or overwrite=True (its run files are removed first).
-    epochs: the total; on a resume more than the checkpoint's extends the run.
-    progress: a progress bar; None shows one only when stderr is a terminal.
+    epochs: the total; on a resume more than the checkpoint's extends the run (its
+    schedule is then re-planned over the new total).
+    progress: a progress bar; None shows one when stderr is a terminal and otherwise
+    (a log file) a plain progress line every 30 s.
     cuda_graph: None replays the step from a CUDA graph where the device is cuda.
     """
     dataset: str = setting(_listing(f"what to train on (default {DEFAULT_DATASET})",
@@ -113,7 +115,8 @@ class Config:
                           metavar="CHECKPOINT")
     limit: int = setting("train on the first N samples only", run=True, metavar="N",
                          check=_checked(positive_int, what="a positive number of samples"))
-    progress: bool = setting("no progress bar", flag="--no-progress", action="store_const",
+    progress: bool = setting("no progress bar (nor, off a terminal, progress lines)",
+                             flag="--no-progress", action="store_const",
                              const=False)
     cuda_graph: bool = setting("replay the training step from a CUDA graph (default: on with "
                                "--device cuda; with any optimizer, schedule, warmup, "
@@ -138,6 +141,9 @@ class Config:
         for f in FIELDS:
             if getattr(c, f.name) is not None:
                 _check(f.name, getattr(c, f.name))
+        if c.data_dir and not dataset.default_dir:
+            raise ConfigError(f"--data-dir {c.data_dir}: the {dataset.name} dataset is bundled "
+                              "and reads no files; leave --data-dir out")
         if c.nesterov and c.optimizer != "sgd":
             raise ConfigError(f"nesterov applies to --optimizer sgd, got {c.optimizer!r}")
         return c

@@ -28,12 +28,22 @@ def from_checkpoint(path, device=None, model=None):
                 "num_classes" not in meta:
             raise checkpoint.CheckpointError(f"{path} was not written by gpucnn train (its run "
                                              "settings are missing)")
-        model = MODELS[saved["model"]].build(num_classes=meta["num_classes"],
-                                             in_channels=meta.get("in_channels", 1))
+        model = build_recorded(meta)
     device, why = backend.resolve_device(device)
     checkpoint.restore(path, model)
     model.to(device)
     return model, meta, device, why
+
+
+def build_recorded(meta):
+    """The checkpoint's built-in model, sized for the image shape it records; a
+    checkpoint written before the shape was recorded holds the model's own shape
+    (it was never built for another) with its recorded channels."""
+    spec = MODELS[meta["config"]["model"]]
+    shape = meta.get("input_shape")
+    if not shape:
+        shape = (meta.get("in_channels", 1),) + tuple(spec.input_shape[1:])
+    return spec.build(num_classes=meta["num_classes"], input_shape=tuple(shape))
 
 
 def load(path, device=None, model=None):

@@ -68,8 +68,28 @@ def check_writable(path, what="--out"):
 
 
 def holds_run(path):
-    """The run files already in a folder (empty when it holds no run)."""
-    return [name for name in (CHECKPOINT, METRICS) if (pathlib.Path(path) / name).exists()]
+    """The run files in a folder that hold work: a checkpoint, or a metrics file with
+    rows in it. Empty when it holds none (a run that stopped before its first
+    checkpoint leaves at most an empty metrics file: the folder can be reused)."""
+    path = pathlib.Path(path)
+    found = [CHECKPOINT] if (path / CHECKPOINT).exists() else []
+    try:
+        if (path / METRICS).stat().st_size > 0:
+            found.append(METRICS)
+    except FileNotFoundError:
+        pass
+    return found
+
+
+def _refuse_taken(path, found):
+    """The line for a folder holding a run: how to continue it, where it can be
+    continued (never a checkpoint that is not there)."""
+    if CHECKPOINT in found:
+        return (f"--out {path} already holds a run ({', '.join(found)}); pass --resume "
+                f"{path / CHECKPOINT} to continue it, --overwrite to replace it, or another "
+                "--out")
+    return (f"--out {path} holds the metrics of a run ({METRICS}) but no {CHECKPOINT}, so that "
+            "run cannot be continued; pass --overwrite to replace it, or another --out")
 
 
 class FolderLock:
@@ -125,7 +145,8 @@ def claim(path, *, resuming_here=False, overwrite=False):
     """Check, lock and prepare a run folder; returns the held FolderLock.
 
     A folder that holds a run is refused unless the run resumes there or
-    overwrite is set (its run files are then removed). Temporary checkpoint
+    overwrite is set (its run files are then removed); one without work in it
+    (see holds_run) is reused. Temporary checkpoint
     files left by a killed run are removed."""
     path = check_writable(path)
     lock = FolderLock(path).acquire()
@@ -133,13 +154,13 @@ def claim(path, *, resuming_here=False, overwrite=False):
         found = holds_run(path)
         if found and not resuming_here:
             if not overwrite:
-                raise RunFolderError(
-                    f"--out {path} already holds a run ({', '.join(found)}); pass --resume "
-                    f"{path / CHECKPOINT} to continue it, --overwrite to replace it, or another "
-                    "--out")
+                raise RunFolderError(_refuse_taken(path, found))
             for name in RUN_FILES:
                 with contextlib.suppress(FileNotFoundError):
                     (path / name).unlink()
+        elif not found:  # at most the empty metrics file of a run that saved nothing
+            with contextlib.suppress(FileNotFoundError):
+                (path / METRICS).unlink()
         for stale in [*path.glob(CHECKPOINT + ".tmp-*"), *path.glob(METRICS + ".tmp-*")]:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()

@@ -4,8 +4,10 @@ import contextlib
 import dataclasses
 import math
 import pathlib
+import re
 import sys
 import time
+import warnings
 
 import numpy
 
@@ -15,7 +17,7 @@ from ..backends.cpu import threads as cpu_threads
 from .. import functional as F
 from .config import Config  # train.Config: the public name
 from .config import make_augment, make_optimizer, make_schedule, merge_resume
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError
 from .models import MODELS
 from ..random import manual_seed
 from ..step import check_labels, train_step
@@ -64,10 +66,17 @@ def train(config, model=None, log=print):
     (see Config); a UserError says what is wrong with the settings, files or folder.
     """
     if config.resume:
-        config = merge_resume(config, checkpoint.read(config.resume)[0])
+        meta = checkpoint.read(config.resume)[0]
+        if meta.get("custom_model") and model is None:
+            raise checkpoint.CheckpointError(
+                f"{config.resume} holds a model passed in from Python, not a built-in one; "
+                "rebuild that model and pass it: gpucnn.train.train(gpucnn.train.Config("
+                "resume=path, epochs=N), model=net)")
+        config = merge_resume(config, meta)
     config = config.filled()
+    plain = config.progress is None and not sys.stderr.isatty()  # a log file: lines, no bar
     if config.progress is None:
-        config = dataclasses.replace(config, progress=sys.stderr.isatty())
+        config = dataclasses.replace(config, progress=not plain)
     default_out = config.out is None
     if default_out:
         config = dataclasses.replace(config, out=str(runs.default_folder()))
@@ -77,23 +86,26 @@ def train(config, model=None, log=print):
     lock = runs.claim(out, resuming_here=here, overwrite=config.overwrite)
     try:
         with runs.interrupts() as interrupts:
-            return _run(config, model, log, out, interrupts)
-    except UserError:
+            return _run(config, model, log, out, interrupts, plain)
+    except BaseException:
         lock.release()
-        if created:  # e.g. a dataset error: leave no empty folder behind
-            with contextlib.suppress(OSError):
+        if created and not runs.holds_run(out):  # e.g. a dataset error or a NaN stop before
+            with contextlib.suppress(OSError):  # the first checkpoint: no empty folder left
+                (out / runs.METRICS).unlink(missing_ok=True)
                 out.rmdir()
         raise
     finally:
         lock.release()
 
 
-def _run(config, model, log, out, interrupts):
+def _run(config, model, log, out, interrupts, plain=False):
     run = _setup(config, model, log, out)
+    run.plain_progress = plain
     if config.resume:
         _restore(run)
-    with runs.writing(out / runs.METRICS, run.survivor):
-        runs.write_metrics(out, run.history)  # a resumed run's rows, rebuilt from its checkpoint
+    if run.history:  # a resumed run's rows, rebuilt from its checkpoint
+        with runs.writing(out / runs.METRICS, run.survivor):
+            runs.write_metrics(out, run.history)
     if run.history and not all((out / name).exists() for name in runs.PLOTS):
         with runs.writing("the plots", run.survivor):
             _draw_plots(out, run.history, run.confusion and numpy.array(run.confusion),
@@ -134,6 +146,11 @@ class _Run:
     partial: dict = None  # a resumed mid-epoch checkpoint's running sums
     confusion: list = None  # the last evaluation's confusion matrix
     saved_epoch: int = None  # that of the last complete checkpoint; None: none written
+    float_warnings: object = None  # _FloatWarnings, set in __post_init__
+    plain_progress: bool = False  # progress lines for a log file instead of the bar
+
+    def __post_init__(self):
+        self.float_warnings = _FloatWarnings(self.log)
 
     @property
     def ckpt_path(self):
@@ -180,7 +197,7 @@ def _setup(config, model, log, out):
     custom_model = model is not None
     if model is None:
         model = MODELS[config.model].build(num_classes=len(ds.classes),
-                                           in_channels=ds.image_shape[0])
+                                           input_shape=ds.image_shape)
     model.to(device).train()
     optimizer = make_optimizer(config, model.parameters())
     nb = data.num_batches(len(train_y), config.batch_size)
@@ -199,7 +216,9 @@ def _restore(run):
     meta = checkpoint.restore(config.resume, run.model, run.optimizer)
     run.history, run.start_epoch, run.start_step = meta["history"], meta["epoch"], meta["step"]
     run.rng.bit_generator.state = meta["rng_state"]
+    planned = run.schedule.state_dict() if run.schedule is not None else None
     _restore_extras(meta, run.schedule, run.augment)
+    _replan_schedule(run, planned, meta["config"]["epochs"])
     run.partial = meta.get("partial")
     run.confusion = meta.get("confusion")
     _warn_environment(meta, run.device, run.threads, log)
@@ -210,6 +229,26 @@ def _restore(run):
         log(f"gpucnn: resumed from {config.resume} at epoch {run.start_epoch + 1}, "
             f"step {run.start_step}")
     run.saved_epoch = run.start_epoch
+
+
+def _replan_schedule(run, planned, saved_epochs):
+    """A resume that changes the run's length re-plans its schedule over the new
+    total, as if it had been set for it from the start (cosine reaches 0 at the new
+    end, step decays every third of it), and says so with the rate's jump. Going on
+    with the old plan instead would make a cosine climb back up past its end."""
+    schedule, epochs = run.schedule, run.config.epochs
+    if schedule is None or epochs == saved_epochs:
+        return
+    now = schedule.state_dict()
+    if all(now[k] == v for k, v in planned.items() if k != "last_step"):
+        return  # a plan that does not depend on the length (warmup alone)
+    before = schedule.get_last_lr()
+    schedule.load_state_dict(dict(planned, last_step=now["last_step"]))
+    run.log(f"gpucnn: the run goes on to {epochs} epochs instead of {saved_epochs}: its "
+            f"{run.config.schedule} schedule is re-planned over all {epochs} epochs "
+            f"({epochs * run.batches} steps), as if set for them from the start; the learning "
+            f"rate at step {now['last_step']} goes from {before:.4g} to "
+            f"{schedule.get_last_lr():.4g}")
 
 
 @dataclasses.dataclass
@@ -223,6 +262,7 @@ class _Epoch:
     train_time: float = 0.0
     bar: object = None
     sums: object = None
+    evaluating: bool = False
 
 
 def _epoch(run, epoch, interrupts, step_fn):
@@ -236,10 +276,12 @@ def _epoch(run, epoch, interrupts, step_fn):
         e.loss_sum, e.correct, e.seen, e.train_time = (
             run.partial[k] for k in ("loss_sum", "correct", "seen", "train_time"))
     try:  # from here on a Ctrl-C is answered with a checkpoint and a line
-        _steps(run, e, interrupts, step_fn)
-        test_loss, test_acc, confusion = evaluate(run.model, ds.test_x, ds.test_y,
-                                                  max(config.batch_size, 256), run.device,
-                                                  len(ds.classes))
+        with run.float_warnings.watch(e):
+            _steps(run, e, interrupts, step_fn)
+            e.evaluating = True
+            test_loss, test_acc, confusion = evaluate(run.model, ds.test_x, ds.test_y,
+                                                      max(config.batch_size, 256), run.device,
+                                                      len(ds.classes))
         elapsed = (run.history[-1]["elapsed_s"] if run.history else 0.0) + e.train_time
         row = dict(epoch=epoch + 1, train_loss=e.loss_sum / e.seen,
                    train_accuracy=int(e.correct) / e.seen, test_loss=test_loss,
@@ -256,12 +298,14 @@ def _epoch(run, epoch, interrupts, step_fn):
 def _steps(run, e, interrupts, step_fn):
     """The epoch's training steps from step e.step on, counted into e. Nothing is
     read back inside a step: the losses and the correct count are read every
-    READ_EVERY steps (progress bar, NaN stop) and at the epoch's end."""
+    READ_EVERY steps (progress bar, NaN stop), for each plain progress line and at
+    the epoch's end."""
     config = run.config
     order = run.rng.permutation(len(run.train_y))
-    e.bar = _progress(run.batches, e.step, f"epoch {e.index + 1}/{config.epochs}",
-                      config.progress)
+    desc = f"epoch {e.index + 1}/{config.epochs}"
+    e.bar = _progress(run.batches, e.step, desc, config.progress)
     e.sums = _DeviceSums(backend.xp_for(run.device), e.loss_sum, e.correct)
+    plain = _PlainProgress(run.batches, desc, run.log) if run.plain_progress else None
     t0 = time.perf_counter()
     for xb, yb in data.batches(run.train_x, run.train_y, config.batch_size, run.device, order,
                                e.step):
@@ -282,6 +326,9 @@ def _steps(run, e, interrupts, step_fn):
             e.bar.set_postfix(loss=f"{e.loss_sum / e.seen:.4f}",
                               img_s=f"{e.seen / e.train_time:.0f}")
         e.bar.update(1)
+        if plain is not None and plain.due(now, e.step):
+            e.loss_sum, e.correct = e.sums.read(e.index, run.ckpt_path, config.lr)
+            plain.line(e)
     e.loss_sum, e.correct = e.sums.read(e.index, run.ckpt_path, config.lr)
     e.bar.close()
 
@@ -410,12 +457,79 @@ class _DeviceSums:
             if check and not math.isfinite(value):
                 raise TrainingDiverged(
                     f"the loss became {value} at epoch {epoch + 1}, step {step}; training "
-                    f"stopped. The last good checkpoint is "
-                    f"{ckpt_path if ckpt_path.exists() else 'not written yet'}. Try a lower "
-                    f"learning rate, e.g. --lr {lr / 10:g}")
+                    f"stopped. " + (f"The last good checkpoint is {ckpt_path}. "
+                                    if ckpt_path.exists() else "No checkpoint was written. ") +
+                    f"Try a lower learning rate, e.g. --lr {lr / 10:g}")
             self.loss_sum += value * n
         self.steps = []
         return self.loss_sum, int(host[self.every])
+
+
+class _FloatWarnings:
+    """NumPy's floating-point RuntimeWarnings (overflow, invalid value, ...) raised
+    inside an epoch's steps and evaluation, from any thread: gpucnn reports them
+    itself, once. A NaN stop names the first in its one line; where the loss stays
+    finite, one warning line names it. Other warnings pass through unchanged."""
+    PATTERN = re.compile(r"(overflow|invalid value|divide by zero|underflow) encountered")
+
+    def __init__(self, log):
+        self.log, self.first, self.reported = log, None, False
+
+    @contextlib.contextmanager
+    def watch(self, e):
+        """Catch them while epoch e (an _Epoch, whose .step says where) runs."""
+        shown = warnings.showwarning
+
+        def hook(message, category, *args, **kwargs):
+            if issubclass(category, RuntimeWarning) and self.PATTERN.search(str(message)):
+                if self.first is None:
+                    where = "its evaluation" if e.evaluating else f"step {e.step + 1}"
+                    self.first = f"{message} in epoch {e.index + 1}, {where}"
+                return
+            shown(message, category, *args, **kwargs)
+
+        with warnings.catch_warnings():
+            warnings.showwarning = hook
+            try:
+                yield
+            except TrainingDiverged as diverged:
+                if self.first is None:
+                    raise
+                raise TrainingDiverged(f"{diverged} (NumPy first reported {self.first})") \
+                    from None
+        if self.first is not None and not self.reported:
+            self.reported = True
+            self.log(f"gpucnn: warning: NumPy reported {self.first}; the loss stayed finite, "
+                     "but a lower learning rate may be safer")
+
+
+PLAIN_EVERY_S = 30  # seconds between the progress lines written to a log file
+
+
+class _PlainProgress:
+    """Off a terminal, where the bar is not drawn: a plain line every PLAIN_EVERY_S
+    seconds of an epoch (step, running loss, images/s, time left), as CI logs show
+    tqdm's. The running loss is read from the device only for a line: one sync per
+    line, none per step."""
+
+    def __init__(self, total, desc, log):
+        self.total, self.desc, self.log = total, desc, log
+        self.next = time.perf_counter() + PLAIN_EVERY_S
+
+    def due(self, now, step):
+        return now >= self.next and step < self.total  # the epoch's own line ends it
+
+    def line(self, e):
+        self.next = time.perf_counter() + PLAIN_EVERY_S
+        left = (self.total - e.step) * e.train_time / e.step
+        self.log(f"{self.desc}: step {e.step}/{self.total} ({100 * e.step // self.total}%), "
+                 f"loss {e.loss_sum / e.seen:.4f}, {e.seen / e.train_time:.0f} images/s, "
+                 f"{_duration(left)} left")
+
+
+def _duration(seconds):
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _progress(total, initial, desc, enabled):
@@ -431,6 +545,10 @@ def evaluate_checkpoint(path, data_dir=None, device=None, batch_size=256, log=pr
     positive_int(batch_size, "batch_size", error=ConfigError)
     model, meta, device, why = inference.from_checkpoint(path, device)
     saved = meta["config"]
+    if data_dir and not data.dataset(saved["dataset"]).default_dir:
+        raise ConfigError(f"--data-dir {data_dir}: the checkpoint's dataset, "
+                          f"{saved['dataset']}, is bundled and reads no files; leave "
+                          "--data-dir out")
     log(f"gpucnn: evaluating on {device} ({why})")
     ds = data.load_test(saved["dataset"], data_dir or saved.get("data_dir"),
                         seed=saved.get("seed", 0), stats=meta["data_stats"])

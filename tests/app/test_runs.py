@@ -205,7 +205,7 @@ def test_sigterm_and_ctrl_c_in_evaluation_keep_the_epoch_and_resume_exactly(tmp_
     else:  # all 3 steps of epoch 1 done, its evaluation interrupted
         assert (meta["epoch"], meta["step"], meta["history"]) == (0, 3, [])
     history, _ = train.train(train.Config(resume=str(out / "checkpoint.npz"), **QUICK),
-                             log=quiet)
+                             model=_trapped(0, "never"), log=quiet)  # from Python: pass it again
     assert _same_weights(straight / "checkpoint.npz", out / "checkpoint.npz")
     assert _epochs(out) == [1, 2]
     expected = checkpoint.read(straight / "checkpoint.npz")[0]["history"]

@@ -111,7 +111,8 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, ctrl_c):
     # the signal came in step 5's forward pass: step 5 finished, then training stopped
     assert checkpoint.read(tmp_path / "cut/checkpoint.npz")[0]["step"] == 5
     train.train(train.Config(epochs=2, out=str(tmp_path / "cut"),
-                             resume=str(tmp_path / "cut/checkpoint.npz"), **QUICK), log=quiet)
+                             resume=str(tmp_path / "cut/checkpoint.npz"), **QUICK),
+                model=_trapped(0, "never"), log=quiet)  # a model from Python: pass it again
     a, b = _weights(tmp_path / "straight/checkpoint.npz"), _weights(tmp_path /
                                                                      "cut/checkpoint.npz")
     for k in a:

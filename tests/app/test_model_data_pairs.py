@@ -1,0 +1,86 @@
+"""Every built-in model trains on every dataset: a model is built for its data's
+image shape and channels (issue 24, item 1), and a checkpoint rebuilds the same
+network, old checkpoints (without a recorded input shape) included."""
+import json
+
+import numpy
+import pytest
+
+import gpucnn
+from gpucnn.app import checkpoint, data, inference, models
+from gpucnn.app.cli import main
+from gpucnn.errors import ConfigError
+
+
+def _idx_set(root, n_train=16, n_test=8):
+    rng = numpy.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, arr in {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+                      "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+                      "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+                      "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}.items():
+        data.write_idx(root / name, arr)
+    return root
+
+
+@pytest.mark.parametrize("dataset", sorted(data.DATASETS))
+@pytest.mark.parametrize("model", sorted(models.MODELS))
+def test_every_model_trains_and_evaluates_on_every_dataset(tmp_path, capsys, model, dataset):
+    out = tmp_path / "run"
+    args = ["train", "--model", model, "--dataset", dataset, "--limit", "16", "--epochs", "1",
+            "--batch-size", "8", "--no-progress", "--device", "cpu", "--out", str(out)]
+    if dataset != "digits":
+        args += ["--data-dir", str(_idx_set(tmp_path / "idx"))]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["eval", str(out / "checkpoint.npz"), "--device", "cpu"]) == 0
+    net = gpucnn.load(str(out / "checkpoint.npz"), device="cpu")
+    assert net.input_shape == data.DATASETS[dataset].input_shape
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_a_model_built_for_its_own_shape_is_todays_network(name):
+    """Same layers and the same random draws in the same order as the builder's default."""
+    spec = models.MODELS[name]
+    gpucnn.manual_seed(3)
+    built = spec.build(num_classes=10, input_shape=spec.input_shape).state_dict()
+    gpucnn.manual_seed(3)
+    plain = spec.builder().state_dict()
+    assert list(built) == list(plain)
+    for key in plain:
+        assert numpy.array_equal(built[key], plain[key]), key
+
+
+def test_linear_follows_the_image_size():
+    lenet8 = models.MODELS["lenet"].build(num_classes=10, input_shape=(3, 8, 8))
+    digits28 = models.MODELS["digits"].build(num_classes=10, input_shape=(1, 28, 28))
+    assert lenet8.forward(numpy.zeros((2, 3, 8, 8), numpy.float32)).shape == (2, 10)
+    assert digits28.forward(numpy.zeros((2, 1, 28, 28), numpy.float32)).shape == (2, 10)
+    resnet = models.MODELS["resnet"].build(num_classes=10, input_shape=(3, 8, 8))
+    assert resnet.forward(numpy.zeros((2, 3, 8, 8), numpy.float32)).shape == (2, 10)
+
+
+def test_too_small_an_image_is_one_clear_error():
+    with pytest.raises(ConfigError, match="model lenet needs images of at least 4x4 pixels"):
+        models.MODELS["lenet"].build(num_classes=10, input_shape=(1, 3, 3))
+
+
+def test_old_checkpoint_without_input_shape_still_loads(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--limit", "32", "--epochs", "1", "--no-progress", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    path = out / "checkpoint.npz"
+    with numpy.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    for key in ("input_shape", "in_channels"):
+        meta.pop(key)
+    arrays["meta"] = numpy.frombuffer(json.dumps(meta).encode(), dtype=numpy.uint8)
+    old = tmp_path / "old.npz"
+    numpy.savez(old, **arrays)
+    net = inference.build_recorded(checkpoint.read(old)[0])
+    assert [tuple(v.shape) for v in net.state_dict().values()] == \
+        [tuple(v.shape) for v in models.digits_net().state_dict().values()]
+    capsys.readouterr()
+    assert main(["eval", str(old), "--device", "cpu"]) == 0
+    assert "test set after epoch 1" in capsys.readouterr().out
