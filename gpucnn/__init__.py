@@ -8,11 +8,13 @@ imports neither of the others; the application's public names (``load``,
 """
 import importlib
 
-from . import backend, functional, init, schedules, step
+from . import backend, functional, init, onnx_export, schedules, step
 from .augment import Augment
-from .backend import get_array_module
+from .backend import as_array, from_dlpack, get_array_module
+from .batches import batches
 from .backends.cpu.threads import get_num_threads, set_num_threads
 from .errors import UserError
+from .interop import read_state_dict, save
 from .nn import (AvgPool2D, BatchNorm2D, Conv2D, Dropout, Flatten, GlobalAvgPool2D, Identity,
                  Linear, MaxPool2D, Module, Parameter, ReLU, Residual, Sequential)
 from .optim import SGD, Adam
@@ -25,7 +27,8 @@ __all__ = ["backend", "checkpoint", "functional", "get_array_module", "Module", 
            "Sequential", "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "Flatten", "Linear", "Dropout",
            "SGD", "Adam", "manual_seed", "load", "UserError", "step", "train_step", "BatchNorm2D",
            "Residual", "GlobalAvgPool2D", "Identity", "init", "schedules", "StepLR",
-           "CosineAnnealingLR", "Augment", "get_num_threads", "set_num_threads"]
+           "CosineAnnealingLR", "Augment", "get_num_threads", "set_num_threads", "from_dlpack",
+           "as_array", "batches", "save", "read_state_dict", "onnx_export"]
 
 # The application's names at the top level: (module, attribute or None for the module).
 _APPLICATION = {"load": ("gpucnn.app.inference", "load"), "checkpoint": ("gpucnn.app.checkpoint", None),

@@ -200,6 +200,41 @@ def to_numpy(a):
     return to_device(a, "cpu")
 
 
+_DLPACK_CPU, _DLPACK_CUDA, _DLPACK_CUDA_HOST = 1, 2, 3  # DLPack's DLDeviceType codes
+
+
+def from_dlpack(x):
+    """The NumPy (CPU) or CuPy (CUDA) array viewing the memory of any array that offers
+    ``__dlpack__`` (a PyTorch tensor, a JAX or CuPy array), without a copy."""
+    if not hasattr(x, "__dlpack__"):
+        raise TypeError(f"from_dlpack needs an array offering __dlpack__ (PyTorch, JAX, CuPy, "
+                        f"NumPy), got {type(x).__name__}")
+    kind = x.__dlpack_device__()[0] if hasattr(x, "__dlpack_device__") else _DLPACK_CPU
+    if kind not in (_DLPACK_CPU, _DLPACK_CUDA, _DLPACK_CUDA_HOST):
+        raise ValueError(f"from_dlpack takes arrays in CPU or CUDA memory, got a "
+                         f"{type(x).__name__} on DLPack device type {int(kind)}")
+    xp = xp_for("cuda") if kind == _DLPACK_CUDA else numpy
+    try:
+        return xp.from_dlpack(x)
+    except (RuntimeError, BufferError, TypeError) as e:
+        # e.g. a PyTorch tensor that requires grad, or a dtype NumPy lacks (bfloat16)
+        raise TypeError(f"cannot take a {type(x).__name__} of dtype "
+                        f"{getattr(x, 'dtype', '?')} through DLPack: {e}") from None
+
+
+def as_array(x):
+    """x as a NumPy or CuPy array: those as they are; an array offering __dlpack__
+    through from_dlpack (no copy); one offering __array__ through numpy.asarray;
+    anything else unchanged, for the caller's own checks to name."""
+    if isinstance(x, numpy.ndarray) or is_cupy_array(x):
+        return x
+    if hasattr(x, "__dlpack__"):
+        return from_dlpack(x)
+    if hasattr(x, "__array__"):
+        return numpy.asarray(x)
+    return x
+
+
 def ops_for(xp):
     """The backend serving arrays of the array module xp: gpucnn.backends.cpu's ops
     for NumPy, gpucnn.backends.cuda's for CuPy (or the module playing it). The one

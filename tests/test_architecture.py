@@ -19,6 +19,7 @@ LAYERS = [
     ("gpucnn.init",),
     ("gpucnn.nn",),
     ("gpucnn.optim", "gpucnn.schedules", "gpucnn.augment", "gpucnn.step"),
+    ("gpucnn.onnx_export", "gpucnn.interop", "gpucnn.batches"),
 ]
 APPLICATION, TOOLS = "gpucnn.app", "gpucnn.tools"
 LONGEST_FUNCTION = 60  # lines, in the library

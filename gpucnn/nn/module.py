@@ -1,6 +1,7 @@
 """Parameter, Module and Sequential: the containers around the functional math."""
 import contextlib
 import math
+import os
 
 import numpy
 
@@ -65,7 +66,9 @@ class Module:
         self._workspace = Workspace()
 
     def __call__(self, x):
-        return self.forward(x)
+        # a PyTorch tensor, JAX array or anything offering __dlpack__/__array__ comes in
+        # as a NumPy or CuPy array, without a copy where DLPack can share its memory
+        return self.forward(backend.as_array(x))
 
     def forward(self, x):
         raise NotImplementedError
@@ -153,6 +156,22 @@ class Module:
     def parameters(self):
         return [p for _, p in self.named_parameters()]
 
+    def buffers(self):
+        """The Buffers (running statistics) of this module and those below it."""
+        return [b for _, b in self.named_buffers()]
+
+    def modules(self):
+        """This module and every module below it, in named_modules' order."""
+        return [m for _, m in self.named_modules()]
+
+    def apply(self, fn):
+        """Call fn(module) on every sub-module, children before their parents and this
+        module last (PyTorch's order); returns self. E.g. re-initialise every Conv2D."""
+        for child in self.children():
+            child.apply(fn)
+        fn(self)
+        return self
+
     def zero_grad(self):
         for p in self.parameters():
             p.grad = None
@@ -171,11 +190,27 @@ class Module:
         params = self.parameters()
         return backend.device_of(params[0].data) if params else "cpu"
 
+    def double(self):
+        """Cast the parameters and float buffers to float64 (PyTorch's .double())."""
+        return self.to(dtype=numpy.float64)
+
+    def float(self):
+        """Cast the parameters and float buffers to float32 (PyTorch's .float())."""
+        return self.to(dtype=numpy.float32)
+
     def to(self, device=None, dtype=None):
-        """Move parameters (and their gradients) to a device and/or cast to a float dtype."""
+        """Move parameters (and their gradients) to a device and/or cast to a float dtype.
+        As in PyTorch, a dtype alone may come first: model.to(numpy.float64);
+        torch.float32 and torch.float64 are taken for NumPy's."""
+        if dtype is None and _is_dtype(device):
+            device, dtype = None, device
         if device is not None:
             device, _ = backend.resolve_device(device)
         if dtype is not None:
+            if _is_torch(dtype):  # NumPy cannot read torch's dtypes; these two it has
+                if str(dtype) not in _TORCH_DTYPES:
+                    raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+                dtype = _TORCH_DTYPES[str(dtype)]
             dtype = numpy.dtype(dtype)
             if dtype not in _checks.FLOAT_DTYPES:
                 raise TypeError(f"dtype must be float32 or float64, got {dtype}")
@@ -203,10 +238,18 @@ class Module:
         """Copy arrays in; every name, type, shape and value is checked before
         anything changes. ValueError names a missing, unexpected, misshapen or
         non-finite entry (NaN/inf are refused unless allow_nonfinite=True);
-        TypeError one that is not a numeric array."""
+        TypeError one that is not a numeric array.
+
+        state: a mapping of name -> array (NumPy, CuPy, or any array offering
+        __dlpack__ or __array__, e.g. a PyTorch model's state_dict()), or the path
+        of a file written by gpucnn.save or torch.save (gpucnn.interop.read_state_dict)."""
+        if isinstance(state, (str, os.PathLike)):
+            from .. import interop  # file formats sit above nn; torch is optional
+            state = interop.read_state_dict(state)
         if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
             raise TypeError(f"state_dict must be a mapping of name -> array, got "
                             f"{type(state).__name__}")
+        state = {name: _as_array(name, state[name]) for name in state.keys()}
         own = dict(self._named_state())
         missing, unexpected = set(own) - set(state), set(state) - set(own)
         if missing or unexpected:
@@ -268,11 +311,43 @@ class Module:
         print_fn("\n".join(lines))
         return total
 
+    def to_onnx(self, path, input_shape=None, normalization=None, classes=None):
+        """Write this model's eval-mode forward to path as ONNX (opset 17, a dynamic
+        batch axis); input_shape is one sample's (C, H, W) (a model from gpucnn.load
+        knows its own). Needs the onnx package. See gpucnn.onnx_export.export for
+        normalization and classes. Returns path."""
+        from .. import onnx_export  # the exporter sits above nn; onnx is optional
+        return onnx_export.export(self, path, input_shape, normalization, classes)
+
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
 
     def extra_repr(self):
         return ""
+
+
+_TORCH_DTYPES = {"torch.float32": numpy.float32, "torch.float64": numpy.float64}
+
+
+def _is_torch(value):
+    return type(value).__module__.split(".")[0] == "torch"
+
+
+def _is_dtype(value):
+    """Whether to()'s first argument names a dtype rather than a device."""
+    if isinstance(value, numpy.dtype) or (isinstance(value, type) and
+                                          issubclass(value, (numpy.generic, float))):
+        return True
+    if _is_torch(value):
+        return type(value).__name__ == "dtype"
+    return isinstance(value, str) and value in ("float32", "float64")
+
+
+def _as_array(name, value):
+    try:
+        return backend.as_array(value)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"state_dict[{name!r}]: {e}") from None
 
 
 def _check_state_entry(name, value, current, allow_nonfinite):
@@ -334,6 +409,7 @@ class Sequential(Module):
         return self.layers[i]
 
     def forward(self, x):
+        x = backend.as_array(x)  # as __call__ does: forward is the training step's entry
         for i, layer in enumerate(self.layers):
             with _naming_layer(i, layer, x, "input"):
                 x = layer.forward(x)
