@@ -15,7 +15,6 @@ import numpy
 
 from . import backend
 from .errors import UserError
-from .nn import Module
 
 __all__ = ["save", "read_state_dict", "StateFileError"]
 
@@ -33,7 +32,7 @@ def _torch():
 
 
 def _state_of(model):
-    if isinstance(model, Module):
+    if callable(getattr(model, "state_dict", None)):  # a gpucnn Module
         return model.state_dict()
     if hasattr(model, "keys") and hasattr(model, "__getitem__"):
         return {name: backend.as_array(model[name]) for name in model.keys()}

@@ -34,8 +34,6 @@ from .errors import UserError
 from .functional import _checks
 from .functional import conv as conv_f
 from .functional import pool as pool_f
-from .nn import (AvgPool2D, BatchNorm2D, Conv2D, Dropout, Flatten, GlobalAvgPool2D, Identity,
-                 Linear, MaxPool2D, ReLU, Residual, Sequential)
 
 OPSET = 17
 IR_VERSION = 8  # opset 17's: runtimes older than the onnx package still read the file
@@ -180,30 +178,33 @@ def _sequential(graph, m, x, shape, where):
     return x, shape
 
 
+# gpucnn.nn's layers by class name: this module sits below nn (which calls it from
+# Module.to_onnx), so it knows the layers by name and checks that they are nn's own
 _EXPORTERS = {
-    Sequential: _sequential, Residual: _residual, Conv2D: _conv, MaxPool2D: _max_pool,
-    AvgPool2D: _avg_pool, BatchNorm2D: _batch_norm, Linear: _linear,
-    ReLU: lambda graph, m, x, shape, where: (graph.node("Relu", [x], f"{where}.relu"), shape),
-    Flatten: lambda graph, m, x, shape, where: (
+    "Sequential": _sequential, "Residual": _residual, "Conv2D": _conv, "MaxPool2D": _max_pool,
+    "AvgPool2D": _avg_pool, "BatchNorm2D": _batch_norm, "Linear": _linear,
+    "ReLU": lambda graph, m, x, shape, where: (graph.node("Relu", [x], f"{where}.relu"), shape),
+    "Flatten": lambda graph, m, x, shape, where: (
         graph.node("Flatten", [x], f"{where}.flatten", axis=1),
         (shape[0], math.prod(shape[1:]))),
-    GlobalAvgPool2D: lambda graph, m, x, shape, where: (
+    "GlobalAvgPool2D": lambda graph, m, x, shape, where: (
         graph.node("Flatten", [graph.node("GlobalAveragePool", [x], f"{where}.gap")],
                    f"{where}.flatten", axis=1), tuple(shape[:2])),
-    Dropout: lambda graph, m, x, shape, where: (x, shape),
-    Identity: lambda graph, m, x, shape, where: (x, shape),
+    "Dropout": lambda graph, m, x, shape, where: (x, shape),
+    "Identity": lambda graph, m, x, shape, where: (x, shape),
 }
 
 
 def _layer(graph, m, x, shape, where):
     """(output value name, output shape) of module m applied to value x."""
-    exporter = _EXPORTERS.get(type(m))
+    kind = type(m).__name__
+    exporter = _EXPORTERS.get(kind) if type(m).__module__.startswith("gpucnn.nn.") else None
     if exporter is None:
-        known = ", ".join(sorted(t.__name__ for t in _EXPORTERS))
+        known = ", ".join(sorted(_EXPORTERS))
         raise OnnxExportError(f"layer {where or '(the model)'} ({type(m).__name__}) has no ONNX "
                               f"form; gpucnn exports {known}")
-    if len(shape) != 4 and type(m) in (Conv2D, MaxPool2D, AvgPool2D, BatchNorm2D,
-                                       GlobalAvgPool2D):
+    if len(shape) != 4 and kind in ("Conv2D", "MaxPool2D", "AvgPool2D", "BatchNorm2D",
+                                    "GlobalAvgPool2D"):
         raise OnnxExportError(f"layer {where} ({type(m).__name__}) gets input of shape {shape}; "
                               "it needs (N, C, H, W)")
     try:

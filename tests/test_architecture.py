@@ -13,13 +13,14 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "gpucnn"
 # its own layer or those below. gpucnn/__init__.py is the facade above them all.
 LAYERS = [
     ("gpucnn.errors", "gpucnn.validate"),
-    ("gpucnn.random", "gpucnn.backend"),
+    ("gpucnn.random", "gpucnn.backends.device", "gpucnn.backends.geometry"),
     ("gpucnn.backends",),
+    ("gpucnn.backend",),  # the seam: the device functions and ops_for over both backends
     ("gpucnn.functional",),
-    ("gpucnn.init",),
+    ("gpucnn.init", "gpucnn.interop", "gpucnn.onnx_export"),
     ("gpucnn.nn",),
     ("gpucnn.optim", "gpucnn.schedules", "gpucnn.augment", "gpucnn.step"),
-    ("gpucnn.onnx_export", "gpucnn.interop", "gpucnn.batches"),
+    ("gpucnn.batches",),
 ]
 APPLICATION, TOOLS = "gpucnn.app", "gpucnn.tools"
 LONGEST_FUNCTION = 60  # lines, in the library

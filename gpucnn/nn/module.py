@@ -5,7 +5,7 @@ import os
 
 import numpy
 
-from .. import backend, validate
+from .. import backend, interop, onnx_export, validate
 from ..backends.cpu.workspace import Workspace
 from ..functional import _checks
 
@@ -244,7 +244,6 @@ class Module:
         __dlpack__ or __array__, e.g. a PyTorch model's state_dict()), or the path
         of a file written by gpucnn.save or torch.save (gpucnn.interop.read_state_dict)."""
         if isinstance(state, (str, os.PathLike)):
-            from .. import interop  # file formats sit above nn; torch is optional
             state = interop.read_state_dict(state)
         if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
             raise TypeError(f"state_dict must be a mapping of name -> array, got "
@@ -316,7 +315,6 @@ class Module:
         batch axis); input_shape is one sample's (C, H, W) (a model from gpucnn.load
         knows its own). Needs the onnx package. See gpucnn.onnx_export.export for
         normalization and classes. Returns path."""
-        from .. import onnx_export  # the exporter sits above nn; onnx is optional
         return onnx_export.export(self, path, input_shape, normalization, classes)
 
     def __repr__(self):
