@@ -28,6 +28,25 @@
 // driver enforces on sm_90 (see check_launch); a static array's size is known
 // only once a thread reaches it, so static + dynamic shared memory over the
 // limit is reported when the launch ends.
+//
+// Barriers: every thread of a block must reach the same __syncthreads. The
+// CUDA Programming Guide allows one in conditional code only where the
+// condition evaluates identically across the block ("otherwise the code
+// execution is likely to hang or produce unintended side effects"), and a
+// `return` taken by some threads makes the barriers after it conditional. So a
+// launch whose threads wait at __syncthreads calls on different source lines,
+// or where a thread has exited while others wait at one, is refused with both
+// places named. (The PTX ISA releases a bar.sync that only exited threads hold
+// up, but nvcc treats __syncthreads as convergent and may move code across it
+// on the assumption that the whole block gets there.)
+//
+// Float32 denormals: CuPy compiles every RawModule with -ftz=true (appended
+// after the caller's options; NVRTC takes the last -ftz), so on the GPU f32
+// arithmetic and comparisons treat denormal inputs as zero and flush denormal
+// results to zero, while f64 keeps them. emu::launch does the same with SSE's
+// DAZ and FTZ bits (MXCSR) for the launches of kernels that take float data
+// and no double data (the bits cover f64 too, so a float kernel doing double
+// arithmetic inside would be flushed where the GPU is not).
 #pragma once
 #include <ucontext.h>
 
@@ -41,6 +60,9 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -97,6 +119,8 @@ struct Fiber {
     State state;
     uint3 tid;
     void* fake_stack;  // AddressSanitizer's bookkeeping for this fiber's stack
+    const char* barrier_file;  // where it waits, while kAtBarrier
+    unsigned barrier_line;
 };
 
 #ifdef EMU_ASAN
@@ -245,13 +269,79 @@ inline std::string check_launch(dim3 grid, dim3 block, std::size_t shared_bytes,
     return "";
 }
 
+inline std::string where(uint3 v) {
+    return "(" + std::to_string(v.x) + ", " + std::to_string(v.y) + ", " + std::to_string(v.z) +
+           ")";
+}
+
+// After a barrier interval: why the barrier the block's live threads wait at
+// would not work on a GPU, or "" (also when nobody waits: the block is done).
+inline std::string check_barrier(const std::vector<Fiber>& fibers) {
+    const Fiber* waiting = nullptr;
+    const Fiber* exited = nullptr;
+    for (const Fiber& f : fibers) {
+        if (f.state == kDone) {
+            if (exited == nullptr) exited = &f;
+            continue;
+        }
+        if (waiting == nullptr) {
+            waiting = &f;
+        } else if (f.barrier_line != waiting->barrier_line ||
+                   std::strcmp(f.barrier_file, waiting->barrier_file) != 0) {
+            return "divergent __syncthreads in block " + where(block_idx) + ": thread " +
+                   where(waiting->tid) + " waits at " + waiting->barrier_file + ":" +
+                   std::to_string(waiting->barrier_line) + ", thread " + where(f.tid) + " at " +
+                   f.barrier_file + ":" + std::to_string(f.barrier_line) +
+                   " (a barrier in conditional code needs a condition that evaluates the same "
+                   "across the block)";
+        }
+    }
+    if (waiting != nullptr && exited != nullptr)
+        return "thread " + where(exited->tid) + " of block " + where(block_idx) +
+               " exited while thread " + where(waiting->tid) + " waits at the __syncthreads at " +
+               waiting->barrier_file + ":" + std::to_string(waiting->barrier_line) +
+               " (every thread of a block must reach each barrier)";
+    return "";
+}
+
+// The SSE control bits for f32 on a GPU compiled with -ftz=true: denormal
+// inputs read as zero (DAZ, bit 6) and denormal results flushed to zero (FTZ,
+// bit 15). Set for a launch; the fibers inherit them through getcontext.
+class FlushDenormals {
+  public:
+    explicit FlushDenormals(bool on) : on_(on) {
+#if defined(__SSE__)
+        if (on_) {
+            saved_ = _mm_getcsr();
+            _mm_setcsr(saved_ | 0x8040u);
+        }
+#endif
+    }
+    ~FlushDenormals() {
+#if defined(__SSE__)
+        if (on_) _mm_setcsr(saved_);
+#endif
+    }
+    FlushDenormals(const FlushDenormals&) = delete;
+    FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+  private:
+    bool on_;
+    unsigned saved_ = 0;
+};
+
 // Run body(arg) for every thread of every block of the grid; returns what the
-// driver would have refused (nothing runs then), or "".
+// driver would have refused (nothing runs then), a barrier the
+// threads of a block do not all reach, or "".
 inline std::string run_grid(dim3 grid, dim3 block, std::size_t shared_bytes,
-                            std::size_t max_dynamic, unsigned order, void (*fn)(void*),
-                            void* arg) {
+                            std::size_t max_dynamic, unsigned order, bool flush_denormals,
+                            void (*fn)(void*), void* arg) {
     std::string error = check_launch(grid, block, shared_bytes, max_dynamic);
     if (!error.empty()) return error;
+#if !defined(__SSE__)
+    if (flush_denormals) return "flushing float32 denormals is emulated on x86 (SSE) only";
+#endif
+    FlushDenormals ftz(flush_denormals);
     const std::size_t nthreads = (std::size_t)block.x * block.y * block.z;
     const std::size_t nblocks = (std::size_t)grid.x * grid.y * grid.z;
     body = fn;
@@ -274,6 +364,7 @@ inline std::string run_grid(dim3 grid, dim3 block, std::size_t shared_bytes,
     const std::size_t used = (shared_bytes + 7) / 8 * 8;
     ASAN_POISON_MEMORY_REGION(dynamic_shared + used, kMaxSharedBytes - used);
 #endif
+    std::string barrier_error;
     for (std::size_t b : blocks) {
         block_idx = {(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y),
                      (unsigned)(b / grid.x / grid.y)};
@@ -297,18 +388,78 @@ inline std::string run_grid(dim3 grid, dim3 block, std::size_t shared_bytes,
             arrange(threads, nthreads, order, (b + 1) * 0x100000001B3ull + interval);
             for (std::uint32_t t : threads)
                 if (fibers[t].state == kReady) resume(fibers[t], t);
-            // Every live thread now waits at the barrier, or all are done.
+            // Every live thread now waits at a barrier, or all are done.
+            barrier_error = check_barrier(fibers);
+            if (!barrier_error.empty()) break;
             bool waiting = false;
             for (auto& f : fibers)
                 if (f.state == kAtBarrier) { f.state = kReady; waiting = true; }
             if (!waiting) break;
         }
+        if (!barrier_error.empty()) break;  // the waiting fibers are abandoned
     }
 #ifdef EMU_ASAN
     ASAN_UNPOISON_MEMORY_REGION(dynamic_shared + used, kMaxSharedBytes - used);
+    // An abandoned fiber leaves its frames' redzones poisoned on its stack,
+    // which the next launch's fibers reuse.
+    if (!barrier_error.empty())
+        for (std::size_t i = 0; i < nthreads; ++i)
+            ASAN_UNPOISON_MEMORY_REGION(stacks[i].data(), kStackBytes);
 #endif
-    return launch_error;
+    return launch_error.empty() ? barrier_error : launch_error;
 }
+
+// ---- kernel parameter types ----------------------------------------------------------
+// The C spelling of a kernel's parameter types, for the Python side to check
+// each argument's NumPy type against (as CuPy packs arguments by their NumPy
+// type, whatever the kernel declares).
+template <typename T> struct CName { static constexpr const char* name = nullptr; };
+#define EMU_CNAME(T, spelled) \
+    template <> struct CName<T> { static constexpr const char* name = spelled; };
+EMU_CNAME(void, "void")
+EMU_CNAME(bool, "bool")
+EMU_CNAME(char, "char")
+EMU_CNAME(signed char, "signed char")
+EMU_CNAME(unsigned char, "unsigned char")
+EMU_CNAME(short, "short")
+EMU_CNAME(unsigned short, "unsigned short")
+EMU_CNAME(int, "int")
+EMU_CNAME(unsigned, "unsigned int")
+EMU_CNAME(long, "long")
+EMU_CNAME(unsigned long, "unsigned long")
+EMU_CNAME(long long, "long long")
+EMU_CNAME(unsigned long long, "unsigned long long")
+EMU_CNAME(float, "float")
+EMU_CNAME(double, "double")
+#undef EMU_CNAME
+
+template <typename T>
+std::string type_name() {
+    if constexpr (std::is_pointer_v<T>) {
+        using P = std::remove_pointer_t<T>;
+        const char* base = CName<std::remove_cv_t<P>>::name;
+        if (base == nullptr) return "?";
+        return std::string(std::is_const_v<P> ? "const " : "") + base + "*";
+    } else {
+        const char* base = CName<std::remove_cv_t<T>>::name;
+        return base == nullptr ? "?" : base;
+    }
+}
+
+// "type;type;...;" of a kernel's parameters ("?" for a type the check does not know).
+template <typename... A>
+const char* signature(void (*)(A...)) {
+    static const std::string s = [] {
+        std::string out;
+        ((out += type_name<A>() + ";"), ...);
+        return out;
+    }();
+    return s.c_str();
+}
+
+// A parameter of type T is an E, or points at one.
+template <typename T, typename E>
+constexpr bool refers_to = std::is_same_v<std::remove_cv_t<std::remove_pointer_t<T>>, E>;
 
 template <typename... A, std::size_t... I>
 void call(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
@@ -317,12 +468,17 @@ void call(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
 
 // The kernel parameters arrive as cuLaunchKernel's do: args[i] points at the
 // value of the i-th parameter. Returns nullptr, or why the launch was refused.
+// ftz: the module was compiled with -ftz=true; it applies to the kernels that
+// take float (or float*) parameters and no double ones.
 template <typename... A>
 const char* launch(void (*kernel)(A...), dim3 grid, dim3 block, std::size_t shared_bytes,
-                   std::size_t max_dynamic, unsigned order, void** args) {
+                   std::size_t max_dynamic, unsigned order, bool ftz, void** args) {
     struct Call { void (*kernel)(A...); void** args; } c{kernel, args};
+    constexpr bool takes_float = (false || ... || refers_to<A, float>);
+    constexpr bool takes_double = (false || ... || refers_to<A, double>);
     static std::string error;
-    error = run_grid(grid, block, shared_bytes, max_dynamic, order, [](void* p) {
+    error = run_grid(grid, block, shared_bytes, max_dynamic, order,
+                     ftz && takes_float && !takes_double, [](void* p) {
         auto* c = static_cast<Call*>(p);
         call(c->kernel, c->args, std::index_sequence_for<A...>{});
     }, &c);
@@ -331,8 +487,12 @@ const char* launch(void (*kernel)(A...), dim3 grid, dim3 block, std::size_t shar
 
 }  // namespace emu
 
-inline void __syncthreads() {
+// The call site (GCC evaluates __builtin_LINE and __builtin_FILE in a default
+// argument where the call is) tells the barriers apart.
+inline void __syncthreads(unsigned line = __builtin_LINE(), const char* file = __builtin_FILE()) {
     emu::current->state = emu::kAtBarrier;
+    emu::current->barrier_file = file;
+    emu::current->barrier_line = line;
     emu::yield_to_scheduler();
 }
 

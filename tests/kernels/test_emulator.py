@@ -1,6 +1,8 @@
 """The CPU emulation harness itself: barriers, shared memory, indices, arguments,
-and proof that each of its checks catches a bug planted for it: a race that
-index order hides, an output element no thread writes, every launch limit."""
+float32 denormals, and proof that each of its checks catches a bug planted for
+it: a race that index order hides, an output element no thread writes, every
+launch limit, an argument of another type than its parameter, threads at
+different barriers or exited while others wait at one."""
 import numpy
 import pytest
 
@@ -341,3 +343,193 @@ def test_address_sanitizer_catches_out_of_bounds_accesses(code, report):
     script = OOB.format(tests=str(pathlib.Path(__file__).resolve().parents[1]), code=code)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode != 0 and report in done.stderr, done.stderr[-2000:]
+
+
+# ---- kernel argument types -----------------------------------------------------------
+TYPED = r"""
+template <typename T>
+__global__ void typed(const T* __restrict__ x, T* out, int n, long long offset, T scale,
+                      bool flag) {
+    const int i = threadIdx.x;
+    if (i < n) out[i] = x[i + offset] * scale + (flag ? T(1) : T(0));
+}
+
+__global__ void untyped(void* data, unsigned int count) {
+    if (threadIdx.x < count) static_cast<unsigned char*>(data)[threadIdx.x] = 7;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def typed():
+    return EmulatedModule(TYPED, ["typed<float>", "typed<double>", "untyped"])
+
+
+def _typed_args(dtype, **change):
+    args = dict(x=numpy.arange(8, dtype=dtype), out=numpy.zeros(4, dtype), n=numpy.int32(4),
+                offset=numpy.int64(2), scale=dtype(3), flag=numpy.bool_(True))
+    args.update(change)
+    return tuple(args.values())
+
+
+def test_the_parameters_are_known_from_the_source(typed):
+    assert typed.get_function("typed<double>").parameters == [
+        ("const double*", "x"), ("double*", "out"), ("int", "n"), ("long long", "offset"),
+        ("double", "scale"), ("bool", "flag")]
+    assert typed.get_function("untyped").parameters == [("void*", "data"),
+                                                        ("unsigned int", "count")]
+
+
+@pytest.mark.parametrize("ctype, dtype", [("float", numpy.float32), ("double", numpy.float64)])
+def test_arguments_of_the_declared_types_run(typed, ctype, dtype):
+    args = _typed_args(dtype)
+    typed.get_function(f"typed<{ctype}>")((1,), (8,), args)
+    numpy.testing.assert_array_equal(args[1], numpy.arange(2, 6) * 3 + 1)
+    data = numpy.zeros(2, numpy.float32)  # void*: any array
+    typed.get_function("untyped")((1,), (16,), (data, numpy.uint32(8)))
+    numpy.testing.assert_array_equal(data.view(numpy.uint8), [7] * 8)
+
+
+@pytest.mark.parametrize("change, message", [
+    # the planted bug: an int64 where the kernel reads an int (x86 reads its low half)
+    (dict(n=numpy.int64(4)), r"typed<float>: argument 2 \(int n\): got a scalar of int64 where the "
+                             r"kernel reads int32; CuPy would pass its 8 bytes"),
+    (dict(offset=numpy.int32(2)),
+     r"argument 3 \(long long offset\): got a scalar of int32 where the kernel reads int64"),
+    (dict(scale=numpy.float64(3)),
+     r"argument 4 \(float scale\): got a scalar of float64 where the kernel reads float32"),
+    (dict(flag=numpy.int32(1)),
+     r"argument 5 \(bool flag\): got a scalar of int32 where the kernel reads bool"),
+    (dict(out=numpy.zeros(4, numpy.float64)),
+     r"argument 1 \(float\* out\): got an array of float64 where the kernel reads float32"),
+    (dict(x=numpy.float32(0)), r"argument 0 \(const float\* x\): got a scalar of float32 for a "
+                               r"pointer"),
+    (dict(n=numpy.zeros(1, numpy.int32)), r"argument 2 \(int n\): got an array of int32 for a "
+                                          r"scalar"),
+])
+def test_an_argument_of_another_type_is_refused(typed, change, message):
+    args = _typed_args(numpy.float32, **change)
+    with pytest.raises(emulator.ArgumentError, match=message):
+        typed.get_function("typed<float>")((1,), (8,), args)
+
+
+def test_a_missing_argument_is_refused(typed):
+    with pytest.raises(emulator.ArgumentError, match=r"typed<float> takes 6 arguments \(const "
+                                                     r"float\* x, .*bool flag\), got 5"):
+        typed.get_function("typed<float>")((1,), (8,), _typed_args(numpy.float32)[:5])
+
+
+def test_parameter_names_are_read_past_comments_templates_and_attributes():
+    code = """
+    template <int N> struct Tile {};
+    __device__ void helper(int a);  // not a kernel: conv2d(int nope)
+    template <typename T, int K>
+    __global__ void __launch_bounds__(256, 2)
+    conv2d(const T* __restrict__ x /* input, (N, C) */, Tile<(K > 1 ? 2 : 3)> tile,
+           unsigned long long count) {}
+    """
+    assert emulator.parameter_names(code, "conv2d<float, 3>") == ["x", "tile", "count"]
+    assert emulator.parameter_names(code, "helper") is None
+
+
+# ---- barriers ------------------------------------------------------------------------
+BARRIERS = r"""
+__global__ void barriers(float* out, int mode) {
+    const int t = threadIdx.x;
+    if (mode == 0 && blockIdx.x == 0) __syncthreads();  // uniform across each block: fine
+    if (mode == 1) {
+        if (t < 16) __syncthreads();  // BARRIER A
+        else __syncthreads();  // BARRIER B
+    }
+    if (mode == 2) {
+        if (t == 5) return;  // EXIT
+        __syncthreads();  // BARRIER C
+    }
+    if (mode == 3 && t % 2 == 0) __syncthreads();  // BARRIER D: the odd threads run on and exit
+    out[blockIdx.x * blockDim.x + t] = 1.0f;
+}
+"""
+
+
+def _line(code, marker):
+    return next(i for i, text in enumerate(code.split("\n"), 1) if marker in text)
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda o: f"order{o}")
+def barriers(request):
+    return EmulatedModule(BARRIERS, ["barriers"], order=request.param).get_function("barriers")
+
+
+def test_a_barrier_every_thread_of_the_block_reaches_runs(barriers):
+    out = numpy.zeros(64, numpy.float32)
+    barriers((2,), (32,), (out, numpy.int32(0)))
+    assert (out == 1).all()
+
+
+def test_threads_at_different_barriers_are_refused(barriers):
+    out = numpy.zeros(64, numpy.float32)
+    a, b = _line(BARRIERS, "BARRIER A"), _line(BARRIERS, "BARRIER B")
+    with pytest.raises(LaunchError, match=rf"barriers: divergent __syncthreads in block \(\d+, 0, "
+                                          rf"0\): thread \(0, 0, 0\) waits at kernel.cu:{a}, "
+                                          rf"thread \(16, 0, 0\) at kernel.cu:{b}"):
+        barriers((2,), (32,), (out, numpy.int32(1)))
+
+
+@pytest.mark.parametrize("mode, barrier, exited", [(2, "BARRIER C", 5), (3, "BARRIER D", 1)])
+def test_a_thread_that_exits_while_others_wait_is_refused(barriers, mode, barrier, exited):
+    out = numpy.zeros(64, numpy.float32)
+    with pytest.raises(LaunchError, match=rf"barriers: thread \({exited}, 0, 0\) of block \(\d+, "
+                                          rf"0, 0\) exited while thread \(0, 0, 0\) waits at the "
+                                          rf"__syncthreads at kernel.cu:"
+                                          rf"{_line(BARRIERS, barrier)}"):
+        barriers((2,), (32,), (out, numpy.int32(mode)))
+    barriers((2,), (32,), (out, numpy.int32(0)))  # the next launch runs as usual
+    assert (out == 1).all()
+
+
+# ---- float32 denormals: CuPy compiles with -ftz=true ---------------------------------
+DENORMALS = r"""
+template <typename T>
+__global__ void multiply(const T* a, const T* b, T* out) {
+    out[threadIdx.x] = a[threadIdx.x] * b[threadIdx.x];
+}
+
+__global__ void less(const float* x, int* out) {
+    out[threadIdx.x] = x[2 * threadIdx.x] < x[2 * threadIdx.x + 1];
+}
+"""
+DENORMAL_NAMES = ["multiply<float>", "multiply<double>", "less"]
+TINY32 = numpy.finfo(numpy.float32).smallest_subnormal
+TINY64 = numpy.finfo(numpy.float64).smallest_subnormal
+
+
+@pytest.mark.parametrize("options", [(), ("-ftz=false",)])
+def test_float32_denormals_are_flushed_as_on_the_gpu(options):
+    m = EmulatedModule(DENORMALS, DENORMAL_NAMES, options=options)
+    assert m.flush_denormals  # -ftz=false too: CuPy appends -ftz=true after the options
+    a = numpy.array([1e-20, -1e-20, TINY32, 1e-20, 3], numpy.float32)
+    b = numpy.array([1e-20, 1e-20, 1, 1e18, 2], numpy.float32)
+    out = numpy.full(5, numpy.nan, numpy.float32)
+    m.get_function("multiply<float>")((1,), (5,), (a, b, out))
+    # denormal results flushed to a zero of their sign, a denormal input read as
+    # zero; NumPy, without FTZ, keeps all three
+    numpy.testing.assert_array_equal(out, [0, 0, 0, a[3] * b[3], 6])
+    numpy.testing.assert_array_equal(numpy.signbit(out), [0, 1, 0, 0, 0])
+    assert (a[:3] * b[:3] != 0).all()  # the launch left the host's FP mode as it was
+    flags = numpy.zeros(2, numpy.int32)  # comparisons read denormals as zero too
+    m.get_function("less")((1,), (2,), (numpy.array([TINY32, 2 * TINY32, 0, 1], numpy.float32),
+                                        flags))
+    numpy.testing.assert_array_equal(flags, [0, 1])
+    a64, b64 = numpy.array([1e-160, TINY64]), numpy.array([1e-160, 1])
+    out64 = numpy.zeros(2)
+    m.get_function("multiply<double>")((1,), (2,), (a64, b64, out64))
+    numpy.testing.assert_array_equal(out64, a64 * b64)  # double keeps its denormals, as on
+    assert (out64 != 0).all()                            # the GPU
+
+
+def test_the_last_ftz_option_decides():
+    assert not emulator.flushes_denormals(())  # NVRTC's default
+    assert emulator.flushes_denormals(("--std=c++14", "-ftz=true"))
+    assert not emulator.flushes_denormals(("-ftz=true", "--ftz=false"))
+    assert emulator.flushes_denormals(("-ftz=false", "--use_fast_math"))
+    assert emulator.flushes_denormals(emulator.CUPY_APPENDED_OPTIONS)

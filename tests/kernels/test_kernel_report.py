@@ -264,3 +264,20 @@ def test_sass_is_parsed_and_its_main_loop_found(text):
     # 0x20..0x40, and both hold FMAs: the inner one (3 instructions, 1 FMA) is the main loop
     assert kr.fma_share(instructions, "FFMA") == (9, 3, 3, 1)
     assert kr.fma_share(instructions, "DFMA") == (9, 0, 0, 0)
+
+
+def test_the_report_compiles_with_the_loaders_options(monkeypatch):
+    seen = []
+
+    def compile_cubin(code, names, arch, options, filename):
+        seen.append(options)
+        return False, "stopped here", {}, None
+
+    monkeypatch.setattr(kr.nvrtc, "compile_cubin", compile_cubin)
+    unit = cuda.compile_units()[0]
+    with pytest.raises(RuntimeError, match="stopped here"):
+        kr.analyse(unit, found={"cuobjdump": None, "nvdisasm": None},
+                   code="// not cached\n" + cuda.source(unit.filename))
+    assert seen == [(*unit.options, "--ptxas-options=-v")]
+    assert seen[0][:len(cuda.NVRTC_OPTIONS)] == cuda.NVRTC_OPTIONS
+    assert "-ftz=true" in cuda.NVRTC_OPTIONS  # as CuPy compiles every RawModule

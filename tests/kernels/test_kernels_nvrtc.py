@@ -45,3 +45,41 @@ def test_a_broken_source_fails_with_its_log():
     ok, log, lowered = nvrtc.compile("template <typename T> __global__ void k(T* a) { a[0] = b; }",
                                      ["k<float>"])
     assert not ok and "identifier \"b\" is undefined" in log and not lowered
+
+
+def _ptx(code, options):
+    """NVRTC's PTX for code (compute_90), straight from the library."""
+    import ctypes
+    lib = nvrtc.library()
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), b"k.cu", 0, None, None) == 0
+    try:
+        opts = [b"--gpu-architecture=compute_90", *(o.encode() for o in options)]
+        assert lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)) == 0
+        size = ctypes.c_size_t()
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, buf)
+        return buf.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+FTZ_PROBE = 'extern "C" __global__ void k(float* a, double* d) { a[0] = a[1] * a[2] + a[3]; ' \
+            'd[0] = d[1] * d[2] + d[3]; }'
+
+
+@pytest.mark.parametrize("options, flushes", [
+    ((), False),                                  # NVRTC's default
+    (("-ftz=true",), True),
+    (("-ftz=false", "-ftz=true"), True),          # the last one decides: CuPy appends -ftz=true,
+    (("-ftz=true", "--ftz=false"), False),        # so a caller's -ftz=false cannot undo it
+    (cuda.NVRTC_OPTIONS, True),                   # what the loader states, as CuPy compiles
+])
+def test_the_emulator_reads_the_ftz_options_as_nvrtc_does(options, flushes):
+    import emulator
+    ptx = _ptx(FTZ_PROBE, options)
+    assert ("fma.rn.ftz.f32" in ptx) == flushes and ("fma.rn.f32" in ptx) != flushes
+    assert "fma.rn.f64" in ptx and ".ftz.f64" not in ptx  # double never flushes
+    assert emulator.flushes_denormals(options) == flushes
+    assert emulator.flushes_denormals(options + emulator.CUPY_APPENDED_OPTIONS)
