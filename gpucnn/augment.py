@@ -9,7 +9,8 @@ oy, ox in [0, 2p] and a flip bit per sample, then gather
 with index arithmetic on the array module (NumPy or CuPy): no Python loop over
 samples. The random numbers come from a generator seeded by (seed, batch
 counter), so the state is two ints that checkpoints store: a resumed run draws
-the same crops and flips as an uninterrupted one.
+the same crops and flips as an uninterrupted one, on either device
+(gpucnn.random.generator draws the same numbers for the CPU and the GPU).
 """
 from . import backend, random, validate
 
@@ -47,7 +48,8 @@ class Augment:
         self.calls += 1
         N, C, H, W = x.shape
         p = self.padding
-        # One draw of all the random numbers, in a fixed order, on the device.
+        # All the random numbers in one fixed order (the checkpoints' draws depend on it),
+        # drawn on the host and handed over as arrays of xp.
         oy = gen.integers(0, 2 * p + 1, N) if p else xp.zeros(N, xp.int64)
         ox = gen.integers(0, 2 * p + 1, N) if p else xp.zeros(N, xp.int64)
         flip = gen.random(N) < 0.5 if self.flip else xp.zeros(N, bool)

@@ -33,5 +33,29 @@ def stream_seed(seed, counter):
 
 
 def generator(xp, seed, counter):
-    """The device's Generator (numpy or cupy) for draw number `counter` of stream `seed`."""
-    return xp.random.default_rng(stream_seed(seed, counter))
+    """The Generator for draw number `counter` of stream `seed`, whose draws are arrays
+    of xp (numpy, or CuPy's module for the GPU).
+
+    Every device draws the same numbers: NumPy's PCG64 on the host. CuPy's own
+    generator (XORWOW) would draw other crops, flips and dropout masks on the GPU than
+    on the CPU, so a run resumed on the other device, or compared with it, would train
+    on other data. On the GPU each draw is copied to the device asynchronously
+    (CuPy stages it through pinned memory on the current stream): no sync. The price
+    is host time: a few small arrays per batch for augmentation, but for Dropout a
+    mask as large as its input per forward."""
+    host = numpy.random.default_rng(stream_seed(seed, counter))
+    return host if xp is numpy else _DeviceDraws(host, xp)
+
+
+class _DeviceDraws:
+    """A host Generator whose draws come back as arrays of another array module."""
+
+    def __init__(self, host, xp):
+        self._host, self._xp = host, xp
+
+    def __getattr__(self, name):
+        method = getattr(self._host, name)  # AttributeError for what a Generator lacks
+
+        def draw(*args, **kwargs):
+            return self._xp.asarray(method(*args, **kwargs))
+        return draw

@@ -1,3 +1,4 @@
+import os
 import signal
 
 import numpy
@@ -5,9 +6,30 @@ import pytest
 
 from gpucnn import backend
 
+# cuBLAS gives the same bits on every stream only with a fixed workspace: the CUDA graph
+# replays on a side stream, and tests/gpu/test_graph.py holds it to the eager step's bits.
+# Read when cuBLAS starts, so set before any test can touch a GPU (.ci/gpu-check sets it too).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+# GPUCNN_TEST_STANDIN=1 runs the whole suite with the CuPy stand-in installed as if a
+# GPU were present (docs/gpu/README.md): the automatic device is then 'cuda', as on
+# the lent GPU, so a test that takes the automatic device for the CPU shows here.
+# Installed now, before the modules below read cuda_available() into their marks.
+SESSION_STANDIN = None  # the stand-in installed for the whole session, if it is
+if os.environ.get("GPUCNN_TEST_STANDIN", "") not in ("", "0"):
+    import standin as SESSION_STANDIN
+    backend.set_cupy_module(SESSION_STANDIN)
+
 CUDA_SKIP = pytest.mark.skipif(
     not backend.cuda_available(),
     reason=f"no CUDA device here: {backend.cuda_unavailable_reason()}")
+# For what only CuPy on a GPU does (a captured graph that replays): the session's
+# stand-in plays 'cuda' for CUDA_SKIP's tests, not for these.
+REAL_CUDA_SKIP = pytest.mark.skipif(
+    SESSION_STANDIN is not None or not backend.cuda_available(),
+    reason="no CUDA device here: " + ("the CuPy stand-in plays it (GPUCNN_TEST_STANDIN)"
+                                      if SESSION_STANDIN is not None
+                                      else str(backend.cuda_unavailable_reason())))
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_SKIP)]
 
 # Tolerances against float64 references (PyTorch or NumPy), per dtype.

@@ -1,7 +1,10 @@
 """The Python steps of ``.ci/gpu-check`` (the one call made on a lent GPU).
 
+    python -m gpucnn.tools.gpucheck preflight
     python -m gpucnn.tools.gpucheck versions
+    python -m gpucnn.tools.gpucheck compile [--jobs N]
     python -m gpucnn.tools.gpucheck cuda-skips JUNIT_XML
+    python -m gpucnn.tools.gpucheck sanitizer-log LOG
     python -m gpucnn.tools.gpucheck determinism --device cuda [--batch 64] [--steps 20]
     python -m gpucnn.tools.gpucheck train-report RUN_DIR [--min-accuracy 0.87]
 
@@ -11,21 +14,53 @@ so that every array is its own cudaMalloc and compute-sanitizer's memcheck sees
 an out-of-bounds access that the pool would hide inside a larger chunk.
 """
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
+import os
 import pathlib
 import platform
 import re
 import shutil
 import subprocess
 import sys
+import time
 from xml.etree import ElementTree
 
 import numpy
 
 import gpucnn
 from .. import backend
-from . import bench
+from ..backends import cuda
+from . import bench, nvrtc
 from ..app import models
+
+UNAVAILABLE = 78  # exit status of a check this machine cannot run (not a failed proof)
+
+
+def preflight(out=None):
+    """The few seconds' check before a GPU run: CuPy and PyTorch import, and CuPy runs a
+    kernel on a device. Returns True when all hold; prints what is missing."""
+    out = out or sys.stdout
+    ok = True
+    for name in ("cupy", "torch"):
+        try:
+            module = __import__(name)
+            print(f"{name} {module.__version__}: imports", file=out)
+        except Exception as e:  # an ImportError, or a CUDA library that fails to load
+            print(f"{name}: does not import ({type(e).__name__}: {e})", file=out)
+            ok = False
+    if ok and not backend.cuda_available():
+        print(f"no usable GPU: {backend.cuda_unavailable_reason()}", file=out)
+        ok = False
+    if ok:
+        import torch
+        print(f"CuPy ran a kernel on the GPU; PyTorch sees "
+              f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} GPU(s)",
+              file=out)
+        ok = torch.cuda.is_available()
+    print(f"preflight: {'pass' if ok else 'FAIL: the GPU steps cannot run here'}", file=out)
+    return ok
 
 
 def _tool_version(command):
@@ -72,9 +107,12 @@ def versions(out=None):
     return name
 
 
-# A skipped test is a cuda one when its id names cuda (the DEVICES parameter) or its
-# reason is the GPU's absence (conftest: "no CUDA device here: ..."; backend: "CuPy ...").
+# A skipped test is a cuda one when it runs on the device 'cuda' (a `cuda` part in its
+# parameter id, as DEVICES gives) or its reason is the GPU's absence (conftest: "no CUDA
+# device here: ..."; backend: "CuPy ..."). A test's *name* may say cuda and skip by design
+# where a GPU exists (test_cuda_missing_is_a_clear_error): its name alone does not count.
 _GPU_REASON = re.compile(r"no CUDA device|CuPy", re.IGNORECASE)
+_CUDA_PARAM = re.compile(r"\[(?:[^\]]*-)?cuda(?:-[^\]]*)?\]$")
 
 
 def cuda_skips(junit_xml):
@@ -86,9 +124,82 @@ def cuda_skips(junit_xml):
             continue
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
         reason = skipped.get("message", "")
-        if "cuda" in case.get("name", "").lower() or _GPU_REASON.search(reason):
+        if _CUDA_PARAM.search(case.get("name", "")) or _GPU_REASON.search(reason):
             found.append(f"{name}: {reason}")
     return found
+
+
+# compute-sanitizer's words where it cannot attach to this machine's device or driver
+# (seen: "Device not supported", then CUDA error 999). Read from the log of a probe that
+# runs one trivial CuPy kernel, where they cannot come from a hazard in gpucnn's kernels.
+_SANITIZER_UNAVAILABLE = re.compile(
+    r"Device not supported|error 999|CUDA_ERROR_UNKNOWN|cudaErrorUnknown"
+    r"|not supported on this (?:device|platform)",
+    re.IGNORECASE)
+
+
+def sanitizer_unavailable(text):
+    """The line of a compute-sanitizer probe's log that says it cannot run on this
+    machine, or None where it ran."""
+    for line in text.splitlines():
+        if _SANITIZER_UNAVAILABLE.search(line):
+            return line.strip()
+    return None
+
+
+def _compile_unit(index, gpu):
+    """Compile compile unit `index` (in a process of its own): on a GPU through CuPy's
+    RawModule and loaded, as the loader does, so CuPy's disk cache then holds it for
+    every later process; without one through NVRTC alone. Returns (label, seconds, error)."""
+    unit = cuda.compile_units()[index]
+    label = f"kernels/{unit.filename} ({unit.config})"
+    start = time.perf_counter()
+    try:
+        if gpu:
+            cp = backend.xp_for("cuda")
+            module = cp.RawModule(code=cuda.source(unit.filename), options=unit.options,
+                                  name_expressions=unit.name_expressions)
+            for name in unit.name_expressions:
+                module.get_function(name)
+            error = None
+        else:
+            good, log, _ = nvrtc.compile(cuda.source(unit.filename), unit.name_expressions,
+                                         options=unit.options, filename=unit.filename)
+            error = None if good else log
+    except Exception as e:  # CuPy's CompileException holds NVRTC's log
+        error = f"{type(e).__name__}: {e}"
+    return label, time.perf_counter() - start, error
+
+
+def compile_all(jobs=None, files=None, gpu=None, out=None):
+    """Every compile unit of the kernels (of `files` only, if given) at once, one process
+    each (up to `jobs`), so the steps after it find them compiled: loaded on the GPU if
+    `gpu` (default: where CuPy sees one), else by NVRTC alone. Returns True when all
+    compile; UNAVAILABLE where neither a GPU nor NVRTC is here."""
+    out = out or sys.stdout
+    gpu = backend.cuda_available() if gpu is None else gpu
+    if not gpu and nvrtc.library() is None:
+        print("compile: no GPU and no NVRTC here", file=out)
+        return UNAVAILABLE
+    chosen = [i for i, u in enumerate(cuda.compile_units()) if not files or u.filename in files]
+    if not chosen:
+        print(f"compile: no compile unit of {', '.join(files)}", file=out)
+        return False
+    count = len(chosen)
+    jobs = jobs or min(count, os.cpu_count() or 1)
+    start = time.perf_counter()
+    # spawn, not fork: a forked child cannot use the CUDA context of its parent
+    with concurrent.futures.ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_compile_unit, chosen, [gpu] * count))
+    for label, seconds, error in results:
+        print(f"{label}: {'FAILS' if error else 'compiles'} ({seconds:.1f} s)"
+              + (f"\n{error}" if error else ""), file=out)
+    failed = sum(error is not None for _, _, error in results)
+    how = "compiled and loaded on the GPU" if gpu else "compiled by NVRTC"
+    print(f"{count} compile units {how} in {time.perf_counter() - start:.1f} s, {jobs} processes: "
+          f"{'FAIL' if failed else 'pass'}", file=out)
+    return not failed
 
 
 def _lenet_run(device, dtype, batch, steps, seed=0):
@@ -169,7 +280,16 @@ def pytest_configure(config):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m gpucnn.tools.gpucheck", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("preflight", help="CuPy and PyTorch import and a GPU runs a kernel")
     sub.add_parser("versions", help="GPU, driver, CUDA, CuPy, PyTorch, nvcc, compute-sanitizer")
+    c = sub.add_parser("compile", help="every kernel compile unit, in parallel processes")
+    c.add_argument("--jobs", type=int, help="processes (default: one per unit, up to the CPUs)")
+    c.add_argument("--files", nargs="+", help="only these kernels/*.cu (default: every one)")
+    c.add_argument("--nvrtc", action="store_true", help="compile with NVRTC alone, even where "
+                   "there is a GPU (the processes of a test's CuPy stand-in have none)")
+    g = sub.add_parser("sanitizer-log", help=f"exit {UNAVAILABLE} if a compute-sanitizer log "
+                       "says it cannot run on this machine")
+    g.add_argument("log")
     s = sub.add_parser("cuda-skips", help="fail if a pytest --junitxml report has a skipped "
                        "cuda test")
     s.add_argument("junit_xml")
@@ -181,9 +301,19 @@ def main(argv=None):
     t.add_argument("run_dir")
     t.add_argument("--min-accuracy", type=float, help="fail below this final test accuracy")
     args = p.parse_args(argv)
+    if args.command == "preflight":
+        return 0 if preflight() else 1
     if args.command == "versions":
         versions()
         return 0
+    if args.command == "compile":
+        result = compile_all(args.jobs, args.files, False if args.nvrtc else None)
+        return result if result is UNAVAILABLE else (0 if result else 1)
+    if args.command == "sanitizer-log":
+        line = sanitizer_unavailable(pathlib.Path(args.log).read_text(errors="replace"))
+        if line:
+            print(f"sanitizer unavailable on this machine ({line})")
+        return UNAVAILABLE if line else 0
     if args.command == "cuda-skips":
         if not pathlib.Path(args.junit_xml).is_file():
             print(f"{args.junit_xml}: no report (pytest did not finish): FAIL")

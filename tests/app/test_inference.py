@@ -6,6 +6,7 @@ import numpy
 import pytest
 
 import gpucnn
+from gpucnn import backend
 from gpucnn.app import data, inference, train
 from gpucnn.app.cli import main
 
@@ -30,7 +31,9 @@ def digits():
 def test_load_gives_the_trained_model_ready_for_inference(run, digits):
     path, history = run
     model = gpucnn.load(path)
-    assert not model.training and model.device == "cpu"
+    # the automatic device, as training took: the GPU where there is one
+    assert not model.training and model.device == backend.resolve_device()[0]
+    assert gpucnn.load(path, device="cpu").device == "cpu"
     assert model.classes == tuple("0123456789") and model.input_shape == (1, 8, 8)
     x, y = digits
     probs = inference.probabilities(model, x)
@@ -47,7 +50,8 @@ def test_load_of_a_custom_model_needs_it(tmp_path):
         gpucnn.load(tmp_path / "checkpoint.npz")
     other = gpucnn.Sequential(gpucnn.Flatten(), gpucnn.Linear(64, 10))
     loaded = gpucnn.load(tmp_path / "checkpoint.npz", model=other)
-    assert loaded is other and numpy.array_equal(other[1].weight.data, net[1].weight.data)
+    assert loaded is other and numpy.array_equal(backend.to_numpy(other[1].weight.data),
+                                                 backend.to_numpy(net[1].weight.data))
 
 
 def _png(path, pixels, light_background=False, scale=8):

@@ -9,6 +9,7 @@ import numpy
 import pytest
 
 import gpucnn
+from gpucnn import backend
 from gpucnn.app import checkpoint, models, train
 from gpucnn.tools import gradcheck
 from gpucnn.app.cli import main
@@ -160,7 +161,7 @@ def test_a_custom_model_trains_and_its_checkpoint_says_how_to_load_it(tmp_path):
                        gpucnn.Linear(32, 10))
     checkpoint.restore(tmp_path / "checkpoint.npz", again)
     for k, v in net.state_dict().items():
-        assert numpy.array_equal(v, again.state_dict()[k])
+        assert numpy.array_equal(backend.to_numpy(v), backend.to_numpy(again.state_dict()[k]))
 
 
 def test_resume_keeps_the_runs_epochs_and_folder(tmp_path, capsys):

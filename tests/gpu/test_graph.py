@@ -10,7 +10,7 @@ import numpy
 import pytest
 
 import gpucnn
-from conftest import CUDA_SKIP
+from conftest import REAL_CUDA_SKIP
 from gpucnn import backend, schedules
 from gpucnn.app import checkpoint, models, train
 from gpucnn.backends.cuda import graph
@@ -112,7 +112,7 @@ def test_standin_graph_matches_eager_bitwise(standin, case):
     assert standin.cuda.Stream.captures - captures == 1 and graphed.replays is False
 
 
-@CUDA_SKIP
+@REAL_CUDA_SKIP
 @pytest.mark.parametrize("case", CASES)
 def test_cuda_graph_replays_match_eager_bitwise(case):
     """On a real GPU the capture records and every later step is a replay."""

@@ -64,6 +64,21 @@ def test_standin_dropout(standin):
     assert layer.eval()(x) is x
 
 
+def test_dropout_masks_are_the_cpus(standin):
+    """The GPU draws the CPU's masks (one generator for both devices), so a model with
+    Dropout trains alike on both and resumes on either."""
+    gpucnn.manual_seed(0)
+    on_cpu = gpucnn.Dropout(0.3)
+    on_gpu = gpucnn.Dropout(0.3).to("cuda")
+    on_gpu.set_rng_state(on_cpu.get_rng_state())
+    x = numpy.random.default_rng(1).standard_normal((8, 50)).astype(numpy.float32)
+    for _ in range(2):
+        with standin.count_syncs() as syncs:
+            y = on_gpu(standin.asarray(x))
+        assert syncs() == 0
+        assert numpy.array_equal(y.get(), on_cpu(x))
+
+
 OPTIMIZERS = {
     "SGD": dict(cls=gpucnn.SGD, lr=0.1),
     "SGD momentum weight decay": dict(cls=gpucnn.SGD, lr=0.1, momentum=0.9, weight_decay=1e-2),

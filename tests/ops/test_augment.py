@@ -58,3 +58,18 @@ def test_keeps_device_and_checks_input():
         Augment(1)(x[0, 0])
     with pytest.raises(ValueError, match="padding must be an int >= 0"):
         Augment(-1)
+
+
+def test_the_gpu_draws_the_cpus_crops_and_flips_without_a_sync(standin):
+    """The stand-in's own generator draws other numbers than NumPy's, as CuPy's does;
+    Augment must not use it: a run resumed on the other device sees the same batches."""
+    x = numpy.random.default_rng(0).standard_normal((32, 2, 6, 5)).astype(numpy.float32)
+    on_cpu, on_gpu = Augment(2, True, fill=-0.5, seed=4), Augment(2, True, fill=-0.5, seed=4)
+    for _ in range(3):  # each call a draw of its own, the state advancing alike
+        want = on_cpu(x)
+        xd = standin.asarray(x)
+        with standin.count_syncs() as syncs:
+            got = on_gpu(xd)
+        assert syncs() == 0 and isinstance(got, standin.ndarray)
+        assert numpy.array_equal(got.get(), want)
+    assert on_gpu.get_rng_state() == on_cpu.get_rng_state()

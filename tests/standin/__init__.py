@@ -425,7 +425,9 @@ lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
 
 
 class Generator:
-    """cupy.random.Generator: numbers drawn on the device (NumPy's bit stream here)."""
+    """cupy.random.Generator: numbers drawn on the device. Its bit stream is not NumPy's
+    default (CuPy's is XORWOW, this one Philox), so code that draws on the device draws
+    other numbers than on the CPU here too, as it would on a GPU."""
 
     def __init__(self, bit_generator):
         self._g = numpy.random.Generator(bit_generator)
@@ -440,7 +442,7 @@ class Generator:
 
 
 random = types.SimpleNamespace(
-    default_rng=lambda seed=None: Generator(numpy.random.PCG64(seed)), Generator=Generator)
+    default_rng=lambda seed=None: Generator(numpy.random.Philox(seed)), Generator=Generator)
 
 
 # --- memory pools ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from gpucnn.functional import conv
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
-<testsuites><testsuite name="pytest" tests="5">
+<testsuites><testsuite name="pytest" tests="9">
  <testcase classname="tests.test_device_parity" name="test_training_step[cpu]" time="0.1"/>
  <testcase classname="tests.test_device_parity" name="test_training_step[cuda]" time="0.0">
   <skipped type="pytest.skip" message="no CUDA device here: CuPy is not installed">x</skipped>
@@ -26,6 +26,18 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
   <skipped type="pytest.skip" message="/usr/share/datasets/fashion-mnist is missing">x</skipped>
  </testcase>
  <testcase classname="tests.test_conv2d" name="test_cuda_forward[float32]" time="0.2"/>
+ <testcase classname="tests.gpu.test_backend" name="test_cuda_missing_is_a_clear_error"
+  time="0.0"><skipped type="pytest.skip" message="checks the no-GPU messages">x</skipped>
+ </testcase>
+ <testcase classname="tests.app.test_user_errors" name="test_cuda_without_a_gpu" time="0.0">
+  <skipped type="pytest.skip" message="a GPU is usable here">x</skipped>
+ </testcase>
+ <testcase classname="tests.ops.test_pool" name="test_pool[float32-cuda-2]" time="0.0">
+  <skipped type="pytest.skip" message="emulated elsewhere">x</skipped>
+ </testcase>
+ <testcase classname="tests.ops.test_pool" name="test_pool_cudagraph[x]" time="0.0">
+  <skipped type="pytest.skip" message="not here">x</skipped>
+ </testcase>
 </testsuite></testsuites>
 """
 
@@ -37,7 +49,8 @@ def test_cuda_skips_finds_skipped_cuda_tests_only(tmp_path):
     assert found == [
         "tests.test_device_parity::test_training_step[cuda]: no CUDA device here: CuPy is not "
         "installed",
-        "tests.test_info::test_gpu_name: CuPy is installed but no CUDA device is usable"]
+        "tests.test_info::test_gpu_name: CuPy is installed but no CUDA device is usable",
+        "tests.ops.test_pool::test_pool[float32-cuda-2]: emulated elsewhere"]
     assert gpucheck.main(["cuda-skips", str(report)]) == 1
     report.write_text(JUNIT.replace("<skipped", "<properties").replace("</skipped>",
                                                                        "</properties>"))
@@ -81,6 +94,88 @@ def test_documented_device_call_is_the_scripts():
     assert script and set(docs) == set(script)
 
 
-@pytest.mark.parametrize("step", ["setup", "tests", "sanitizer", "bench", "determinism", "train"])
-def test_every_step_is_documented(step):
-    assert re.search(rf"\b{step}\b", (ROOT / "docs" / "gpu" / "README.md").read_text())
+def _script_steps():
+    """(name, budget) of each step in .ci/gpu-check's STEPS line, and its TOTAL."""
+    text = (ROOT / ".ci" / "gpu-check").read_text()
+    steps = re.search(r"^STEPS=\(([^)]*)\)", text, re.MULTILINE).group(1).split()
+    total = int(re.search(r"^TOTAL=\$\{GPUCHECK_SECONDS:-(\d+)\}", text, re.MULTILINE).group(1))
+    return [(s.split(":")[1], int(s.split(":")[2])) for s in steps], total
+
+
+def test_every_step_is_documented_with_its_budget():
+    steps, total = _script_steps()
+    docs = (ROOT / "docs" / "gpu" / "README.md").read_text()
+    assert [name for name, _ in steps] == ["preflight", "compile", "gputests", "memcheck",
+                                           "bench", "determinism", "sanitizers", "tune", "train"]
+    for name, budget in steps:
+        assert re.search(rf"\*\*{name}\*\* \[{budget}\]", docs), f"{name} [{budget}] undocumented"
+    assert f"run's {total} s" in docs
+
+
+def test_the_first_six_steps_always_fit_and_the_call_leaves_room_for_a_rerun():
+    """Steps 1-6 are the proof: their budgets fit in the run's total, which fits in the
+    documented call's timeout_s; two calls of that length fit in a session's 15 minutes
+    of device time with a machine start (a few minutes) each."""
+    steps, total = _script_steps()
+    assert sum(budget for _, budget in steps[:6]) <= total
+    call = re.search(r"run\(command=.*timeout_s=(\d+)\)", (ROOT / ".ci" / "gpu-check").read_text())
+    timeout = int(call.group(1))
+    assert total + 15 <= timeout <= 450
+
+
+def test_the_gpu_steps_run_with_repeatable_cublas_and_one_blas_thread_per_worker():
+    text = (ROOT / ".ci" / "gpu-check").read_text()
+    assert re.search(r"^export CUBLAS_WORKSPACE_CONFIG=:4096:8$", text, re.MULTILINE)
+    gputests = text[text.index("    gputests)"):text.index("    memcheck)")]
+    assert "OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $PY -m pytest" in gputests
+
+
+def test_cuda_skips_counts_no_test_that_skips_by_design_where_a_gpu_is(tmp_path):
+    report = tmp_path / "junit.xml"
+    report.write_text(JUNIT.replace('test_training_step[cuda]', 'test_training_step[x]')
+                      .replace("no CUDA device here: CuPy is not installed", "by design")
+                      .replace("CuPy is installed but no CUDA device is usable", "by design"))
+    assert gpucheck.cuda_skips(report) == [
+        "tests.ops.test_pool::test_pool[float32-cuda-2]: emulated elsewhere"]
+
+
+@pytest.mark.parametrize("log, unavailable", [
+    ("========= COMPUTE-SANITIZER\n========= Error: Device not supported\n", True),
+    ("========= Target application returned an error\nCUDA error 999\n", True),
+    ("cupy_backends.cuda.api.runtime.CUDARuntimeError: cudaErrorUnknown: unknown error\n",
+     True),
+    ("========= Invalid __global__ read of size 4 bytes\n========= ERROR SUMMARY: 1 error\n",
+     False),
+    ("========= ERROR SUMMARY: 0 errors\n", False)])
+def test_sanitizer_log_tells_an_unusable_sanitizer_from_a_hazard(tmp_path, capsys, log,
+                                                                  unavailable):
+    path = tmp_path / "memcheck.log"
+    path.write_text(log)
+    assert (gpucheck.sanitizer_unavailable(log) is not None) == unavailable
+    assert gpucheck.main(["sanitizer-log", str(path)]) == (gpucheck.UNAVAILABLE if unavailable
+                                                          else 0)
+    assert ("sanitizer unavailable on this machine" in capsys.readouterr().out) == unavailable
+
+
+def test_compile_builds_the_units_asked_for_in_processes_of_their_own(capsys):
+    from gpucnn.tools import nvrtc
+    if nvrtc.library() is None:
+        assert gpucheck.main(["compile", "--nvrtc"]) == gpucheck.UNAVAILABLE
+        return
+    assert gpucheck.main(["compile", "--nvrtc", "--jobs", "2", "--files", "max_pool2d.cu",
+                          "avg_pool2d.cu"]) == 0
+    out = capsys.readouterr().out
+    assert "kernels/max_pool2d.cu (default): compiles" in out
+    assert "kernels/avg_pool2d.cu (default): compiles" in out and "2 compile units" in out
+    assert gpucheck.main(["compile", "--nvrtc", "--files", "nothing.cu"]) == 1
+
+
+def test_preflight_stops_where_cupy_does_not_import(capsys):
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        assert gpucheck.main(["preflight"]) == 1
+        out = capsys.readouterr().out
+        assert "cupy: does not import" in out and "FAIL" in out
+    else:
+        assert gpucheck.main(["preflight"]) == (0 if gpucheck.backend.cuda_available() else 1)
