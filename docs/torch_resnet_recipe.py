@@ -1,6 +1,6 @@
 """PyTorch's side of the resnet recipe's accuracy (docs/benchmarks.md, issue 11).
 
-The same network in torch (gpucnn.bench.torch_resnet, torchvision's initialisation),
+The same network in torch (gpucnn.tools.bench.torch_resnet, torchvision's initialisation),
 trained with torch's SGD and CosineAnnealingLR on exactly the batches gpucnn's
 `gpucnn train --model resnet` sees: gpucnn's data loading and standardisation, its
 per-epoch permutation (numpy default_rng(seed)) and its augmentation draws

@@ -29,7 +29,8 @@ class Augment:
         self.padding = validate.integer(padding, "padding", 0)
         self.fill = validate.number(fill, "fill", finite=False, error=TypeError, what="a number")
         self.flip = bool(flip)
-        self.seed, self.calls = int(seed), 0
+        self.seed = validate.integer(seed, "seed", 0, type_error=TypeError)
+        self.calls = 0
 
     def get_rng_state(self):
         return {"seed": self.seed, "calls": self.calls}

@@ -52,21 +52,37 @@ def save(model, path):
     torch.save where PyTorch is installed, else as a NumPy .npz archive (at exactly
     path). Written to a temporary file first, so that path is never half-written.
     Returns path; Module.load_state_dict(path) and read_state_dict read it back."""
-    target = _check_path(path)
     arrays = {name: numpy.array(backend.to_numpy(a)) for name, a in _state_of(model).items()}
     torch = _torch()
+
+    def write(f):
+        if torch is not None:
+            torch.save({name: torch.from_numpy(a) for name, a in arrays.items()}, f)
+        else:
+            numpy.savez(f, **arrays)
+    write_atomically(path, write, StateFileError)
+    return path
+
+
+def write_atomically(path, write, error):
+    """write(f) into a temporary file beside path, then rename it to path, so that
+    path is never half-written. A folder that does not exist or cannot be written
+    is error (a UserError) naming path."""
+    target = _check_path(path)
+    folder = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise error(f"cannot write {target}: its folder {folder} does not exist or is not "
+                    "writable")
     tmp = f"{target}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            if torch is not None:
-                torch.save({name: torch.from_numpy(a) for name, a in arrays.items()}, f)
-            else:
-                numpy.savez(f, **arrays)
+            write(f)
         os.replace(tmp, target)
+    except OSError as e:
+        raise error(f"cannot write {target}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
 
 
 def _zip_names(path):

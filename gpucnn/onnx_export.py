@@ -29,7 +29,7 @@ import os
 
 import numpy
 
-from . import backend, validate
+from . import backend, interop, validate
 from .errors import UserError
 from .functional import _checks
 from .functional import conv as conv_f
@@ -78,8 +78,15 @@ class _Graph:
         return out
 
 
+def _channels(m, shape, where, channels):
+    if shape[1] != channels:
+        raise OnnxExportError(f"layer {where} ({m!r}) gets input of shape {shape}; it needs "
+                              f"{channels} channels")
+
+
 def _conv(graph, m, x, shape, where):
     N, C, H, W = shape
+    _channels(m, shape, where, m.in_channels)
     a = m._arguments
     R, S = m.kernel_size
     top, bottom, left, right = conv_f.padding_amounts(a.padding, R, S, (a.sh, a.sw), (a.dh, a.dw))
@@ -145,6 +152,7 @@ def _batch_norm(graph, m, x, shape, where):
                               "in eval (track_running_stats=False), which has no ONNX form; "
                               "use track_running_stats=True")
     C = m.num_features
+    _channels(m, shape, where, C)
     scale = m.weight.data if m.affine else numpy.ones(C)
     bias = m.bias.data if m.affine else numpy.zeros(C)
     inputs = [x] + [graph.constant(f"{where}.{k}", v) for k, v in (
@@ -294,5 +302,5 @@ def export(model, path, input_shape=None, normalization=None, classes=None):
     given = dict(input_shape=input_shape, normalization=normalization, classes=classes)
     given = {k: getattr(model, k, None) if v is None else v for k, v in given.items()}
     proto = build(model, **given)
-    _onnx().save_model(proto, os.fspath(path))
+    interop.write_atomically(path, lambda f: f.write(proto.SerializeToString()), OnnxExportError)
     return path

@@ -7,7 +7,7 @@ Adam: g = grad + wd*w;  m += (1-b1)(g - m);  v = b2*v + (1-b2)g^2;
 
 What changes from step to step is read from the device, as PyTorch's
 ``capturable`` optimizers do, so that a step captured into a CUDA graph
-(gpucnn.graph) stays right when replayed: the update reads the learning rate from
+(gpucnn.backends.cuda.graph) stays right when replayed: the update reads the learning rate from
 a 0-d array on the parameters' device (``optimizer.lr = x`` fills it in place: no
 sync), and Adam counts each parameter's steps t in a device vector and computes
 its bias corrections there. The same code runs on NumPy. The numbers are those of

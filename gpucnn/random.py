@@ -43,8 +43,15 @@ def generator(xp, seed, counter):
     (CuPy stages it through pinned memory on the current stream): no sync. The price
     is host time: a few small arrays per batch for augmentation, but for Dropout a
     mask as large as its input per forward."""
-    host = numpy.random.default_rng(stream_seed(seed, counter))
+    host = host_generator(seed, counter)
     return host if xp is numpy else _DeviceDraws(host, xp)
+
+
+def host_generator(seed, counter):
+    """The host Generator for draw number `counter` of stream `seed` (what generator
+    wraps): for a caller that reduces a draw on the host before it goes to the device,
+    as Dropout sends its keep mask as bools, a quarter of the floats' bytes."""
+    return numpy.random.default_rng(stream_seed(seed, counter))
 
 
 class _DeviceDraws:

@@ -14,7 +14,9 @@ from . import functional as F
 
 def train_step(model, optimizer, x, y, *, label_smoothing=0.0):
     """Run one SGD/Adam step on the batch (x, y); returns (loss, logits) as device
-    arrays: the batch-mean loss (0-d) and the logits, read them when needed."""
+    arrays: the batch-mean loss (0-d) and the logits, read them when needed. x and y
+    may be any arrays offering __dlpack__ or __array__ (PyTorch tensors among them)."""
+    x, y = backend.as_array(x), backend.as_array(y)
     # one section for the whole step: the CPU's threads (and its BLAS held to one
     # thread) are taken once, not pass by pass; nothing on a GPU
     with backend.ops_for(backend.get_array_module(x)).section():

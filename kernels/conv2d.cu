@@ -422,7 +422,7 @@ conv2d_forward(const T* __restrict__ x, const T* __restrict__ w, const T* __rest
                T* __restrict__ y, int N, int C, int H, int W, int K, int R, int S, int P, int Q,
                int sh, int sw, int pt, int pl, int dh, int dw, int groups, int has_bias) {
     using namespace conv;
-    extern __shared__ unsigned char smem[];  // 2 stages of A and B (cuda.py: smem_bytes)
+    extern __shared__ unsigned char smem[];  // 2 stages of A and B (backends/cuda/conv.py: smem_bytes)
     const int g = blockIdx.z, Cg = C / groups, Kg = K / groups, RS = R * S, Jg = Cg * RS;
     const int PQ = P * Q, M = N * PQ, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const long long HW = (long long)H * W;
@@ -460,7 +460,7 @@ conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __res
                      int R, int S, int P, int Q, int sh, int sw, int pt, int pl, int dh, int dw,
                      int groups) {
     using namespace conv;
-    extern __shared__ unsigned char smem[];  // 2 stages of A and B (cuda.py: smem_bytes)
+    extern __shared__ unsigned char smem[];  // 2 stages of A and B (backends/cuda/conv.py: smem_bytes)
     const int phases = sh * sw, g = blockIdx.z / phases;
     const int* ph = phase_table + (blockIdx.z - g * phases) * 14;
     const int h1st = ph[0], w1st = ph[1], Hph = ph[2], Wph = ph[3], r0 = ph[4], s0 = ph[5];
@@ -505,7 +505,7 @@ conv2d_backward_filter(const T* __restrict__ dy, const T* __restrict__ x, T* __r
                        int sw, int pt, int pl, int dh, int dw, int groups, int slices,
                        int slice_len) {
     using namespace conv;
-    extern __shared__ unsigned char smem[];  // 2 stages of A and B (cuda.py: smem_bytes)
+    extern __shared__ unsigned char smem[];  // 2 stages of A and B (backends/cuda/conv.py: smem_bytes)
     const int g = blockIdx.z / slices, slice = blockIdx.z % slices;
     const int Cg = C / groups, Kg = K / groups, RS = R * S, Jg = Cg * RS, PQ = P * Q;
     const int NPQ = N * PQ, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, k0 = slice * slice_len;

@@ -104,6 +104,10 @@ def _import_cupy():
     if module is None:
         if _cupy is not None or _cupy_error is not None:
             return _cupy
+        # cuBLAS gives the same bits on every stream only with a fixed workspace; the
+        # CUDA-graph step replays on a side stream and must match the eager steps (a
+        # resume runs eagerly where the straight run replayed). Before CuPy loads it.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         try:
             import cupy as module
         except ImportError as e:  # not installed
@@ -181,7 +185,7 @@ def xp_for(device):
     """The array module of a resolved device name."""
     if device == "cuda":
         if not cuda_available():
-            raise RuntimeError(f"device 'cuda' is not usable: {cuda_unavailable_reason()}")
+            raise DeviceError(f"device 'cuda' is not usable: {cuda_unavailable_reason()}")
         return _import_cupy()
     if device == "cpu":
         return numpy
@@ -194,7 +198,7 @@ def to_device(a, device):
         return None
     if device == "cpu":
         return a.get() if is_cupy_array(a) else numpy.asarray(a)
-    return xp_for("cuda").asarray(a)
+    return xp_for(device).asarray(a)  # an error for any name but 'cuda' here
 
 
 def to_numpy(a):

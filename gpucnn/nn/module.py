@@ -258,7 +258,7 @@ class Module:
             _check_state_entry(name, state[name], p.data, allow_nonfinite)
         for name, p in own.items():
             # into the arrays already there, as PyTorch's copy_: a CUDA graph captured
-            # with them (gpucnn.graph) then replays with the loaded values
+            # with them (gpucnn.backends.cuda.graph) then replays with the loaded values
             p.data[...] = backend.to_device(state[name], backend.device_of(p.data))
         return self
 

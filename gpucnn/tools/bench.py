@@ -102,9 +102,9 @@ class Timer:
         two alternate run by run after their warm-up. With more threads they take
         turns of a few runs (TURNS turns), the first run of each turn untimed: BLAS's
         and OpenMP's threads spin a while after each call and would slow the other
-        library's next run. (Each timed whole in turn, a load shift between the
-        halves moved the resnet step's ratio between 1.26x and 1.83x on this shared
-        2-core machine.) On a GPU each is timed in turn."""
+        library's next run; timed whole one after the other, a load shift between the
+        halves would weigh on one library only (docs/benchmarks.md). On a GPU each is
+        timed in turn."""
         if theirs is None:
             return self(ours), None
         if self.device == "cuda":
@@ -509,7 +509,7 @@ def run_modern(device="auto", repeat=10, out=sys.stdout):
             topt.step()
     cases.append(("resnet SGD step, batch 128", step_ours, theirs))
 
-    print(f"gpucnn issue-11 benchmark on {device} ({why}); float32; median of {repeat}"
+    print(f"gpucnn benchmark (BN, residual block, stem pool, resnet step) on {device} ({why}); float32; median of {repeat}"
           f"{_threads(device, torch)}", file=out)
     rows = []
     for name, ours, theirs in cases:

@@ -1,5 +1,5 @@
-"""Extending a finished run re-plans its schedule over the new total and says so
-(issue 24, item 3): a cosine reaches 0 at the new end instead of climbing back."""
+"""Extending a finished run re-plans its schedule over the new total and says so:
+a cosine reaches 0 at the new end instead of climbing back."""
 import math
 
 from gpucnn.app import checkpoint

@@ -1,5 +1,5 @@
 """A run that stops before its first checkpoint leaves no folder that blocks a
-rerun, and its NaN stop is one line (issue 24, items 2 and 4)."""
+rerun, and its NaN stop is one line."""
 import json
 import os
 

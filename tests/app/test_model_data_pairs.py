@@ -1,5 +1,5 @@
 """Every built-in model trains on every dataset: a model is built for its data's
-image shape and channels (issue 24, item 1), and a checkpoint rebuilds the same
+image shape and channels, and a checkpoint rebuilds the same
 network, old checkpoints (without a recorded input shape) included."""
 import json
 
@@ -25,17 +25,30 @@ def _idx_set(root, n_train=16, n_test=8):
 
 @pytest.mark.parametrize("dataset", sorted(data.DATASETS))
 @pytest.mark.parametrize("model", sorted(models.MODELS))
-def test_every_model_trains_and_evaluates_on_every_dataset(tmp_path, capsys, model, dataset):
+def test_every_model_trains_and_evaluates_on_every_dataset(tmp_path, capsys, monkeypatch, model,
+                                                           dataset):
     out = tmp_path / "run"
     args = ["train", "--model", model, "--dataset", dataset, "--limit", "16", "--epochs", "1",
             "--batch-size", "8", "--no-progress", "--device", "cpu", "--out", str(out)]
-    if dataset != "digits":
+    if dataset.startswith("cifar"):
+        from test_cifar import write_binary
+        files = ["train.bin", "test.bin"] if dataset == "cifar100" else \
+            [f"data_batch_{k}.bin" for k in range(1, 6)] + ["test_batch.bin"]
+        write_binary(tmp_path / "cifar", "", files, 2 if dataset == "cifar100" else 1,
+                     data.DATASETS[dataset].num_classes, n=8)
+        args += ["--data-dir", str(tmp_path / "cifar")]
+    elif dataset == "folder":
+        from test_image_folder import _write
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        args += ["--data-dir", str(_write(tmp_path / "images", size=(8, 8)))]
+    elif dataset != "digits":
         args += ["--data-dir", str(_idx_set(tmp_path / "idx"))]
     assert main(args) == 0, capsys.readouterr().err
     assert "Traceback" not in capsys.readouterr().err
     assert main(["eval", str(out / "checkpoint.npz"), "--device", "cpu"]) == 0
     net = gpucnn.load(str(out / "checkpoint.npz"), device="cpu")
-    assert net.input_shape == data.DATASETS[dataset].input_shape
+    assert net.input_shape == (data.DATASETS[dataset].input_shape if dataset != "folder"
+                               else (3, 8, 8))
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))

@@ -1,5 +1,5 @@
 """Off a terminal the bar is not drawn; a plain line every PLAIN_EVERY_S seconds
-shows the epoch's progress in a log file (issue 24, item 6), and changes no result."""
+shows the epoch's progress in a log file, and changes no result."""
 import json
 import re
 

@@ -1,5 +1,5 @@
 """Resuming a run of a model built in Python says what eval says: rebuild the model
-and pass it (issue 24, item 5); the README's way of doing so works."""
+and pass it; the README's way of doing so works."""
 import gpucnn
 from gpucnn import train
 from gpucnn.app.cli import main

@@ -1,4 +1,4 @@
-"""Issue 24, item 7: tune's device line, help on every option, eval's --data-dir on a
+"""Small things a new user meets: tune's device line, help on every option, eval's --data-dir on a
 bundled dataset, whole-epoch ticks on a one-epoch plot."""
 import argparse
 

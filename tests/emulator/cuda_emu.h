@@ -496,7 +496,7 @@ inline void __syncthreads(unsigned line = __builtin_LINE(), const char* file = _
     emu::yield_to_scheduler();
 }
 
-// ---- kernels branch (issue 8): what the implicit-GEMM conv kernels use ----------
+// ---- what the implicit-GEMM conv kernels use ----------
 // Vector types for the 128-bit shared-memory reads (16-byte aligned, as on the GPU),
 // and __launch_bounds__, a compiler hint with no effect on the CPU.
 #define GPUCNN_EMULATOR 1
@@ -507,7 +507,7 @@ struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) double2 { double x, y; };
 // ---- end of the kernels branch's section -----------------------------------------
 
-// ---- kernels branch (issue 8): cp.async with semantics that catch a missing wait ---
+// ---- cp.async with semantics that catch a missing wait ---
 // Each thread queues its copies; cp_async_commit() closes a group; cp_async_wait<N>()
 // performs every group but the N newest. Only then does the data land in shared
 // memory, so a kernel that reads a stage it did not wait for reads the 0xFF

@@ -37,3 +37,9 @@ def test_to_device_cpu_round_trip():
     assert backend.to_device(None, "cpu") is None
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
         backend.xp_for("gpu")
+
+
+@pytest.mark.parametrize("name", ["gpu", "CPU", "auto"])
+def test_to_device_takes_only_a_resolved_device_name(name):
+    with pytest.raises(ValueError, match=r"device must be 'cpu' or 'cuda', got"):
+        backend.to_device(numpy.zeros(2), name)

@@ -1,4 +1,4 @@
-"""CUDA-graph replay (gpucnn.graph) of the full recipe on the CuPy stand-in: SGD with
+"""CUDA-graph replay (gpucnn.backends.cuda.graph) of the full recipe on the CuPy stand-in: SGD with
 a schedule and warmup, Adam (with weight decay), label smoothing, augmentation.
 
 The stand-in's capture records nothing, so a "replay" runs the step again on the

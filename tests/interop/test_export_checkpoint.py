@@ -48,3 +48,13 @@ def test_the_export_command_refuses_a_missing_checkpoint_in_one_line(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith("gpucnn: error: ") and err.count("\n") == 1
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_export_command_refuses_a_missing_output_folder_in_one_line(tmp_path, capsys):
+    from gpucnn.app.cli import main
+    train.train(train.Config(epochs=1, limit=64, out=str(tmp_path), progress=False),
+                log=lambda *a: None)
+    out = tmp_path / "nodir" / "m.onnx"
+    assert main(["export", str(tmp_path / "checkpoint.npz"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpucnn: error: cannot write") and err.count("\n") == 1

@@ -168,3 +168,17 @@ def test_a_missing_onnx_package_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(onnx_export.OnnxExportError, match=r"pip install 'gpucnn\[onnx\]'"):
         nn.ReLU().to_onnx(tmp_path / "x.onnx", (1, 3, 3))
+
+
+@pytest.mark.parametrize("model", [nn.Sequential(nn.Conv2D(1, 2, 3), nn.ReLU()),
+                                   nn.Sequential(nn.BatchNorm2D(4))])
+def test_an_input_with_other_channels_is_one_clear_error(tmp_path, model):
+    with pytest.raises(onnx_export.OnnxExportError, match=r"layer 0 .* needs \d channels"):
+        model.eval().to_onnx(tmp_path / "m.onnx", (3, 8, 8))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_path_in_a_missing_folder_is_one_clear_error(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(onnx_export.OnnxExportError, match=r"its folder .*nodir does not exist"):
+        model.to_onnx(tmp_path / "nodir" / "m.onnx", (1, 2, 2))

@@ -157,3 +157,12 @@ def test_a_state_entry_that_requires_grad_is_named():
     state["5.bias"].requires_grad_(True)
     with pytest.raises(TypeError, match=r"state_dict\['5.bias'\]: .*detach\(\)"):
         _gpucnn_net().load_state_dict(state)
+
+
+def test_train_step_takes_torch_tensors(torch):
+    gpucnn.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    opt = gpucnn.SGD(net.parameters(), lr=0.1)
+    x = torch.arange(8, dtype=torch.float32).reshape(2, 1, 2, 2)
+    loss, logits = gpucnn.train_step(net, opt, x, torch.tensor([0, 2]))
+    assert logits.shape == (2, 3) and numpy.isfinite(float(loss))

@@ -73,3 +73,9 @@ def test_the_gpu_draws_the_cpus_crops_and_flips_without_a_sync(standin):
         assert syncs() == 0 and isinstance(got, standin.ndarray)
         assert numpy.array_equal(got.get(), want)
     assert on_gpu.get_rng_state() == on_cpu.get_rng_state()
+
+
+@pytest.mark.parametrize("seed, error", [(-1, ValueError), (1.7, TypeError), ("1", TypeError)])
+def test_a_bad_seed_is_refused_when_made(seed, error):
+    with pytest.raises(error, match="seed must be an int >= 0"):
+        Augment(padding=2, seed=seed)

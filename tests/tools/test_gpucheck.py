@@ -69,7 +69,7 @@ def test_train_report_reads_metrics_and_checks_the_accuracy(tmp_path, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
-def test_bench_lists_issue_8s_shapes():
+def test_bench_lists_its_conv_shapes():
     want = {(64, 1, 28, 28, 32, 5, 1, 2), (64, 32, 14, 14, 64, 5, 1, 2),
             (256, 1, 28, 28, 32, 5, 1, 2), (256, 32, 14, 14, 64, 5, 1, 2),
             (128, 3, 32, 32, 64, 3, 1, 1), (128, 64, 16, 16, 128, 3, 1, 1),
