@@ -109,6 +109,13 @@ def _read_torch(path, torch):
     return dict(state)
 
 
+def _starts_as_a_pickle(path):
+    """Whether the file starts as a pickle (protocol 2 and up: torch.save's legacy
+    format); its zip format is recognised by _zip_names."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def read_state_dict(path):
     """{name: array} from a file of gpucnn.save, torch.save (a state dict) or a
     gpucnn training checkpoint (its model's arrays). NumPy arrays on the host."""
@@ -116,6 +123,9 @@ def read_state_dict(path):
     if not os.path.isfile(path):
         raise StateFileError(f"state-dict file {path} does not exist (or is not a file)")
     names = _zip_names(path)
+    if names is None and not _starts_as_a_pickle(path):
+        raise StateFileError(f"{path} is neither a torch.save file nor a NumPy archive "
+                             "(.npz); pass a file written by gpucnn.save or torch.save")
     if names is None or any(n.endswith("data.pkl") for n in names):  # torch's formats
         return {k: numpy.array(backend.as_array(v)) for k, v in
                 _read_torch(path, _torch()).items()}

@@ -126,7 +126,7 @@ def test_a_torch_file_without_torch_is_one_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("content, match", [
-    (None, "does not exist"), ("whole model", "not a state dict"), (b"junk", "could not be read")])
+    (None, "does not exist"), ("whole model", "not a state dict"), (b"\x80\x02junk", "could not be read")])
 def test_bad_state_files_say_why(tmp_path, content, match):
     path = tmp_path / "w.pt"
     if content == "whole model":
@@ -166,3 +166,11 @@ def test_train_step_takes_torch_tensors(torch):
     x = torch.arange(8, dtype=torch.float32).reshape(2, 1, 2, 2)
     loss, logits = gpucnn.train_step(net, opt, x, torch.tensor([0, 2]))
     assert logits.shape == (2, 3) and numpy.isfinite(float(loss))
+
+
+@pytest.mark.parametrize("content", [b"hello, weights", numpy.lib.format.MAGIC_PREFIX + b"xx"])
+def test_a_file_of_another_kind_is_named_as_such(tmp_path, content):
+    path = tmp_path / "w.bin"
+    path.write_bytes(content)
+    with pytest.raises(interop.StateFileError, match="neither a torch.save file nor a NumPy"):
+        interop.read_state_dict(path)
