@@ -59,6 +59,14 @@ def _momentum(value, name):
         raise ConfigError(f"{e} (SGD diverges from 1 on)") from None
 
 
+def _image_size(value, name):
+    from .imagefolder import parse_size
+    try:
+        parse_size(value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 @dataclasses.dataclass
 class Config:
     """A training run's settings; None means the default (the checkpoint's on a resume).
@@ -75,7 +83,21 @@ class Config:
     dataset: str = setting(_listing(f"what to train on (default {DEFAULT_DATASET})",
                                     data.DATASETS),
                            run=True, fallback=DEFAULT_DATASET, choices=tuple(data.DATASETS))
-    data_dir: str = setting("directory with the IDX files (fashion-mnist, mnist)")
+    data_dir: str = setting("directory with the dataset's files (IDX files for fashion-mnist and "
+                            "mnist; the python or binary batches for cifar10 and cifar100; "
+                            "one subfolder of images per class for folder)")
+    # The folder dataset's options: they define a run (another split, size or channel
+    # count is other data); the other datasets refuse them.
+    val_split: float = setting("folder: the share of each class held out for testing where "
+                               "--data-dir has no train/ and test/ (or val/) subfolders "
+                               "(default 0.2; seeded by --seed)", run=True, metavar="F",
+                               fallback=0.2,
+                               check=_checked(number, low=0, high=1, low_open=True,
+                                              high_open=True, what="in (0, 1)"))
+    channels: int = setting("folder: 1 (grayscale) or 3 (RGB); default: RGB if any image has "
+                            "colour", run=True, choices=(1, 3))
+    image_size: str = setting("folder: resize every image to N or HxW pixels (default: the "
+                              "most common size)", run=True, metavar="SIZE", check=_image_size)
     model: str = setting(_listing("built-in network (default: lenet for 28x28 images, digits "
                                   "for 8x8)", MODELS), run=True, choices=tuple(MODELS))
     epochs: int = setting("total number of epochs", check=_checked(positive_int))
@@ -132,8 +154,14 @@ class Config:
         recipe = dict(MODELS[model].recipe) if model in MODELS else {}
         if recipe.get("augment") == "crop+flip" and not dataset.flip:
             recipe["augment"] = "crop"
+        foreign = [k for k in FOLDER_KEYS if getattr(self, k) is not None
+                   and k not in dataset.options]
+        if foreign:
+            raise ConfigError(f"--{foreign[0].replace('_', '-')} applies to --dataset folder, "
+                              f"not {dataset.name}; leave it out")
         fills = {}
-        for name in (f.name for f in FIELDS if getattr(self, f.name) is None):
+        for name in (f.name for f in FIELDS if getattr(self, f.name) is None
+                     and (f.name not in FOLDER_KEYS or f.name in dataset.options)):
             source = next((s for s in (recipe, dataset.defaults, FALLBACKS) if name in s), None)
             if source is not None:
                 fills[name] = source[name]
@@ -141,7 +169,10 @@ class Config:
         for f in FIELDS:
             if getattr(c, f.name) is not None:
                 _check(f.name, getattr(c, f.name))
-        if c.data_dir and not dataset.default_dir:
+        if dataset.needs_data_dir and not c.data_dir:
+            raise ConfigError(f"--dataset {dataset.name} needs --data-dir PATH (a folder with "
+                              "one subfolder of images per class)")
+        if c.data_dir and not dataset.reads_files:
             raise ConfigError(f"--data-dir {c.data_dir}: the {dataset.name} dataset is bundled "
                               "and reads no files; leave --data-dir out")
         if c.nesterov and c.optimizer != "sgd":
@@ -150,6 +181,8 @@ class Config:
 
 
 FIELDS = dataclasses.fields(Config)
+# Settings only the folder dataset reads; checkpoints from before them lack them.
+FOLDER_KEYS = ("val_split", "channels", "image_size")
 # Settings that define a run: a resumed run takes them from its checkpoint.
 RUN_KEYS = tuple(f.name for f in FIELDS if f.metadata["run"])
 # Unset after the model's recipe and the dataset's defaults: plain training.
@@ -182,10 +215,15 @@ def make_schedule(config, optimizer, steps_per_epoch):
 
 
 def make_augment(config, stats, seed):
-    """The batch transform of --augment; pads with the standardised value of a black pixel."""
+    """The batch transform of --augment; pads with the standardised value of a black pixel
+    (grayscale stats) or with the mean colour (per-channel stats)."""
     if config.augment == "none":
         return None
-    fill = (0.0 - stats["mean"]) / stats["std"] if stats else 0.0
+    fill = 0.0
+    if stats and not isinstance(stats["mean"], list):
+        fill = (0.0 - stats["mean"]) / stats["std"]
+    # Augment pads every channel with one value; with per-channel stats that is 0,
+    # the training set's mean colour, since no single value is black in every channel.
     return Augment(padding=CROP_PADDING if "crop" in config.augment else 0,
                    flip="flip" in config.augment, fill=fill, seed=seed)
 
@@ -202,6 +240,8 @@ def merge_resume(config, meta):
     differently. Unset epochs are the checkpoint's, more extend the run; an unset
     out is the checkpoint's folder."""
     saved = meta.get("config")
+    if isinstance(saved, dict):
+        saved = {**dict.fromkeys(FOLDER_KEYS), **saved}
     if not isinstance(saved, dict) or any(k not in saved for k in RUN_KEYS + ("epochs",)):
         raise checkpoint.CheckpointError(f"{config.resume} was not written by gpucnn train "
                                          "(its run settings are missing)")

@@ -1,60 +1,35 @@
-"""Datasets: scikit-learn's 8x8 digits (bundled) and MNIST-format IDX files
-(MNIST, Fashion-MNIST) from a directory. Nothing is downloaded.
+"""Datasets: scikit-learn's 8x8 digits (bundled), MNIST-format IDX files
+(MNIST, Fashion-MNIST) and CIFAR-10/100 files (gpucnn.app.cifar) from a directory.
+Nothing is downloaded.
 
 DATASETS registers each one once, as a DatasetSpec: how it loads, its image
 shape and classes, the training settings it defaults to and whether a flipped
 image keeps its class. Every loader returns a Dataset of float32 images
-(N, 1, H, W), standardised with the training set's mean and standard deviation,
-and int64 labels.
+(N, C, H, W), standardised with the training set's mean and standard deviation
+(one pair for the grayscale datasets, one per channel for colour ones: stats then
+holds lists), and int64 labels.
 """
 import gzip
 import os
 import pathlib
 import types
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy
 
 from .. import backend
-from ..errors import UserError
 from ..validate import choice
+from . import cifar, imagefolder
+from .cifar import CIFAR10_CLASSES, CIFAR100_CLASSES  # noqa: F401
+from .dataset import (DataError, Dataset, standardise, channel_stats,  # noqa: F401
+                      stats_arrays, standardise_channels)
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot")
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
              "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
-
-
-class DataError(UserError, ValueError):
-    """A data file is missing, truncated or corrupt; the message says which and why."""
-
-
-@dataclass
-class Dataset:
-    name: str
-    train_x: numpy.ndarray
-    train_y: numpy.ndarray
-    test_x: numpy.ndarray
-    test_y: numpy.ndarray
-    classes: tuple
-    source: str = ""
-    stats: dict = field(default_factory=dict)
-
-    @property
-    def image_shape(self):
-        return self.train_x.shape[1:]
-
-
-def _standardise(train, test, stats=None):
-    """Both sets scaled by the training set's mean and std (or by the given stats,
-    e.g. a checkpoint's, so that evaluation sees what training saw)."""
-    if stats is None:
-        stats = dict(mean=float(train.mean()), std=float(train.std()))
-    mean, std = stats["mean"], stats["std"]
-    return ((train - mean) / std).astype(numpy.float32), ((test - mean) / std).astype(
-        numpy.float32), dict(mean=mean, std=std)
 
 
 def load_digits(seed=0, test_fraction=0.2, stats=None):
@@ -66,7 +41,7 @@ def load_digits(seed=0, test_fraction=0.2, stats=None):
     order = numpy.random.default_rng(seed).permutation(len(y))
     n_test = int(round(len(y) * test_fraction))
     test, train = order[:n_test], order[n_test:]
-    train_x, test_x, stats = _standardise(x[train], x[test], stats)
+    train_x, test_x, stats = standardise(x[train], x[test], stats)
     return Dataset("digits", train_x, y[train], test_x, y[test], DIGIT_CLASSES,
                    "scikit-learn load_digits", stats)
 
@@ -157,7 +132,7 @@ def load_idx_dataset(name, data_dir=None, stats=None, splits=("train", "test")):
     test = arrays["test_x"][:, None] / 255.0
     train = arrays["train_x"][:, None] / 255.0 if "train" in splits else test[:0]
     train_y = arrays["train_y"] if "train" in splits else arrays["test_y"][:0]
-    train_x, test_x, stats = _standardise(train, test, stats)
+    train_x, test_x, stats = standardise(train, test, stats)
     return Dataset(name, train_x, train_y.astype(numpy.int64), test_x,
                    arrays["test_y"].astype(numpy.int64), DATASETS[name].classes,
                    str(paths[keys[0]].parent), stats)
@@ -169,6 +144,15 @@ def _load_digits(name, data_dir, seed, stats, splits):
 
 def _load_idx(name, data_dir, seed, stats, splits):
     return load_idx_dataset(name, data_dir, stats, splits)
+
+
+def _load_cifar(name, data_dir, seed, stats, splits):
+    spec = DATASETS[name]
+    return cifar.load_cifar(name, data_dir or spec.default_dir, stats, splits, spec.how_to_get)
+
+
+def _load_folder(name, data_dir, seed, stats, splits, **options):
+    return imagefolder.load_folder(data_dir, seed, stats, splits, **options)
 
 
 @dataclass(frozen=True)
@@ -184,6 +168,9 @@ class DatasetSpec:
     default_dir, subdirs, how_to_get (IDX datasets): the folder read without
     --data-dir, the folders under a data folder where the files may lie (where
     torchvision and the original archives leave them), how to get the files.
+    options: the Config fields its loader takes as keywords (the folder dataset's
+    val_split, channels, image_size); other datasets refuse them.
+    needs_data_dir: there is no default folder; --data-dir is required.
     """
     name: str
     help: str
@@ -195,18 +182,26 @@ class DatasetSpec:
     default_dir: str = None
     subdirs: tuple = ("",)
     how_to_get: str = ""
+    options: tuple = ()
+    needs_data_dir: bool = False
 
     @property
     def num_classes(self):
         return len(self.classes)
 
-    def load(self, data_dir=None, seed=0, stats=None, splits=("train", "test")):
-        return self.loader(self.name, data_dir, seed, stats, splits)
+    @property
+    def reads_files(self):
+        return bool(self.default_dir) or self.needs_data_dir
+
+    def load(self, data_dir=None, seed=0, stats=None, splits=("train", "test"), options=None):
+        return self.loader(self.name, data_dir, seed, stats, splits, **(options or {}))
 
 
 def _defaults(**settings):
     return types.MappingProxyType(settings)
 
+
+_CIFAR_DEFAULTS = _defaults(model="resnet", epochs=10, batch_size=128, optimizer="sgd", lr=0.1)
 
 # Each dataset's defaults are what reaches the README's accuracy targets.
 DATASETS = {spec.name: spec for spec in (
@@ -227,6 +222,24 @@ DATASETS = {spec.name: spec for spec in (
                 how_to_get="pass --data-dir DIR with the four MNIST IDX files "
                 "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
                 "t10k-labels-idx1-ubyte, gzipped or not)"),
+    DatasetSpec("cifar10", "32x32 colour images of 10 classes (CIFAR-10 python or binary files)",
+                _load_cifar, (3, 32, 32), CIFAR10_CLASSES, _CIFAR_DEFAULTS,
+                flip=True, default_dir="/usr/share/datasets/cifar10",
+                how_to_get="pass --data-dir DIR with cifar-10-batches-py/ or "
+                "cifar-10-batches-bin/ (or their files) from "
+                "https://www.cs.toronto.edu/~kriz/cifar.html"),
+    DatasetSpec("cifar100", "32x32 colour images of 100 classes (CIFAR-100 python or binary "
+                "files)", _load_cifar, (3, 32, 32), CIFAR100_CLASSES,
+                _CIFAR_DEFAULTS, flip=True, default_dir="/usr/share/datasets/cifar100",
+                how_to_get="pass --data-dir DIR with cifar-100-python/ or cifar-100-binary/ "
+                "(or their files) from https://www.cs.toronto.edu/~kriz/cifar.html"),
+    DatasetSpec("folder", "your own images in --data-dir: one subfolder per class (PNG, JPEG, "
+                "...), with train/ and test/ (or val/) subfolders or split by --val-split",
+                _load_folder, (None, None, None), (), _defaults(model="lenet", epochs=10,
+                                                                batch_size=32, optimizer="adam",
+                                                                lr=1e-3), flip=True,
+                options=("val_split", "channels", "image_size", "progress"),
+                needs_data_dir=True),
 )}
 
 
@@ -235,14 +248,14 @@ def dataset(name):
     return DATASETS[choice(name, "dataset", DATASETS)]
 
 
-def load(name, data_dir=None, seed=0):
-    return dataset(name).load(data_dir, seed)
+def load(name, data_dir=None, seed=0, options=None):
+    return dataset(name).load(data_dir, seed, options=options)
 
 
-def load_test(name, data_dir=None, seed=0, stats=None):
+def load_test(name, data_dir=None, seed=0, stats=None, options=None):
     """Only the test set, standardised with the given (a checkpoint's) stats; for
     IDX datasets only the two t10k files are read."""
-    return dataset(name).load(data_dir, seed, stats, splits=("test",))
+    return dataset(name).load(data_dir, seed, stats, splits=("test",), options=options)
 
 
 def batches(x, y, batch_size, device, order=None, start=0):

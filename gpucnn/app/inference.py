@@ -62,6 +62,9 @@ def load(path, device=None, model=None):
     model.classes = tuple(meta.get("classes") or range(meta.get("num_classes", 0)))
     model.input_shape = tuple(meta.get("input_shape") or _dataset_input_shape(dataset))
     model.normalization = dict(meta.get("data_stats") or dict(mean=0.0, std=1.0))
+    # The built-in grayscale datasets are light strokes on dark; a user's folder is
+    # taken as its images are.
+    model.invert_light = dataset != "folder"
     return model
 
 
@@ -72,10 +75,11 @@ def _dataset_input_shape(name):
     return spec.input_shape if spec is not None else ()
 
 
-def read_image(path, input_shape):
+def read_image(path, input_shape, invert=True):
     """An image file as a (C, H, W) float array in [0, 1]: grayscale (or RGB for
-    3 channels), resized to the model's input, inverted when its background is
-    light (the datasets have light strokes on a dark background)."""
+    3 channels), resized to the model's input; with invert, a grayscale image is
+    inverted when its background is light (the built-in grayscale datasets have light
+    strokes on a dark background)."""
     from PIL import Image, UnidentifiedImageError
     C, H, W = input_shape
     try:
@@ -89,7 +93,8 @@ def read_image(path, input_shape):
     pixels = numpy.asarray(im, dtype=numpy.float64) / 255.0
     border = numpy.concatenate([pixels[0].ravel(), pixels[-1].ravel(), pixels[:, 0].ravel(),
                                 pixels[:, -1].ravel()])
-    if numpy.median(border) > 0.5:
+    # Only the grayscale datasets are drawn light on dark; a photo keeps its colours.
+    if invert and C == 1 and numpy.median(border) > 0.5:
         pixels = 1.0 - pixels
     image = Image.fromarray(numpy.round(pixels * 255).astype(numpy.uint8))
     # shrinking: each pixel the mean of the area it covers (no ringing at strokes' edges)
@@ -127,8 +132,8 @@ def read_array(path, input_shape):
     return a.astype(numpy.float64)
 
 
-def read_inputs(paths, input_shape):
-    """[(label, (C, H, W) array)] for image files and .npy arrays."""
+def read_inputs(paths, input_shape, invert=True):
+    """[(label, (C, H, W) array)] for image files and .npy arrays (invert: see read_image)."""
     items = []
     for path in paths:
         if pathlib.Path(path).suffix.lower() == ".npy":
@@ -136,15 +141,15 @@ def read_inputs(paths, input_shape):
             items += [(f"{path}[{i}]" if len(batch) > 1 else str(path), x)
                       for i, x in enumerate(batch)]
         else:
-            items.append((str(path), read_image(path, input_shape)))
+            items.append((str(path), read_image(path, input_shape, invert)))
     return items
 
 
 def probabilities(model, images, batch_size=256):
     """Softmax class probabilities (N, classes) on the host for (N, C, H, W)
     images in [0, 1], standardised with the model's normalization first."""
-    stats = model.normalization
-    x = ((numpy.asarray(images) - stats["mean"]) / stats["std"]).astype(numpy.float32)
+    mean, std = data.stats_arrays(model.normalization)
+    x = ((numpy.asarray(images) - mean) / std).astype(numpy.float32)
     device = model.device
     rows = []
     for i in range(0, len(x), batch_size):

@@ -180,13 +180,29 @@ class _Run:
             self.saved_epoch = epoch
 
 
+def _dataset_options(settings, spec, input_shape=None):
+    """The settings (a config as a dict) the dataset's loader takes; a checkpoint's
+    input shape (C, H, W) fixes the channels and size it was trained on."""
+    options = {k: settings.get(k) for k in spec.options}
+    if input_shape is not None and "image_size" in options:
+        options.update(channels=int(input_shape[0]),
+                       image_size=f"{int(input_shape[1])}x{int(input_shape[2])}")
+    if "progress" in options:
+        options["progress"] = bool(options["progress"])
+    return options
+
+
 def _setup(config, model, log, out):
     """The device, the data, the model (the config's built-in one, or the given
     one), its optimizer, schedule and augmentation, and the shuffling generator,
     all seeded from config.seed in the order that a resume repeats."""
     device, why = backend.resolve_device(config.device)
     log(f"gpucnn: training on {device} ({why})")
-    ds = data.load(config.dataset, config.data_dir, seed=config.seed)
+    ds = data.load(config.dataset, config.data_dir, seed=config.seed,
+                   options=_dataset_options(dataclasses.asdict(config),
+                                            data.dataset(config.dataset)))
+    for line in ds.warnings:
+        log(line)
     train_x, train_y = ds.train_x, ds.train_y
     if config.limit:
         train_x, train_y = train_x[:config.limit], train_y[:config.limit]
@@ -545,13 +561,22 @@ def evaluate_checkpoint(path, data_dir=None, device=None, batch_size=256, log=pr
     positive_int(batch_size, "batch_size", error=ConfigError)
     model, meta, device, why = inference.from_checkpoint(path, device)
     saved = meta["config"]
-    if data_dir and not data.dataset(saved["dataset"]).default_dir:
+    spec = data.dataset(saved["dataset"])
+    if data_dir and not spec.reads_files:
         raise ConfigError(f"--data-dir {data_dir}: the checkpoint's dataset, "
                           f"{saved['dataset']}, is bundled and reads no files; leave "
                           "--data-dir out")
     log(f"gpucnn: evaluating on {device} ({why})")
     ds = data.load_test(saved["dataset"], data_dir or saved.get("data_dir"),
-                        seed=saved.get("seed", 0), stats=meta["data_stats"])
+                        seed=saved.get("seed", 0), stats=meta["data_stats"],
+                        options=_dataset_options(dict(saved, progress=False), spec,
+                                                 meta.get("input_shape")))
+    for line in ds.warnings:
+        log(line)
+    if spec.needs_data_dir and tuple(ds.classes) != tuple(meta.get("classes") or ()):
+        raise data.DataError(f"{data_dir or saved.get('data_dir')}: its classes "
+                             f"({', '.join(ds.classes)}) are not the checkpoint's "
+                             f"({', '.join(map(str, meta.get('classes') or ()))})")
     if len(ds.test_y) == 0:
         raise data.DataError(f"the {saved['dataset']} test set is empty; nothing to evaluate")
     loss, acc, confusion = evaluate(model, ds.test_x, ds.test_y, batch_size, device,

@@ -49,7 +49,8 @@ def test_the_command_line_gives_the_config():
 def test_run_keys_are_the_run_defining_fields():
     assert set(config.RUN_KEYS) == {
         "dataset", "model", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "seed",
-        "limit", "nesterov", "schedule", "augment", "label_smoothing", "warmup"}
+        "limit", "nesterov", "schedule", "augment", "label_smoothing", "warmup", "val_split",
+        "channels", "image_size"}
     for f in config.FIELDS:  # "not given" must be tellable from any value given
         if f.metadata["run"]:
             assert f.default is None, f.name
@@ -74,7 +75,8 @@ def test_precedence_user_then_recipe_then_dataset_then_fallback():
     ("lr", float("inf"), "lr must be a positive number, got inf"),
     ("optimizer", "rmsprop", "optimizer must be one of ('sgd', 'adam'), got 'rmsprop'"),
     ("model", "vgg", "model must be one of ('digits', 'lenet', 'resnet'), got 'vgg'"),
-    ("dataset", "cifar10", "dataset must be one of ('digits', 'fashion-mnist', 'mnist')"),
+    ("dataset", "imagenet", "dataset must be one of ('digits', 'fashion-mnist', 'mnist', "
+     "'cifar10', 'cifar100', 'folder')"),
 ])
 def test_bad_settings_name_the_setting_the_value_and_the_need(field, value, needle):
     with pytest.raises(ValueError) as caught:
@@ -87,7 +89,8 @@ def test_the_dataset_registry_matches_the_data():
     spec = data.DATASETS["digits"]
     assert ds.image_shape == spec.input_shape and ds.classes == spec.classes
     for name, spec in data.DATASETS.items():
-        assert spec.name == name and spec.help and spec.num_classes == 10
+        assert spec.name == name and spec.help
+        assert spec.num_classes == {"cifar100": 100, "folder": 0}.get(name, 10)  # folder: by data
         assert spec.defaults["model"] in models.MODELS
         assert set(spec.defaults) == {"model", "epochs", "batch_size", "optimizer", "lr"}
     assert [n for n, s in data.DATASETS.items() if not s.flip] == ["digits", "mnist"]

@@ -74,7 +74,7 @@ def test_missing_files_say_what_to_do(tmp_path):
     with pytest.raises(data.DataError, match="does not exist; pass --data-dir"):
         data.load("mnist", tmp_path / "nowhere")
     with pytest.raises(ValueError, match="dataset must be one of"):
-        data.load("cifar10")
+        data.load("imagenet")
 
 
 def test_digits_split_is_seeded():
