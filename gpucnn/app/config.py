@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import pathlib
 
-from . import checkpoint, data
+from . import checkpoint, data, tensorboard
 from ..augment import Augment
 from ..errors import ConfigError
 from .models import MODELS
@@ -50,6 +50,12 @@ def _listing(text, registry):
 
 def _checked(check, **keywords):
     return functools.partial(check, error=ConfigError, **keywords)
+
+
+def _tensorboard(value, name):
+    if value:
+        tensorboard.writer_class()  # a missing tensorboardX is said before training
+    return value
 
 
 def _momentum(value, name):
@@ -140,6 +146,9 @@ class Config:
     progress: bool = setting("no progress bar (nor, off a terminal, progress lines)",
                              flag="--no-progress", action="store_const",
                              const=False)
+    tensorboard: bool = setting("also write the epoch metrics as TensorBoard scalars in "
+                                "OUT/tensorboard/ (needs gpucnn[tensorboard]: tensorboardX)",
+                                default=False, action="store_true", check=_tensorboard)
     cuda_graph: bool = setting("replay the training step from a CUDA graph (default: on with "
                                "--device cuda; with any optimizer, schedule, warmup, "
                                "augmentation or label smoothing; a model with Dropout runs "

@@ -12,7 +12,7 @@ import warnings
 import numpy
 
 from .. import backend
-from . import checkpoint, data, plots, runs
+from . import checkpoint, data, plots, runs, tensorboard
 from ..backends.cpu import threads as cpu_threads
 from .. import functional as F
 from .config import Config  # train.Config: the public name
@@ -104,8 +104,7 @@ def _run(config, model, log, out, interrupts, plain=False):
     if config.resume:
         _restore(run)
     if run.history:  # a resumed run's rows, rebuilt from its checkpoint
-        with runs.writing(out / runs.METRICS, run.survivor):
-            runs.write_metrics(out, run.history)
+        _write_metrics(run)
     if run.history and not all((out / name).exists() for name in runs.PLOTS):
         with runs.writing("the plots", run.survivor):
             _draw_plots(out, run.history, run.confusion and numpy.array(run.confusion),
@@ -372,12 +371,20 @@ def _save_interrupted(run, e, epoch_state, interrupts):
 PLOT_MIN_EPOCH_S = 5
 
 
+def _write_metrics(run):
+    """metrics.jsonl (and, with --tensorboard, OUT/tensorboard/) from the run's history."""
+    with runs.writing(run.out / runs.METRICS, run.survivor):
+        runs.write_metrics(run.out, run.history)
+    if run.config.tensorboard:
+        with runs.writing(run.out / tensorboard.FOLDER, run.survivor):
+            tensorboard.write(run.out, run.history)
+
+
 def _after_epoch(run, row, confusion, train_time):
     """A finished (and saved) epoch's metrics line, log line and plots."""
     out, epochs, ckpt_path = run.out, run.config.epochs, run.ckpt_path
     try:
-        with runs.writing(out / runs.METRICS, run.survivor):
-            runs.write_metrics(out, run.history)
+        _write_metrics(run)
         run.log(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}, "
                 f"test loss {row['test_loss']:.4f}, test accuracy "
                 f"{100 * row['test_accuracy']:.2f}%, {row['images_per_s']:.0f} images/s, "
