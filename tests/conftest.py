@@ -92,3 +92,16 @@ def standin():
         yield module
     finally:
         backend.set_cupy_module(previous)
+
+
+def idx_set(root, n_train=40, n_test=20):
+    """root holding the four IDX files of a random 28x28 MNIST-like set (a test's data)."""
+    from gpucnn.app import data
+    rng = numpy.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, arr in {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+                      "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+                      "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+                      "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}.items():
+        data.write_idx(root / name, arr)
+    return root

@@ -6,21 +6,11 @@ import json
 import numpy
 import pytest
 
+from conftest import idx_set
 import gpucnn
 from gpucnn.app import checkpoint, data, inference, models
 from gpucnn.app.cli import main
 from gpucnn.errors import ConfigError
-
-
-def _idx_set(root, n_train=16, n_test=8):
-    rng = numpy.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for name, arr in {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
-                      "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
-                      "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
-                      "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}.items():
-        data.write_idx(root / name, arr)
-    return root
 
 
 @pytest.mark.parametrize("dataset", sorted(data.DATASETS))
@@ -42,7 +32,7 @@ def test_every_model_trains_and_evaluates_on_every_dataset(tmp_path, capsys, mon
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
         args += ["--data-dir", str(_write(tmp_path / "images", size=(8, 8)))]
     elif dataset != "digits":
-        args += ["--data-dir", str(_idx_set(tmp_path / "idx"))]
+        args += ["--data-dir", str(idx_set(tmp_path / "idx", n_train=16, n_test=8))]
     assert main(args) == 0, capsys.readouterr().err
     assert "Traceback" not in capsys.readouterr().err
     assert main(["eval", str(out / "checkpoint.npz"), "--device", "cpu"]) == 0

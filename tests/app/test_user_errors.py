@@ -14,6 +14,7 @@ import zlib
 import numpy
 import pytest
 
+from conftest import idx_set
 from gpucnn.app import checkpoint, data, train
 from gpucnn import errors
 from gpucnn.app.cli import main
@@ -39,17 +40,6 @@ def run(tmp_path_factory):
     train.train(train.Config(epochs=1, limit=64, out=str(out), progress=False),
                 log=lambda *a: None)
     return out
-
-
-def _idx_set(root, n_train=40, n_test=20):
-    rng = numpy.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for name, arr in {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
-                      "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
-                      "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
-                      "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}.items():
-        data.write_idx(root / name, arr)
-    return root
 
 
 def test_out_is_a_file(tmp_path, capsys):
@@ -98,7 +88,7 @@ def test_read_only_out_is_refused_before_training(capsys):
 
 
 def test_corrupt_gzip_data_names_the_file(tmp_path, capsys):
-    root = _idx_set(tmp_path / "mnist")
+    root = idx_set(tmp_path / "mnist")
     path = root / "train-images-idx3-ubyte"
     packed = bytearray(gzip.compress(path.read_bytes()))
     packed[10] |= 0x06  # the first deflate block's type becomes 3, which does not exist
@@ -125,7 +115,7 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path, capsys, command):
 
 
 def test_empty_training_set(tmp_path, capsys):
-    root = _idx_set(tmp_path / "mnist", n_train=0)
+    root = idx_set(tmp_path / "mnist", n_train=0)
     assert main(["train", "--dataset", "mnist", "--data-dir", str(root), "--out",
                  str(tmp_path / "run")] + FAST) == 2
     one_line_error(capsys, "train-images-idx3-ubyte holds no images")
@@ -170,7 +160,7 @@ def test_cuda_without_a_gpu(capsys):
 
 
 def test_eval_uses_the_checkpoints_normalisation_and_only_the_test_files(tmp_path, capsys):
-    root = _idx_set(tmp_path / "mnist", n_train=64, n_test=30)
+    root = idx_set(tmp_path / "mnist", n_train=64, n_test=30)
     history, _ = train.train(train.Config(dataset="mnist", data_dir=str(root), epochs=1,
                                           batch_size=16, out=str(tmp_path / "run"),
                                           progress=False), log=lambda *a: None)
@@ -181,7 +171,7 @@ def test_eval_uses_the_checkpoints_normalisation_and_only_the_test_files(tmp_pat
     assert result["test_loss"] == pytest.approx(history[-1]["test_loss"], rel=1e-6)
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (root / name).unlink()
-    _idx_set(tmp_path / "empty", n_test=0)
+    idx_set(tmp_path / "empty", n_test=0)
     assert main(["eval", str(tmp_path / "run" / "checkpoint.npz"), "--data-dir",
                  str(tmp_path / "empty")]) == 2
     one_line_error(capsys, "t10k-images-idx3-ubyte holds no images")
