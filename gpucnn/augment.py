@@ -10,7 +10,7 @@ with index arithmetic on the array module (NumPy or CuPy): no Python loop over
 samples. The random numbers come from a generator seeded by (seed, batch
 counter), so the state is two ints that checkpoints store: a resumed run draws
 the same crops and flips as an uninterrupted one, on either device
-(gpucnn.random.generator draws the same numbers for the CPU and the GPU).
+(gpucnn.random.host_generator: the same numbers for the CPU and the GPU).
 """
 from . import backend, random, validate
 
@@ -45,15 +45,16 @@ class Augment:
         if not self.padding and not self.flip:
             return x
         xp = backend.get_array_module(x)
-        gen = random.generator(xp, self.seed, self.calls)
+        gen = random.host_generator(self.seed, self.calls)
         self.calls += 1
         N, C, H, W = x.shape
         p = self.padding
         # All the random numbers in one fixed order (the checkpoints' draws depend on it),
-        # drawn on the host and handed over as arrays of xp.
-        oy = gen.integers(0, 2 * p + 1, N) if p else xp.zeros(N, xp.int64)
-        ox = gen.integers(0, 2 * p + 1, N) if p else xp.zeros(N, xp.int64)
-        flip = gen.random(N) < 0.5 if self.flip else xp.zeros(N, bool)
+        # drawn on the host on every device and handed over as arrays of xp (on a GPU an
+        # asynchronous copy of 2N ints and N bools)
+        oy = xp.asarray(gen.integers(0, 2 * p + 1, N)) if p else xp.zeros(N, xp.int64)
+        ox = xp.asarray(gen.integers(0, 2 * p + 1, N)) if p else xp.zeros(N, xp.int64)
+        flip = xp.asarray(gen.random(N) < 0.5) if self.flip else xp.zeros(N, bool)
         if p:
             x = xp.pad(x, ((0, 0), (0, 0), (p, p), (p, p)), constant_values=self.fill)
         j = xp.arange(W)

@@ -32,37 +32,13 @@ def stream_seed(seed, counter):
     return int(numpy.random.SeedSequence([seed, counter]).generate_state(1, numpy.uint64)[0] >> 1)
 
 
-def generator(xp, seed, counter):
-    """The Generator for draw number `counter` of stream `seed`, whose draws are arrays
-    of xp (numpy, or CuPy's module for the GPU).
-
-    Every device draws the same numbers: NumPy's PCG64 on the host. CuPy's own
-    generator (XORWOW) would draw other crops, flips and dropout masks on the GPU than
-    on the CPU, so a run resumed on the other device, or compared with it, would train
-    on other data. On the GPU each draw is copied to the device asynchronously
-    (CuPy stages it through pinned memory on the current stream): no sync. The price
-    is host time: a few small arrays per batch for augmentation, but for Dropout a
-    mask as large as its input per forward."""
-    host = host_generator(seed, counter)
-    return host if xp is numpy else _DeviceDraws(host, xp)
-
-
 def host_generator(seed, counter):
-    """The host Generator for draw number `counter` of stream `seed` (what generator
-    wraps): for a caller that reduces a draw on the host before it goes to the device,
-    as Dropout sends its keep mask as bools, a quarter of the floats' bytes."""
+    """The host Generator (NumPy's PCG64) for draw number `counter` of stream `seed`.
+
+    Every device draws from it: CuPy's own generator (XORWOW) would draw other crops,
+    flips and dropout masks on the GPU than on the CPU, so a run resumed on the other
+    device, or compared with it, would train on other data. A caller reduces its draw
+    on the host as far as it can (Dropout's keep mask to bools) and hands it to the
+    device with xp.asarray, an asynchronous copy (CuPy stages it through pinned memory
+    on the current stream): no sync, and on the CPU no copy at all."""
     return numpy.random.default_rng(stream_seed(seed, counter))
-
-
-class _DeviceDraws:
-    """A host Generator whose draws come back as arrays of another array module."""
-
-    def __init__(self, host, xp):
-        self._host, self._xp = host, xp
-
-    def __getattr__(self, name):
-        method = getattr(self._host, name)  # AttributeError for what a Generator lacks
-
-        def draw(*args, **kwargs):
-            return self._xp.asarray(method(*args, **kwargs))
-        return draw

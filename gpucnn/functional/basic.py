@@ -167,7 +167,7 @@ def dropout_forward(x, p, stream=None):
     if stream is None:
         return x, 1
     xp = backend.get_array_module(x)
-    # drawn and compared on the host, as on every device (gpucnn.random.generator);
+    # drawn and compared on the host, as on every device (gpucnn.random.host_generator);
     # the GPU gets the bools asynchronously
     keep = xp.asarray(random.host_generator(*stream).random(x.shape, dtype=x.dtype) >= p)
     scale = 0.0 if p == 1 else 1 / (1 - p)
