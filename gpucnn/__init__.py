@@ -13,6 +13,7 @@ from .augment import Augment
 from .backend import as_array, from_dlpack, get_array_module
 from .batches import batches
 from .backends.cpu.threads import get_num_threads, set_num_threads
+from .backends.precision import conv_precision, get_conv_precision, set_conv_precision
 from .errors import UserError
 from .interop import read_state_dict, save
 from .nn import (AvgPool2D, BatchNorm2D, Conv2D, Dropout, Flatten, GlobalAvgPool2D, Identity,
@@ -28,7 +29,8 @@ __all__ = ["backend", "checkpoint", "functional", "get_array_module", "Module", 
            "SGD", "Adam", "manual_seed", "load", "UserError", "step", "train_step", "BatchNorm2D",
            "Residual", "GlobalAvgPool2D", "Identity", "init", "schedules", "StepLR",
            "CosineAnnealingLR", "Augment", "get_num_threads", "set_num_threads", "from_dlpack",
-           "as_array", "batches", "save", "read_state_dict", "onnx_export"]
+           "as_array", "batches", "save", "read_state_dict", "onnx_export", "set_conv_precision",
+           "get_conv_precision", "conv_precision"]
 
 # The application's names at the top level: (module, attribute or None for the module).
 _APPLICATION = {"load": ("gpucnn.app.inference", "load"), "checkpoint": ("gpucnn.app.checkpoint", None),

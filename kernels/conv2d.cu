@@ -34,6 +34,23 @@
 #ifndef CONV_UNROLL
 #define CONV_UNROLL 2  // stages per main-loop iteration (even: the two shared stages alternate)
 #endif
+// The float32 arithmetic of the main loop: 0 FP32 FFMA on the CUDA cores; 1 TF32 on
+// the tensor cores (operands rounded to TF32, one mma.sync); 3 "3xTF32": each operand
+// split into a TF32 big part and a TF32 small part, big*big + big*small + small*big,
+// which recovers FP32-level accuracy. Tensor-core builds are float-only (double keeps
+// the FFMA/DFMA loop in the builds without CONV_MMA).
+#ifndef CONV_MMA
+#define CONV_MMA 0
+#endif
+#ifndef CONV_WM
+#define CONV_WM 64   // rows of a warp's tile, tensor-core builds (a multiple of 32)
+#endif
+#ifndef CONV_WN
+#define CONV_WN 32   // columns of a warp's tile, tensor-core builds (a multiple of 32)
+#endif
+#if CONV_MMA
+#include "tensor_core.cuh"
+#endif
 
 // cp.async: a copy from global to shared memory that runs in the background until
 // cp_async_wait<N>() (all but the N newest committed groups have landed). sm_80+
@@ -94,6 +111,13 @@ constexpr bool GATHER_K_FAST = THREADS == 32;
 template <typename T>
 struct MinBlocks { static constexpr int value = THREADS == 32 && sizeof(T) == 4 ? 16 : 1; };
 
+constexpr int MMA = CONV_MMA, WM = CONV_WM, WN = CONV_WN;
+static_assert(MMA == 0 || MMA == 1 || MMA == 3, "CONV_MMA must be 0, 1 or 3");
+// A tensor-core thread holds the outputs of (WM/16) x (WN/8) m16n8 tiles, 4 each.
+static_assert(MMA == 0 || (WM % 32 == 0 && WN % 32 == 0 && BM % WM == 0 && BN % WN == 0 &&
+                           TM == WM / 8 && TN == WN / 4 && THREADS == 32 * (BM / WM) * (BN / WN)),
+              "a tensor-core build needs TM = WM/8, TN = WN/4 and one warp per warp tile");
+static_assert(MMA == 0 || CONV_BK % 8 == 0, "a tensor-core stage is whole k8 steps");
 static_assert(CONV_UNROLL % 2 == 0 && CONV_UNROLL > 0, "CONV_UNROLL must be even");
 static_assert(TM % 4 == 0 && TN % 4 == 0, "TM and TN must be multiples of 4");
 static_assert(BM % TM == 0 && BN % TN == 0, "the block tile must split into thread tiles");
@@ -297,6 +321,7 @@ __device__ __forceinline__ void load4(const double* p, double* v) {
     v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
 }
 
+#if !CONV_MMA
 // Row i of a thread's TM rows: groups of 4 adjacent rows, THREADS_M*4 apart, so
 // that a warp's stores of one group cover a contiguous run of the output.
 __device__ __forceinline__ int thread_row(int i) {
@@ -305,6 +330,105 @@ __device__ __forceinline__ int thread_row(int i) {
 __device__ __forceinline__ int thread_col(int j) {
     return (j / 4) * (4 * THREADS_N) + (threadIdx.x / THREADS_M) * 4 + j % 4;
 }
+
+// This thread's first A and B elements in shared stage 0, k row 0.
+__device__ __forceinline__ int fragment_a() { return (threadIdx.x % THREADS_M) * 4; }
+__device__ __forceinline__ int fragment_b() { return (threadIdx.x / THREADS_M) * 4; }
+
+// acc += A(stage) * B(stage): the thread's TM x TN outer products, k by k.
+template <typename T>
+__device__ __forceinline__ void multiply_stage(const T* as, const T* bs, T (&acc)[TM][TN]) {
+    constexpr int BK = Depth<T>::value;
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+        T ra[TM], rb[TN];
+#pragma unroll
+        for (int i = 0; i < TM; i += 4) load4(as + kk * LDA + i * THREADS_M, ra + i);
+#pragma unroll
+        for (int j = 0; j < TN; j += 4) load4(bs + kk * LDB + j * THREADS_N, rb + j);
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i][j] += ra[i] * rb[j];
+    }
+}
+#else
+// Tensor cores: warp w computes the WM x WN warp tile (w % (BM/WM), w / (BM/WM)) as
+// MI x NI m16n8k8 MMAs per k8 step. Which tile row an MMA row stands for (and which
+// tile column an MMA column) is ours to choose, as long as A, B and the store agree:
+// MMA tile mi's row g + 8h (tensor_core.cuh: g = lane/4, t = lane%4) is tile row
+//   (mi/2)*32 + g*4 + (mi%2)*2 + h,   and MMA tile ni's column c is (ni/4)*32 + c*4 + ni%4.
+// Then a lane's A values at one k are runs of 4 adjacent rows and its B values runs
+// of 4 adjacent columns (float4 reads, on distinct banks with rows 8 mod 32 words
+// apart: PAD 8), and it holds the outputs of rows (i/4)*32 + g*4 + i%4, i < TM,
+// and columns (j/8)*32 + t*8 + j%8, j < TN: runs of 4 rows, as the store expects.
+constexpr int MI = WM / 16, NI = WN / 8, WARPS_M = BM / WM;
+static_assert(PAD % 32 == 8, "tensor-core stages need rows 8 mod 32 words apart (PAD)");
+
+__device__ __forceinline__ int lane() { return threadIdx.x % 32; }
+__device__ __forceinline__ int thread_row(int i) {
+    return (threadIdx.x / 32 % WARPS_M) * WM + (i / 4) * 32 + (lane() / 4) * 4 + i % 4;
+}
+__device__ __forceinline__ int thread_col(int j) {
+    return (threadIdx.x / 32 / WARPS_M) * WN + (j / 8) * 32 + (lane() % 4) * 8 + j % 8;
+}
+// This lane's first A and B elements in shared stage 0: k row t, its runs of 4.
+__device__ __forceinline__ int fragment_a() {
+    return (lane() % 4) * LDA + (threadIdx.x / 32 % WARPS_M) * WM + (lane() / 4) * 4;
+}
+__device__ __forceinline__ int fragment_b() {
+    return (lane() % 4) * LDB + (threadIdx.x / 32 / WARPS_M) * WN + (lane() / 4) * 4;
+}
+
+// v as TF32 (big); with 3xTF32 also the TF32 rounding of what big leaves out
+// (small): v - big is exact in float, and big + small carries about 21 bits of v.
+__device__ __forceinline__ void split_tf32(float v, unsigned& big, unsigned& small) {
+    big = tc::tf32_rna(v);
+    small = MMA == 3 ? tc::tf32_rna(v - __int_as_float((int)big)) : 0u;
+}
+
+// acc += A(stage) * B(stage) on the tensor cores, k8 step by k8 step. With 3xTF32
+// the small products go first, so that they are not lost against the big one.
+__device__ __forceinline__ void multiply_stage(const float* as, const float* bs,
+                                               float (&acc)[TM][TN]) {
+#pragma unroll
+    for (int k8 = 0; k8 < CONV_BK; k8 += 8) {
+        unsigned ab[2][TM], as_[2][TM], bb[2][NI], bsm[2][NI];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // k rows t and t + 4 of the step
+            float v[TM > NI ? TM : NI];
+#pragma unroll
+            for (int i = 0; i < TM; i += 4) load4(as + (k8 + 4 * h) * LDA + (i / 4) * 32, v + i);
+#pragma unroll
+            for (int i = 0; i < TM; ++i) split_tf32(v[i], ab[h][i], as_[h][i]);
+#pragma unroll
+            for (int n = 0; n < NI; n += 4) load4(bs + (k8 + 4 * h) * LDB + (n / 4) * 32, v + n);
+#pragma unroll
+            for (int n = 0; n < NI; ++n) split_tf32(v[n], bb[h][n], bsm[h][n]);
+        }
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+            const int i0 = (mi / 2) * 4 + (mi % 2) * 2;  // the lane's rows g and g + 8
+            const unsigned a[4] = {ab[0][i0], ab[0][i0 + 1], ab[1][i0], ab[1][i0 + 1]};
+            const unsigned a_small[4] = {as_[0][i0], as_[0][i0 + 1], as_[1][i0], as_[1][i0 + 1]};
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+                const int j0 = (ni / 4) * 8 + ni % 4;  // the lane's columns 2t and 2t + 1
+                const unsigned b[2] = {bb[0][ni], bb[1][ni]};
+                const unsigned b_small[2] = {bsm[0][ni], bsm[1][ni]};
+                float d[4] = {acc[i0][j0], acc[i0][j0 + 4], acc[i0 + 1][j0], acc[i0 + 1][j0 + 4]};
+                if (MMA == 3) {
+                    tc::mma_tf32(d, a_small, b, d);
+                    tc::mma_tf32(d, a, b_small, d);
+                }
+                tc::mma_tf32(d, a, b, d);
+                acc[i0][j0] = d[0]; acc[i0][j0 + 4] = d[1];
+                acc[i0 + 1][j0] = d[2]; acc[i0 + 1][j0 + 4] = d[3];
+            }
+        }
+    }
+}
+#endif
 
 // One stage of the main loop, CUR being the shared-memory stage it multiplies
 // (kleft reduction values left from its first): the operands' cursors point at
@@ -325,22 +449,7 @@ __device__ __forceinline__ void stage(OpA& a, OpB& b, T* As, T* Bs, const T* af,
         b.next();
     }
     cp_async_commit();
-    if (compute) {
-        const T* as = af + CUR * BK * LDA;
-        const T* bs = bf + CUR * BK * LDB;
-#pragma unroll
-        for (int kk = 0; kk < BK; ++kk) {
-            T ra[TM], rb[TN];
-#pragma unroll
-            for (int i = 0; i < TM; i += 4) load4(as + kk * LDA + i * THREADS_M, ra + i);
-#pragma unroll
-            for (int j = 0; j < TN; j += 4) load4(bs + kk * LDB + j * THREADS_N, rb + j);
-#pragma unroll
-            for (int i = 0; i < TM; ++i)
-#pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i][j] += ra[i] * rb[j];
-        }
-    }
+    if (compute) multiply_stage(af + CUR * BK * LDA, bf + CUR * BK * LDB, acc);
     cp_async_wait<0>();  // this thread's copies of the next stage have landed...
     __syncthreads();     // ...and everyone's
 }
@@ -355,8 +464,8 @@ __device__ __forceinline__ void gemm_tile(OpA& a, OpB& b,
     constexpr int BK = Depth<T>::value;
     T* As = reinterpret_cast<T*>(smem);  // [2][BK][LDA]
     T* Bs = As + 2 * BK * LDA;           // [2][BK][LDB]
-    const T* af = As + (threadIdx.x % THREADS_M) * 4;  // computed once, not per stage
-    const T* bf = Bs + (threadIdx.x / THREADS_M) * 4;
+    const T* af = As + fragment_a();  // computed once, not per stage
+    const T* bf = Bs + fragment_b();
 #pragma unroll
     for (int i = 0; i < TM; ++i)
 #pragma unroll

@@ -4,6 +4,7 @@ import signal
 import numpy
 import pytest
 
+import gpucnn
 from gpucnn import backend
 
 # cuBLAS gives the same bits on every stream only with a fixed workspace: the CUDA graph
@@ -36,6 +37,16 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_SKIP)]
 # float64: ops agree to rounding (sums of up to ~1e3 terms): 1e-10 relative.
 # float32: sums of up to ~1e3 products of O(1) values in a different order.
 TOL = {numpy.float64: dict(rtol=1e-10, atol=1e-10), numpy.float32: dict(rtol=2e-4, atol=2e-5)}
+
+
+@pytest.fixture(autouse=True)
+def fp32_convolutions():
+    """Every test runs float32 GPU convolutions in FP32 (the SIMT kernels), which TOL
+    was stated for, unless it asks for another precision itself (gpucnn.conv_precision,
+    or a launcher's precision argument): a GPU's default is TF32, whose rounding
+    tests/kernels/test_precision.py states and tests apart."""
+    with gpucnn.conv_precision("fp32"):
+        yield
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ frame and spills (local memory), static shared memory. The launcher's threads
 per block and dynamic shared memory then give the theoretical occupancy by the
 CUDA occupancy calculator's rules for compute capability 9.0. cuobjdump (or
 nvdisasm) disassembles the cubin to SASS, where the report counts the fused
-multiply-adds (FFMA, DFMA for double) among the instructions: over the whole
-kernel, and over its main loop (the innermost loop with the most of them),
+multiply-adds (FFMA, DFMA for double; the tensor-core MMAs, HMMA, in the
+tensor-core builds) among the instructions: over the whole kernel, and over its main loop (the innermost loop with the most of them),
 which is what a GEMM-like kernel spends its time in. The tools come from the
 nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm wheels, a CUDA toolkit, or PATH;
 where neither is found, the SASS columns say so.
@@ -235,6 +235,8 @@ def analyse(unit, found=None, code=None):
     sass = disassemble(cubin, found)
     functions = parse_sass(sass) if sass else {}
     dynamic_shared = getattr(unit, "dynamic_shared", None) or {}
+    # a tensor-core build's main loop is counted in MMAs (HMMA), not FMAs
+    tensor_core = any(o.startswith("-DCONV_MMA=") and o != "-DCONV_MMA=0" for o in unit.options)
     kernels = []
     for name in unit.name_expressions:
         symbol = lowered[name]
@@ -245,7 +247,7 @@ def analyse(unit, found=None, code=None):
         dynamic = dynamic_shared.get(name, 0)
         occ, limiter = (occupancy(r["registers"], r["static_shared"] + dynamic, threads)
                         if threads else (None, None))
-        fma_op = "DFMA" if "double" in name else "FFMA"
+        fma_op = "HMMA" if tensor_core else "DFMA" if "double" in name else "FFMA"
         counts = fma_share(functions[symbol], fma_op) if symbol in functions else (None,) * 4
         kernels.append(Kernel(name, unit.config, symbol, threads, r["registers"], r["stack"],
                               r["spill_stores"], r["spill_loads"], r["static_shared"], dynamic,

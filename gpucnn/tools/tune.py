@@ -95,31 +95,39 @@ def _median_ms(xp, run, repeat):
     return float(numpy.median(times))
 
 
-def time_configs(kernels, g, dtype, repeat=5):
-    """{pass: {configuration: median milliseconds}} for one shape on kernels' device."""
+def time_configs(kernels, g, dtype, repeat=5, precision="fp32"):
+    """{pass: {configuration: median milliseconds}} for one shape on kernels' device, at
+    one precision (a tensor-core precision times the tensor-core builds)."""
     xp = kernels.xp
     rng = numpy.random.default_rng(0)
     x = xp.asarray(rng.standard_normal((g.N, g.C, g.H, g.W)).astype(dtype))
     w = xp.asarray(rng.standard_normal((g.K, g.C // g.groups, g.R, g.S)).astype(dtype))
     dy = xp.asarray(rng.standard_normal((g.N, g.K, g.P, g.Q)).astype(dtype))
-    calls = {"forward": lambda c: kernels.conv2d_forward(x, w, None, g, config=c),
-             "backward_data": lambda c: kernels.conv2d_backward_data(dy, w, g, config=c),
-             "backward_filter": lambda c: kernels.conv2d_backward_filter(dy, x, g, config=c)}
+    p = precision
+    calls = {"forward": lambda c: kernels.conv2d_forward(x, w, None, g, config=c, precision=p),
+             "backward_data": lambda c: kernels.conv2d_backward_data(dy, w, g, config=c,
+                                                                     precision=p),
+             "backward_filter": lambda c: kernels.conv2d_backward_filter(dy, x, g, config=c,
+                                                                         precision=p)}
     return {p: {c: _median_ms(xp, lambda: call(c), repeat) for c in cuda_conv.CONV_CONFIGS}
             for p, call in calls.items()}
 
 
-def tune(kernels, geometries, dtypes=(numpy.float32,), repeat=5, path=None, report=print):
-    """Time every configuration for every shape, pass and dtype on kernels' device and
-    store the fastest under the device's name; returns {entry_key: configuration}."""
+def tune(kernels, geometries, dtypes=(numpy.float32,), repeat=5, path=None, report=print,
+         precisions=("fp32",)):
+    """Time every configuration for every shape, pass, dtype and precision (float32's:
+    fp32, tf32, 3xtf32; float64 computes in FP64 only) on kernels' device and store the
+    fastest under the device's name; returns {entry_key: configuration}."""
     if not kernels.device_name:
         raise DeviceError("gpucnn tune needs a GPU whose name CuPy reports")
     chosen = {}
+    runs = [(d, p) for d in dtypes for p in precisions
+            if p == "fp32" or numpy.dtype(d) == numpy.float32]
     for g in geometries:
-        for dtype in dtypes:
-            for pass_, times in time_configs(kernels, g, dtype, repeat).items():
+        for dtype, precision in runs:
+            for pass_, times in time_configs(kernels, g, dtype, repeat, precision).items():
                 best = min(times, key=times.get)
-                key = entry_key(pass_, g, dtype)
+                key = entry_key(pass_, g, dtype, precision)
                 chosen[key] = best
                 heuristic = cuda_conv.heuristic_config(pass_, g)
                 report(f"{key}: {best} {times[best]:.3f} ms (heuristic {heuristic} "

@@ -2,7 +2,8 @@
 // unedited kernels/*.cu files compile with g++ and run on the CPU.
 //
 // Blocks run one at a time; the threads of a block run as cooperative fibers
-// (ucontext) on one OS thread, switching only at __syncthreads(), which is a
+// (a stack switch of a few instructions on x86-64, ucontext elsewhere; see
+// ---- fibers) on one OS thread, switching only at __syncthreads(), which is a
 // real barrier: no thread passes it before every live thread of its block has
 // arrived. Between two barriers the threads run one after another in an order
 // chosen per launch (emu::launch's `order`): 0 runs blocks and threads in index
@@ -40,6 +41,19 @@
 // up, but nvcc treats __syncthreads as convergent and may move code across it
 // on the assumption that the whole block gets there.)
 //
+// Warps: the threads of a block form warps of 32 by linear thread index, as in
+// CUDA. A warp-collective (mma.sync, __syncwarp) is a second kind of wait: a
+// lane that reaches one waits until every lane of its warp waits at the same
+// one (same kind and call site); the collective then executes once, for the
+// whole warp, and its lanes run on within the same barrier interval (in a
+// freshly drawn order), while lanes at __syncthreads keep waiting for the
+// block. mma.sync.aligned needs all 32 lanes; __syncwarp, as the Programming
+// Guide words it, the lanes that have not exited. A warp whose lanes wait at
+// different collectives, or at a collective and at __syncthreads, or (for mma)
+// that has an exited lane or fewer than 32 lanes, is refused with the places
+// named. What this does not show: a kernel that relies on mma.sync to order
+// its lanes' shared-memory accesses passes here, as if it were __syncwarp.
+//
 // Float32 denormals: CuPy compiles every RawModule with -ftz=true (appended
 // after the caller's options; NVRTC takes the last -ftz), so on the GPU f32
 // arithmetic and comparisons treat denormal inputs as zero and flush denormal
@@ -48,11 +62,17 @@
 // and no double data (the bits cover f64 too, so a float kernel doing double
 // arithmetic inside would be flushed where the GPU is not).
 #pragma once
+// The fibers' switch: hand-written on x86-64 (EMU_UCONTEXT forces ucontext there too).
+#if defined(__x86_64__) && !defined(EMU_UCONTEXT)
+#define EMU_FAST_SWITCH 1
+#else
 #include <ucontext.h>
+#endif
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -112,15 +132,44 @@ inline double __longlong_as_double(long long v) { double d; std::memcpy(&d, &v, 
 
 namespace emu {
 
-enum State { kReady, kAtBarrier, kDone };
+enum State { kReady, kAtBarrier, kAtWarp, kDone };
+
+// A call site, taken where the call is written (GCC evaluates __builtin_LINE and
+// __builtin_FILE in a default argument at the call, also through a chain of
+// defaulted Site parameters), so that a device function wrapping a collective
+// can pass on its own caller's place.
+struct Site {
+    const char* file;
+    unsigned line;
+    Site(unsigned l = __builtin_LINE(), const char* f = __builtin_FILE()) : file(f), line(l) {}
+};
+
+enum class Collective { kMma, kSyncwarp };
+
+// What a lane brings to the warp-collective it waits at.
+struct WarpCall {
+    Collective kind;
+    unsigned mask;  // __syncwarp's
+    const unsigned* a;  // mma's fragments, in the lane's own registers (its stack)
+    const unsigned* b;
+    const float* c;
+    float* d;
+};
+
+#ifdef EMU_FAST_SWITCH
+using Context = void*;  // the suspended stack's pointer, at its saved registers
+#else
+using Context = ucontext_t;
+#endif
 
 struct Fiber {
-    ucontext_t ctx;
+    Context ctx;
     State state;
     uint3 tid;
     void* fake_stack;  // AddressSanitizer's bookkeeping for this fiber's stack
-    const char* barrier_file;  // where it waits, while kAtBarrier
+    const char* barrier_file;  // where it waits, while kAtBarrier or kAtWarp
     unsigned barrier_line;
+    WarpCall call;  // while kAtWarp
 };
 
 #ifdef EMU_ASAN
@@ -129,7 +178,14 @@ constexpr std::size_t kStackBytes = 128 * 1024;
 constexpr std::size_t kStackBytes = 64 * 1024;
 #endif
 
-inline ucontext_t scheduler;
+// The inline variables here are one object per process (GNU unique symbols),
+// shared by every module loaded; the scheduler's is named for its switch, as
+// the two switches' Contexts differ in size.
+#ifdef EMU_FAST_SWITCH
+inline namespace own_switch { inline Context scheduler; }
+#else
+inline namespace ucontext_switch { inline Context scheduler; }
+#endif
 inline Fiber* current = nullptr;
 inline void (*body)(void*) = nullptr;
 inline void* body_arg = nullptr;
@@ -200,12 +256,120 @@ inline void arrange(std::vector<std::uint32_t>& perm, std::size_t n, unsigned or
 }
 
 // ---- fibers --------------------------------------------------------------------
+// Every mma.sync and __syncwarp makes all 32 lanes switch out and back, so the
+// switch is on the emulator's hot path. glibc's swapcontext saves and restores
+// the signal mask with a system call (about 0.4 us a switch); the fibers never
+// touch the mask, so on x86-64 a switch keeps only what the SysV ABI says a
+// call preserves: rbx, rbp, r12-r15, the stack pointer, and the x87 control
+// word and MXCSR. Those two are kept per fiber, as swapcontext keeps them: a
+// fiber starts with the MXCSR the scheduler has when it makes the fiber (a
+// launch's DAZ/FTZ, see FlushDenormals), and the scheduler gets its own back
+// at every switch to it.
+inline void fiber_main();
+
+#ifdef EMU_FAST_SWITCH
+// emu_switch_stacks(void** save, void* next): suspend the running stack
+// (its pointer to *save) and resume `next`, where an earlier call suspended it
+// or make_context built its first frame. emu_fiber_entry: where a new fiber's
+// first switch returns to; it calls fiber_main, which never returns. Local
+// symbols, so that every library built from this header has its own.
+extern "C" void emu_switch_stacks(void** save, void* next) __attribute__((visibility("hidden")));
+extern "C" void emu_fiber_entry() __attribute__((visibility("hidden")));
+asm(".pushsection .text\n"
+    ".p2align 4\n"
+    ".type emu_switch_stacks, @function\n"
+    "emu_switch_stacks:\n"
+    "    pushq %rbp\n"
+    "    pushq %rbx\n"
+    "    pushq %r12\n"
+    "    pushq %r13\n"
+    "    pushq %r14\n"
+    "    pushq %r15\n"
+    "    subq $16, %rsp\n"
+    "    stmxcsr 8(%rsp)\n"
+    "    fnstcw (%rsp)\n"
+    "    movq %rsp, (%rdi)\n"
+    "    movq %rsi, %rsp\n"
+    "    ldmxcsr 8(%rsp)\n"
+    "    fldcw (%rsp)\n"
+    "    addq $16, %rsp\n"
+    "    popq %r15\n"
+    "    popq %r14\n"
+    "    popq %r13\n"
+    "    popq %r12\n"
+    "    popq %rbx\n"
+    "    popq %rbp\n"
+    "    ret\n"
+    ".size emu_switch_stacks, .-emu_switch_stacks\n"
+    ".p2align 4\n"
+    ".type emu_fiber_entry, @function\n"
+    "emu_fiber_entry:\n"
+    // No caller: debuggers' and unwinders' backtraces of a fiber end here
+    // (and the frame-pointer chain at the rbp of 0 in the first frame).
+    "    .cfi_startproc\n"
+    "    .cfi_undefined rip\n"
+    "    call *%r12\n"  // fiber_main, put in r12 by make_context's frame
+    "    ud2\n"
+    "    .cfi_endproc\n"
+    ".size emu_fiber_entry, .-emu_fiber_entry\n"
+    ".popsection\n");
+
+inline void switch_context(Context& save, Context& next) { emu_switch_stacks(&save, next); }
+
+// A fiber's first frame, as emu_switch_stacks leaves a suspended stack: from the
+// stack pointer up, the x87 control word and MXCSR (16 bytes), r15, r14, r13,
+// r12, rbx, rbp, and the address it returns to. The ret pops that address with
+// the stack pointer at the 16-byte aligned top, so the trampoline's call enters
+// fiber_main aligned as the SysV ABI has it.
+inline void make_context(Context& ctx, char* stack, std::size_t bytes) {
+    const std::uintptr_t top =
+        (reinterpret_cast<std::uintptr_t>(stack) + bytes) & ~std::uintptr_t(15);
+    auto* frame = reinterpret_cast<std::uint64_t*>(top) - 9;
+#ifdef EMU_ASAN
+    // A frame of the stack's previous fiber may have left redzones here.
+    ASAN_UNPOISON_MEMORY_REGION(frame, 9 * sizeof(std::uint64_t));
+#endif
+    std::uint16_t fcw;
+    std::uint32_t mxcsr;
+    asm volatile("fnstcw %0\n\tstmxcsr %1" : "=m"(fcw), "=m"(mxcsr));
+    frame[0] = fcw;
+    frame[1] = mxcsr;
+    frame[2] = frame[3] = frame[4] = 0;  // r15, r14, r13
+    frame[5] = reinterpret_cast<std::uint64_t>(&fiber_main);  // r12
+    frame[6] = frame[7] = 0;  // rbx, rbp
+    frame[8] = reinterpret_cast<std::uint64_t>(&emu_fiber_entry);
+    ctx = frame;
+}
+
+// The running fiber has ended; what the switch saves is never resumed.
+[[noreturn]] inline void exit_to(Context& next) {
+    emu_switch_stacks(&current->ctx, next);
+    __builtin_unreachable();
+}
+#else
+inline void switch_context(Context& save, Context& next) { swapcontext(&save, &next); }
+
+// getcontext takes the scheduler's floating-point state (MXCSR) for the fiber.
+inline void make_context(Context& ctx, char* stack, std::size_t bytes) {
+    getcontext(&ctx);
+    ctx.uc_stack.ss_sp = stack;
+    ctx.uc_stack.ss_size = bytes;
+    ctx.uc_link = nullptr;
+    makecontext(&ctx, fiber_main, 0);
+}
+
+[[noreturn]] inline void exit_to(Context& next) {
+    setcontext(&next);
+    std::abort();
+}
+#endif
+
 // Switch from the running fiber back to the scheduler.
 inline void yield_to_scheduler() {
 #ifdef EMU_ASAN
     __sanitizer_start_switch_fiber(&current->fake_stack, sched_stack_bottom, sched_stack_size);
 #endif
-    swapcontext(&current->ctx, &scheduler);
+    switch_context(current->ctx, scheduler);
 #ifdef EMU_ASAN
     __sanitizer_finish_switch_fiber(current->fake_stack, nullptr, nullptr);
 #endif
@@ -220,7 +384,7 @@ inline void fiber_main() {
 #ifdef EMU_ASAN
     __sanitizer_start_switch_fiber(nullptr, sched_stack_bottom, sched_stack_size);
 #endif
-    setcontext(&scheduler);
+    exit_to(scheduler);
 }
 
 inline void resume(Fiber& f, std::size_t i) {
@@ -230,7 +394,7 @@ inline void resume(Fiber& f, std::size_t i) {
     void* save = nullptr;
     __sanitizer_start_switch_fiber(&save, stacks[i].data(), kStackBytes);
 #endif
-    swapcontext(&scheduler, &f.ctx);
+    switch_context(scheduler, f.ctx);
 #ifdef EMU_ASAN
     __sanitizer_finish_switch_fiber(save, nullptr, nullptr);
 #endif
@@ -304,9 +468,169 @@ inline std::string check_barrier(const std::vector<Fiber>& fibers) {
     return "";
 }
 
+// ---- warp-collectives ------------------------------------------------------------
+// The tensor-core instructions, as kernels/tensor_core.cuh calls them.
+//
+// cvt.rna.tf32.f32. The PTX ISA gives its rounding (.rna: to nearest, ties away
+// from zero, keeping 10 explicit mantissa bits) and calls TF32's layout
+// implementation-defined; what happens to the other classes is what ptxas
+// compiles the instruction to (sm_80 to sm_90: FSETP.GEU |x|, +INF; IADD 0x1000
+// where that is false; LOP3 with 0xffffe000), and is done here the same way on
+// the bit pattern, so the emulator's DAZ/FTZ (a float kernel's MXCSR) cannot
+// touch it: finite values round on their magnitude, subnormals included (the
+// instruction has no .ftz), -0 stays -0, a value at or past the last TF32
+// interval (0x7f7ff000 up) rounds to infinity; infinities and NaNs are only
+// truncated, so a NaN whose payload lies all in the low 13 bits becomes an
+// infinity of its sign.
+inline unsigned cvt_rna_tf32(float x) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7fffffffu) < 0x7f800000u) bits += 0x1000u;  // carries into the exponent
+    return bits & 0xffffe000u;
+}
+
+// A TF32 operand as the tensor core reads it: the low 13 bits of the register
+// are not part of the value (CUTLASS calls them don't-care), so an operand that
+// was never rounded is truncated, and a kernel that forgets cvt.rna gets other
+// numbers than one that rounds.
+inline float tf32_operand(unsigned bits) {
+    bits &= 0xffffe000u;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 for one warp; lanes[i] is
+// lane i's call. The fragment layouts are the PTX ISA's ("Matrix Fragments for
+// mma.m16n8k8", .tf32), with g = lane >> 2 and t = lane & 3:
+//   A (16x8): a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]
+//   B (8x8):  b0 = B[t][g], b1 = B[t+4][g]
+//   C, D (16x8): c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1]
+// The arithmetic is a model, not the tensor core's own adder (which NVIDIA does
+// not document): D[i][j] = float(double(C[i][j]) + sum over k = 0..7, in that
+// order, of double(A[i][k]) * double(B[k][j])). Each product of two TF32 values
+// is exact in double and the one rounding is to float at the end, so the model
+// is deterministic and what NumPy computes in float64 with the same order. In
+// a float kernel the launch's DAZ/FTZ apply: a subnormal A, B or C element
+// reads as zero and a subnormal D is flushed. C is read whole before D is
+// written, so d may be c.
+inline void mma_m16n8k8_tf32_warp(const WarpCall* lanes) {
+    float A[16][8], B[8][8], C[16][8];
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        const unsigned g = lane >> 2, t = lane & 3;
+        const WarpCall& l = lanes[lane];
+        A[g][t] = tf32_operand(l.a[0]);
+        A[g + 8][t] = tf32_operand(l.a[1]);
+        A[g][t + 4] = tf32_operand(l.a[2]);
+        A[g + 8][t + 4] = tf32_operand(l.a[3]);
+        B[t][g] = tf32_operand(l.b[0]);
+        B[t + 4][g] = tf32_operand(l.b[1]);
+        C[g][2 * t] = l.c[0];
+        C[g][2 * t + 1] = l.c[1];
+        C[g + 8][2 * t] = l.c[2];
+        C[g + 8][2 * t + 1] = l.c[3];
+    }
+    float D[16][8];
+    for (unsigned i = 0; i < 16; ++i)
+        for (unsigned j = 0; j < 8; ++j) {
+            double sum = C[i][j];
+            for (unsigned k = 0; k < 8; ++k) sum += (double)A[i][k] * (double)B[k][j];
+            D[i][j] = (float)sum;
+        }
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        const unsigned g = lane >> 2, t = lane & 3;
+        float* d = lanes[lane].d;
+        d[0] = D[g][2 * t];
+        d[1] = D[g][2 * t + 1];
+        d[2] = D[g + 8][2 * t];
+        d[3] = D[g + 8][2 * t + 1];
+    }
+}
+
+inline const char* collective_name(Collective kind) {
+    return kind == Collective::kMma ? "mma.sync" : "__syncwarp";
+}
+
+// Where a fiber stands, for an error message: "waits at the mma.sync at f:l".
+inline std::string standing(const Fiber& f) {
+    if (f.state == kDone) return "has exited";
+    const char* what = f.state == kAtWarp ? collective_name(f.call.kind) : "__syncthreads";
+    return std::string("waits at the ") + what + " at " + f.barrier_file + ":" +
+           std::to_string(f.barrier_line);
+}
+
+// After every live thread of the block has stopped: execute each warp-collective
+// that all the lanes it needs wait at, and make those lanes ready (released
+// tells whether any did); or say why a warp's collective can never execute.
+inline std::string run_warp_collectives(std::vector<Fiber>& fibers, bool& released) {
+    const std::size_t n = fibers.size();
+    for (std::size_t w0 = 0; w0 < n; w0 += 32) {
+        const std::size_t w1 = n < w0 + 32 ? n : w0 + 32;
+        const Fiber* first = nullptr;
+        for (std::size_t i = w0; i < w1 && first == nullptr; ++i)
+            if (fibers[i].state == kAtWarp) first = &fibers[i];
+        if (first == nullptr) continue;
+        const std::string warp = "warp " + std::to_string(w0 / 32) + " of block " +
+                                 where(block_idx);
+        const Collective kind = first->call.kind;
+        for (std::size_t i = w0; i < w1; ++i) {
+            const Fiber& f = fibers[i];
+            if (f.state == kAtWarp && f.call.kind == kind &&
+                f.barrier_line == first->barrier_line &&
+                std::strcmp(f.barrier_file, first->barrier_file) == 0) {
+                if (kind == Collective::kSyncwarp && f.call.mask != 0xffffffffu) {
+                    char mask[11];
+                    std::snprintf(mask, sizeof mask, "0x%08x", f.call.mask);
+                    return std::string("__syncwarp(") + mask + ") at " + f.barrier_file + ":" +
+                           std::to_string(f.barrier_line) + " in " + warp +
+                           ": the emulator implements only the full mask 0xffffffff";
+                }
+                continue;
+            }
+            if (f.state == kDone && kind == Collective::kSyncwarp) continue;  // not waited for
+            return warp + " diverges at a warp-collective: thread " + where(first->tid) + " " +
+                   standing(*first) + ", thread " + where(f.tid) + " " + standing(f) +
+                   (kind == Collective::kMma
+                        ? " (mma.sync.aligned must be executed by all 32 lanes of the warp, at "
+                          "the same instruction)"
+                        : " (__syncwarp waits for every lane of the warp that has not exited, "
+                          "at the same call)");
+        }
+        if (kind == Collective::kMma && w1 - w0 < 32)
+            return warp + " has " + std::to_string(w1 - w0) + " threads, and the mma.sync at " +
+                   first->barrier_file + ":" + std::to_string(first->barrier_line) +
+                   " needs all 32 lanes (a block size of " + std::to_string(n) +
+                   " threads is not a multiple of 32)";
+        if (kind == Collective::kMma) {
+            WarpCall lanes[32];
+            for (std::size_t i = w0; i < w1; ++i) lanes[i - w0] = fibers[i].call;
+            mma_m16n8k8_tf32_warp(lanes);
+        }
+        for (std::size_t i = w0; i < w1; ++i)
+            if (fibers[i].state == kAtWarp) fibers[i].state = kReady;
+        released = true;
+    }
+    return "";
+}
+
+// The running lane waits at a warp-collective; returns once its warp executed it.
+inline void wait_at_warp(const WarpCall& call, const Site& site) {
+    current->state = kAtWarp;
+    current->call = call;
+    current->barrier_file = site.file;
+    current->barrier_line = site.line;
+    yield_to_scheduler();
+}
+
+inline void mma_m16n8k8_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                             const float (&c)[4], Site site = Site()) {
+    wait_at_warp({Collective::kMma, 0u, a, b, c, d}, site);
+}
+
 // The SSE control bits for f32 on a GPU compiled with -ftz=true: denormal
 // inputs read as zero (DAZ, bit 6) and denormal results flushed to zero (FTZ,
-// bit 15). Set for a launch; the fibers inherit them through getcontext.
+// bit 15). Set for a launch; the fibers take them from the scheduler when
+// make_context makes them.
 class FlushDenormals {
   public:
     explicit FlushDenormals(bool on) : on_(on) {
@@ -364,7 +688,7 @@ inline std::string run_grid(dim3 grid, dim3 block, std::size_t shared_bytes,
     const std::size_t used = (shared_bytes + 7) / 8 * 8;
     ASAN_POISON_MEMORY_REGION(dynamic_shared + used, kMaxSharedBytes - used);
 #endif
-    std::string barrier_error;
+    std::string barrier_error;  // or a warp-collective's
     for (std::size_t b : blocks) {
         block_idx = {(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y),
                      (unsigned)(b / grid.x / grid.y)};
@@ -378,16 +702,21 @@ inline std::string run_grid(dim3 grid, dim3 block, std::size_t shared_bytes,
             f.tid = {tx, ty, tz};
             f.state = kReady;
             f.fake_stack = nullptr;
-            getcontext(&f.ctx);
-            f.ctx.uc_stack.ss_sp = stacks[i].data();
-            f.ctx.uc_stack.ss_size = kStackBytes;
-            f.ctx.uc_link = nullptr;
-            makecontext(&f.ctx, fiber_main, 0);
+            make_context(f.ctx, stacks[i].data(), kStackBytes);
         }
         for (std::uint64_t interval = 0;; ++interval) {
-            arrange(threads, nthreads, order, (b + 1) * 0x100000001B3ull + interval);
-            for (std::uint32_t t : threads)
-                if (fibers[t].state == kReady) resume(fibers[t], t);
+            // Rounds: after each, the warps whose lanes all wait at a collective
+            // execute it, and those lanes run on, in an order drawn anew.
+            for (std::uint64_t round = 0;; ++round) {
+                arrange(threads, nthreads, order,
+                        (b + 1) * 0x100000001B3ull + interval + round * 0x9E3779B97F4A7C15ull);
+                for (std::uint32_t t : threads)
+                    if (fibers[t].state == kReady) resume(fibers[t], t);
+                bool released = false;
+                barrier_error = run_warp_collectives(fibers, released);
+                if (!barrier_error.empty() || !released) break;
+            }
+            if (!barrier_error.empty()) break;
             // Every live thread now waits at a barrier, or all are done.
             barrier_error = check_barrier(fibers);
             if (!barrier_error.empty()) break;
@@ -495,6 +824,16 @@ inline void __syncthreads(unsigned line = __builtin_LINE(), const char* file = _
     emu::current->barrier_line = line;
     emu::yield_to_scheduler();
 }
+
+// __syncwarp: a barrier for the lanes of a warp that have not exited (the only
+// mask the emulator takes is the full one). Without it, lanes exchanging data
+// through shared memory read the 0xFF poison under some thread order.
+inline void __syncwarp(unsigned mask = 0xffffffffu, emu::Site site = emu::Site()) {
+    emu::wait_at_warp({emu::Collective::kSyncwarp, mask, nullptr, nullptr, nullptr, nullptr}, site);
+}
+
+inline unsigned __float_as_uint(float v) { unsigned u; std::memcpy(&u, &v, sizeof u); return u; }
+inline float __uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, sizeof f); return f; }
 
 // ---- what the implicit-GEMM conv kernels use ----------
 // Vector types for the 128-bit shared-memory reads (16-byte aligned, as on the GPU),

@@ -3,6 +3,8 @@
 itself for bitwise determinism. The GPU is CuPy's where there is one (skipped
 elsewhere), and always the CuPy stand-in (tests/standin) with its kernels
 served by the emulator."""
+import functools
+
 import numpy
 import pytest
 
@@ -149,3 +151,69 @@ def test_resnet_training_step(gpu):
     for k in first:
         assert numpy.array_equal(first[k], second[k]), f"{k} differs between two runs on {gpu}"
         numpy.testing.assert_allclose(first[k], cpu[k], rtol=1e-4, atol=1e-5)
+
+
+# The tensor-core precisions (docs/precision.md) against the CPU, each with its own
+# tolerance. tf32: every output within 2^-10 of its sum of |products| (ten mantissa
+# bits; the derivation's bound with room for FP32's accumulation); 3xtf32: FP32's.
+CONV_OPS = {"conv2d": 1, "conv2d_backward": 2}  # op: its leading outputs the conv kernels make
+
+
+@pytest.mark.parametrize("precision", ["tf32", "3xtf32"])
+@pytest.mark.parametrize("op", sorted(CONV_OPS))
+def test_conv_precision_matches_cpu_float64(gpu, op, precision):
+    x = numpy.random.default_rng(5).standard_normal((8, 6, 7, 7))
+    reference, absolute = _flat(OPS[op](x)), _flat(OPS[op](abs(x)))
+    xd = backend.to_device(x.astype(numpy.float32), gpu)
+    with gpucnn.conv_precision(precision):
+        got, again = _flat(OPS[op](xd)), _flat(OPS[op](xd))
+    for i, (a, b, ref, scale) in enumerate(zip(got, again, reference, absolute)):
+        assert numpy.array_equal(backend.to_numpy(a), backend.to_numpy(b))
+        error = abs(backend.to_numpy(a).astype(numpy.float64) - ref)
+        if i >= CONV_OPS[op]:  # the bias gradient: a sum, no products, no tensor cores
+            close(a, ref, numpy.float32, scale=10)
+        elif precision == "tf32":
+            assert (error <= 2.0 ** -10 * scale + 1e-6).all(), error.max()
+            assert error.max() > 2.0 ** -16 * scale.max()  # not FP32 in disguise
+        else:
+            close(a, ref, numpy.float32, scale=10)
+
+
+@functools.lru_cache(maxsize=None)  # each run once per session (xp: the stand-in or CuPy)
+def _train_at(device, precision, model, xp):
+    """Three SGD steps of a built-in model at a conv precision: (initial state, final
+    state) on the host."""
+    gpucnn.manual_seed(0)
+    net = models.MODELS[model].build(num_classes=10, in_channels=1).to(device)
+    initial = {k: backend.to_numpy(v) for k, v in net.state_dict().items()}
+    opt = gpucnn.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    rng = numpy.random.default_rng(0)
+    x = backend.to_device(rng.standard_normal((4, 1, 28, 28)).astype(numpy.float32), device)
+    y = backend.to_device(rng.integers(0, 10, 4), device)
+    with gpucnn.conv_precision(precision):
+        for _ in range(3):
+            train_step(net, opt, x, y)
+    return initial, {k: backend.to_numpy(v) for k, v in net.state_dict().items()}
+
+
+# How far a run at another precision may end from the FP32 run, as a share of how far
+# training moved each tensor (||w_p - w_fp32|| / ||w_fp32 - w_0||). tf32 rounds every
+# conv operand to 2^-11 and a batch-4 BatchNorm amplifies it: measured up to 7% on the
+# ResNet's first layer, 2% on LeNet's. 3xtf32: measured under 1e-5.
+PRECISION_SHARE = {"tf32": 0.15, "3xtf32": 1e-4}
+
+
+@pytest.mark.parametrize("precision", ["tf32", "3xtf32"])
+@pytest.mark.parametrize("model", ["lenet", "resnet"])
+def test_training_at_each_precision_matches_fp32(gpu, model, precision):
+    xp = backend.xp_for(gpu)
+    start, fp32 = _train_at(gpu, "fp32", model, xp)
+    _, got = _train_at(gpu, precision, model, xp)
+    assert got.keys() == fp32.keys()
+    for k in got:
+        if got[k].dtype.kind != "f":
+            assert numpy.array_equal(got[k], fp32[k]), k
+            continue
+        moved = numpy.linalg.norm(fp32[k] - start[k])
+        assert numpy.linalg.norm(got[k] - fp32[k]) <= PRECISION_SHARE[precision] * moved, k
+    assert any(not numpy.array_equal(got[k], fp32[k]) for k in got)  # another arithmetic ran

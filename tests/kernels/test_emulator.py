@@ -533,3 +533,61 @@ def test_the_last_ftz_option_decides():
     assert not emulator.flushes_denormals(("-ftz=true", "--ftz=false"))
     assert emulator.flushes_denormals(("-ftz=false", "--use_fast_math"))
     assert emulator.flushes_denormals(emulator.CUPY_APPENDED_OPTIONS)
+
+
+# ---- the fibers' switch ----------------------------------------------------------------
+# x86-64 switches fibers with cuda_emu.h's own few instructions; -DEMU_UCONTEXT builds
+# the ucontext switch other machines use. Both must keep what a call keeps: twelve
+# values live across every __syncwarp and __syncthreads (more than the callee-saved
+# registers hold), and the launch's DAZ/FTZ after any number of switches.
+SWITCH = r"""
+__global__ void live_across_switches(const int* x, const float* tiny, int* out,
+                                     float* flushed) {
+    extern __shared__ unsigned char smem[];
+    int* s = reinterpret_cast<int*>(smem);
+    const int t = threadIdx.x;
+    int v[12];
+    for (int k = 0; k < 12; ++k) v[k] = x[t] * (k + 1) + k;
+    int a = v[0], b = v[1], c = v[2], d = v[3], e = v[4], f = v[5];
+    int g = v[6], h = v[7], i = v[8], j = v[9], k = v[10], l = v[11];
+    for (int r = 0; r < 3; ++r) {
+        s[t] = a;
+        __syncwarp();
+        a = s[t ^ 1] + b - c;  // the neighbouring lane's
+        __syncwarp();
+        s[t] = a;
+        __syncthreads();
+        a = s[blockDim.x - 1 - t] ^ (d + e * f);  // across warps
+        __syncthreads();
+    }
+    out[t] = a + 3 * (b + c + d + e + f + g + h + i + j + k + l);
+    flushed[t] = tiny[0] * 1.5f;
+}
+"""
+
+
+def _live_across_switches_expected(x):
+    n = x.size
+    v = [x * (k + 1) + k for k in range(12)]
+    a = v[0]
+    for r in range(3):
+        a = a[numpy.arange(n) ^ 1] + v[1] - v[2]
+        a = a[::-1] ^ (v[3] + v[4] * v[5])
+    return a + 3 * sum(v[1:])
+
+
+@pytest.mark.parametrize("options", [(), ("-DEMU_UCONTEXT",)], ids=["own", "ucontext"])
+@pytest.mark.parametrize("order", [0, 2])
+def test_fibers_keep_registers_and_fp_mode_across_switches(options, order):
+    m = EmulatedModule(SWITCH, ["live_across_switches"], options=options, order=order)
+    assert m.flush_denormals
+    x = numpy.arange(64, dtype=numpy.int32) * 7 - 100
+    out = numpy.zeros(64, numpy.int32)
+    flushed = numpy.full(64, numpy.nan, numpy.float32)
+    tiny = numpy.array([TINY32], numpy.float32)
+    for _ in range(2):  # the second launch reuses the fibers' stacks
+        m.get_function("live_across_switches")((1,), (64,), (x, tiny, out, flushed),
+                                               shared_mem=64 * 4)
+        numpy.testing.assert_array_equal(out, _live_across_switches_expected(x))
+        numpy.testing.assert_array_equal(flushed, 0)  # DAZ: TINY32 read as zero
+    assert tiny[0] * numpy.float32(1.5) != 0  # the host's FP mode is as it was

@@ -46,7 +46,8 @@ def test_the_sass_is_read(kernels):
     assert found["cuobjdump"] or found["nvdisasm"], kr.missing_tools_note(found)
     for k in kernels:
         assert k.instructions > 50 and 0 <= k.fmas < k.instructions, k
-        assert k.fma_op == ("DFMA" if "double" in k.name else "FFMA")
+        tensor_core = k.config.endswith(("tf32", "3xtf32"))
+        assert k.fma_op == ("HMMA" if tensor_core else "DFMA" if "double" in k.name else "FFMA")
     # the convolutions multiply-add in loops, and the report finds them
     looping = [k for k in kernels if k.name.startswith("conv2d") and k.loop_fmas]
     assert looping
@@ -67,12 +68,32 @@ def test_conv_main_kernels_are_at_least_45_percent_ffma(kernels):
     found = kr.tools()
     if not (found["cuobjdump"] or found["nvdisasm"]):
         pytest.skip(kr.missing_tools_note(found))
-    main = [k for k in kernels if k.name in CONV_MAIN]
+    main = [k for k in kernels if k.name in CONV_MAIN and k.config in cuda_conv.CONV_CONFIGS]
     assert sorted((k.config, k.name) for k in main) == \
         sorted((c, n) for c in cuda_conv.CONV_CONFIGS for n in CONV_MAIN)
     shares = {(k.config, k.name): k.fmas / k.instructions for k in main}
     below = {key: f"{share:.1%}" for key, share in shares.items() if share < FFMA_TARGET}
     assert not below, below
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("precision", ["tf32", "3xtf32"])
+def test_tensor_core_main_kernels_meet_their_targets(kernels, precision):
+    """Every tensor-core build's main kernels: HMMA in the main loop (3 per MMA step
+    for 3xtf32), no local memory (above), and at least 8 resident warps per SM."""
+    found = kr.tools()
+    if not (found["cuobjdump"] or found["nvdisasm"]):
+        pytest.skip(kr.missing_tools_note(found))
+    main = {(k.config, k.name): k for k in kernels if k.name in CONV_MAIN
+            and k.config.endswith(" " + precision)}
+    assert sorted(main) == sorted((cuda_conv.build_label(c, precision), n)
+                                  for c in cuda_conv.CONV_CONFIGS for n in CONV_MAIN)
+    for key, k in main.items():
+        assert k.fma_op == "HMMA" and k.loop_fmas > 0 and k.loop_fmas % 16 == 0, key
+        assert k.occupancy * kr.SM90.max_warps >= 8, (key, k.occupancy)
+        wm, wn = cuda_conv.WARP_TILES[key[0].split()[0]]  # a warp's MMAs per k8 step:
+        per_step = wm // 16 * (wn // 8) * (3 if precision == "3xtf32" else 1)
+        assert k.loop_fmas % per_step == 0, (key, k.loop_fmas, per_step)  # whole steps only
 
 
 @needs_nvrtc

@@ -151,5 +151,10 @@ def test_non_contiguous_inputs_are_made_contiguous(kernels, rng):
 def test_every_instantiation_of_every_configuration_loads(kernels):
     names = kernels.load_all()
     units = cuda.compile_units()
-    assert len(names) == 2 * sum(len(cuda.KERNELS[u.filename]) for u in units)
-    assert {u.config for u in units if u.filename == "conv2d.cu"} == set(cuda_conv.CONV_CONFIGS)
+    assert len(names) == sum(len(u.name_expressions) for u in units)
+    assert {u.config for u in units if u.filename == "conv2d.cu"} == {
+        cuda_conv.build_label(c, p) for c in cuda_conv.CONV_CONFIGS
+        for p in ("fp32", "tf32", "3xtf32")}
+    for u in units:  # float and double, but the tensor-core builds are float-only
+        assert len(u.name_expressions) == len(cuda.KERNELS[u.filename]) * (
+            1 if u.config.endswith("tf32") else 2)

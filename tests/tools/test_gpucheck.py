@@ -106,7 +106,8 @@ def test_every_step_is_documented_with_its_budget():
     steps, total = _script_steps()
     docs = (ROOT / "docs" / "gpu" / "README.md").read_text()
     assert [name for name, _ in steps] == ["preflight", "compile", "gputests", "memcheck",
-                                           "bench", "determinism", "sanitizers", "tune", "train"]
+                                           "bench", "determinism", "precision", "sanitizers",
+                                           "tune", "train"]
     for name, budget in steps:
         assert re.search(rf"\*\*{name}\*\* \[{budget}\]", docs), f"{name} [{budget}] undocumented"
     assert f"run's {total} s" in docs

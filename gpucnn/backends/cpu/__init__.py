@@ -1,8 +1,11 @@
 """The CPU backend: NumPy, the batch work shared out between gpucnn's threads
 (threads.py), the arrays a layer keeps from step to step (workspace.py), the
 convolution (conv.py) and pooling (pool.py) passes."""
+import warnings
+
 import numpy
 
+from .. import precision
 from . import conv, pool, threads
 from .workspace import empty as _workspace_empty
 
@@ -54,6 +57,9 @@ class CpuOps:
 
     # convolution (conv.py)
     def conv2d_forward(self, x, weight, bias, g, workspace=None):
+        if precision.explicit() in precision.TENSOR_CORE:
+            warnings.warn(f"conv precision {precision.explicit()!r} applies on a GPU only: the "
+                          "CPU computes convolutions in FP32 (float64 in FP64)", stacklevel=2)
         return conv.forward(x, weight, bias, g, workspace)
 
     def conv2d_backward_data(self, dy, weight, g):

@@ -14,6 +14,8 @@ from collections import namedtuple
 
 import numpy
 
+from ...validate import choice
+from .. import precision as precision_module
 from . import tune_cache
 from .loader import DEFAULT, MAX_GRID_YZ, THREADS, Build, KernelFile, cdiv, i32
 
@@ -30,8 +32,16 @@ CONV_CONFIGS = {
     "32x128": TileConfig(32, 128, 8, 2, 8, 8, 4),     # few GEMM rows (K <= 32, backward-filter)
     "32x32": TileConfig(32, 32, 8, 4, 8, 4, 8),       # both small: one warp, 8x4 outputs each
 }
+# The tensor-core builds of each configuration (precision tf32 and 3xtf32, float
+# only): the same block tile, threads and stages, one warp per warp tile (wm x wn)
+# of (wm/16) x (wn/8) m16n8k8 MMAs; each thread then holds wm/8 x wn/4 outputs.
+WARP_TILES = {"128x128": (64, 32), "64x64": (64, 32), "128x32": (64, 32), "32x128": (32, 64),
+              "32x32": (32, 32)}
+MMA = {"fp32": 0, "tf32": 1, "3xtf32": 3}  # -DCONV_MMA of each precision
 SMEM_PAD = 4         # floats of padding per shared-memory row (-DCONV_PAD): rows are bm+4
                      # and bn+4 long, the 8 k-rows a warp stores at once on different banks
+MMA_SMEM_PAD = 8     # the tensor-core builds': rows 8 mod 32 words apart put the float4
+                     # fragment reads of 8 lanes (4 k-rows, 2 runs) on distinct banks
 REDUCE_LANES = 8     # slice lanes per output in conv2d_sum_slices (blockDim.y)
 TARGET_BLOCKS = 264  # ~2 blocks per SM of a 132-SM GPU: the split-K and bias grids aim here;
                      # a constant, so that a shape's summation order is the same on every GPU
@@ -44,28 +54,47 @@ def config_threads(c):
     return (c.bm // c.tm) * (c.bn // c.tn)
 
 
-def conv_options(config):
-    """The -D options that compile kernels/conv2d.cu with a named configuration."""
+def build_label(config, precision="fp32"):
+    """The loader's label of a configuration's build for a precision: '128x128' (the
+    FP32 kernels, float and double), '128x128 tf32', '128x128 3xtf32' (float only)."""
+    return config if precision == "fp32" else f"{config} {precision}"
+
+
+def conv_options(config, precision="fp32"):
+    """The -D options that compile kernels/conv2d.cu with a named configuration, for a
+    precision (the tensor-core builds add their warp tile and MMA mode)."""
     c = CONV_CONFIGS[config]
+    tm, tn, pad, extra = c.tm, c.tn, SMEM_PAD, ()
+    if precision != "fp32":
+        wm, wn = WARP_TILES[config]
+        tm, tn, pad = wm // 8, wn // 4, MMA_SMEM_PAD
+        extra = (f"-DCONV_MMA={MMA[precision]}", f"-DCONV_WM={wm}", f"-DCONV_WN={wn}")
     return (f"-DCONV_BM={c.bm}", f"-DCONV_BN={c.bn}", f"-DCONV_BK={c.bk}",
-            f"-DCONV_BK_DOUBLE={c.bk_double}",
-            f"-DCONV_TM={c.tm}", f"-DCONV_TN={c.tn}", f"-DCONV_UNROLL={c.unroll}",
-            f"-DCONV_PAD={SMEM_PAD}")
+            f"-DCONV_BK_DOUBLE={c.bk_double}", f"-DCONV_TM={tm}", f"-DCONV_TN={tn}",
+            f"-DCONV_UNROLL={c.unroll}", f"-DCONV_PAD={pad}", *extra)
 
 
-def smem_bytes(config, itemsize):
+def smem_bytes(config, itemsize, precision="fp32"):
     """The dynamic shared memory of a configuration's block: two stages of an A and a
     B tile, bk rows each (bk_double for double)."""
     c = CONV_CONFIGS[config]
     bk = c.bk if itemsize == 4 else c.bk_double
-    return 2 * bk * (c.bm + SMEM_PAD + c.bn + SMEM_PAD) * itemsize
+    pad = SMEM_PAD if precision == "fp32" else MMA_SMEM_PAD
+    return 2 * bk * (c.bm + pad + c.bn + pad) * itemsize
+
+
+def _build(config, precision):
+    threads = dict.fromkeys(CONV_KERNELS, config_threads(CONV_CONFIGS[config]))
+    shared = dict.fromkeys(CONV_KERNELS, functools.partial(smem_bytes, config,
+                                                           precision=precision))
+    types = ("float", "double") if precision == "fp32" else ("float",)
+    return Build(conv_options(config, precision), threads, shared, types)
 
 
 CONV_KERNELS = ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_filter")
 CONV_FILE = KernelFile("conv2d.cu", CONV_KERNELS, {
-    name: Build(conv_options(name), dict.fromkeys(CONV_KERNELS, config_threads(c)),
-                dict.fromkeys(CONV_KERNELS, functools.partial(smem_bytes, name)))
-    for name, c in CONV_CONFIGS.items()})
+    build_label(name, p): _build(name, p) for p in precision_module.PRECISIONS
+    for name in CONV_CONFIGS})
 REDUCE_FILE = KernelFile("conv2d_reduce.cu", ("conv2d_sum_slices", "conv2d_backward_bias"), {
     DEFAULT: Build((f"-DREDUCE_LANES={REDUCE_LANES}",),
                    {"conv2d_sum_slices": 32 * REDUCE_LANES, "conv2d_backward_bias": THREADS},
@@ -162,38 +191,50 @@ def _geometry_args(g):
 
 class ConvLaunchers:
     """The convolution passes on one device (a part of kernels.Kernels, with a Loader).
-    config: a CONV_CONFIGS name, or None for config_for's choice."""
+    config: a CONV_CONFIGS name, or None for config_for's choice; precision: one of
+    precision.PRECISIONS, or None for the setting (precision.for_dtype). A GPU
+    without TF32 tensor cores (before compute capability 8.0) says so with
+    tensor_cores=False and runs every precision in FP32, as PyTorch does."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, tensor_cores=True, **kwargs):
         super().__init__(*args, **kwargs)
-        self._choices = {}  # (pass, shape, dtype) -> configuration: fixed once chosen
+        self.tensor_cores = tensor_cores
+        self._choices = {}  # (pass, shape, dtype, precision) -> configuration: fixed once chosen
         self._phases = {}   # geometry -> its dgrad_phases table on the device
         self._tuned = None
 
-    def config_for(self, pass_, g, dtype):
-        """The configuration a pass runs with for this shape and dtype: the tuned one for
-        this GPU if `gpucnn tune` chose one, else the heuristic's; then fixed."""
-        key = (pass_, g, numpy.dtype(dtype).name)
+    def precision_for(self, dtype, precision=None):
+        """The precision a convolution of this dtype runs with here."""
+        if precision is None or not self.tensor_cores or numpy.dtype(dtype) != numpy.float32:
+            return precision_module.for_dtype(dtype, self.tensor_cores)
+        return choice(precision, "precision", precision_module.PRECISIONS)
+
+    def config_for(self, pass_, g, dtype, precision="fp32"):
+        """The configuration a pass runs with for this shape, dtype and precision: the
+        tuned one for this GPU if `gpucnn tune` chose one, else the heuristic's; then
+        fixed."""
+        key = (pass_, g, numpy.dtype(dtype).name, precision)
         config = self._choices.get(key)
         if config is None:
             if self._tuned is None:
                 self._tuned = (tune_cache.choices_for(self.device_name, known=CONV_CONFIGS)
                                if self.device_name else {})
-            config = self._tuned.get(tune_cache.entry_key(pass_, g, dtype))
+            config = self._tuned.get(tune_cache.entry_key(pass_, g, dtype, precision))
             if config not in CONV_CONFIGS:
                 config = heuristic_config(pass_, g)
             self._choices[key] = config
         return config
 
-    def _conv(self, kernel, pass_, dtype, g, config, grid, args):
-        config = config or self.config_for(pass_, g, dtype)
+    def _conv(self, kernel, pass_, dtype, g, config, precision, grid, args):
+        config = config or self.config_for(pass_, g, dtype, precision)
         c = CONV_CONFIGS[config]
         grid = (cdiv(grid[0], c.bm), cdiv(grid[1], c.bn), grid[2])
         _check_grid(kernel, grid, g)
-        self._launch(CONV_FILE, kernel, dtype, grid, (config_threads(c),), args, config)
+        self._launch(CONV_FILE, kernel, dtype, grid, (config_threads(c),), args,
+                     build_label(config, precision))
         return config
 
-    def conv2d_forward(self, x, weight, bias, g, config=None):
+    def conv2d_forward(self, x, weight, bias, g, config=None, precision=None):
         """y (N, K, P, Q) = conv(x, weight) + bias: implicit GEMM, bias in the epilogue."""
         x, weight = self._c(x), self._c(weight)
         y = self.xp.empty((g.N, g.K, g.P, g.Q), dtype=x.dtype)
@@ -201,11 +242,12 @@ class ConvLaunchers:
             return y
         bias_arg = weight if bias is None else self._c(bias)
         rows, cols, _, count = gemm_shape("forward", g)
-        self._conv("conv2d_forward", "forward", x.dtype, g, config, (rows, cols, count),
+        self._conv("conv2d_forward", "forward", x.dtype, g, config,
+                   self.precision_for(x.dtype, precision), (rows, cols, count),
                    (x, weight, bias_arg, y, *_geometry_args(g), numpy.int32(bias is not None)))
         return y
 
-    def conv2d_backward_data(self, dy, weight, g, config=None):
+    def conv2d_backward_data(self, dy, weight, g, config=None, precision=None):
         """dx (N, C, H, W): implicit GEMM per group and stride phase."""
         dy, weight = self._c(dy), self._c(weight)
         dx = self.xp.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype)
@@ -216,22 +258,23 @@ class ConvLaunchers:
             phases = self._phases[g] = self.xp.asarray(dgrad_phases(g))
         rows, cols, _, count = gemm_shape("backward_data", g)
         self._conv("conv2d_backward_data", "backward_data", dy.dtype, g, config,
-                   (rows, cols, count), (dy, weight, dx, phases, *_geometry_args(g)))
+                   self.precision_for(dy.dtype, precision), (rows, cols, count), (dy, weight, dx, phases, *_geometry_args(g)))
         return dx
 
-    def conv2d_backward_filter(self, dy, x, g, config=None):
+    def conv2d_backward_filter(self, dy, x, g, config=None, precision=None):
         """dweight (K, C/groups, R, S): implicit GEMM over (n,p,q), split into slices
         (filter_slices) that conv2d_sum_slices adds in order."""
         dy, x = self._c(dy), self._c(x)
         shape = (g.K, g.C // g.groups, g.R, g.S)
         if g.N * g.P * g.Q == 0:
             return self.xp.zeros(shape, dtype=dy.dtype)
-        config = config or self.config_for("backward_filter", g, dy.dtype)
+        precision = self.precision_for(dy.dtype, precision)
+        config = config or self.config_for("backward_filter", g, dy.dtype, precision)
         slices, slice_len = filter_slices(g, config)
         rows, cols, _, count = gemm_shape("backward_filter", g)
         partial = self.xp.empty((slices, *shape), dtype=dy.dtype)
         self._conv("conv2d_backward_filter", "backward_filter", dy.dtype, g, config,
-                   (rows, cols, count * slices),
+                   precision, (rows, cols, count * slices),
                    (dy, x, partial, *_geometry_args(g), *i32(slices, slice_len)))
         return partial[0] if slices == 1 else self._sum_slices(partial)
 

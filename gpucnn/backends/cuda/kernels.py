@@ -45,12 +45,15 @@ class Kernels(conv.ConvLaunchers, pool.PoolLaunchers, loader.Loader):
 _per_device = {}
 
 
-def _device_name(xp, device):
+def _device_facts(xp, device):
+    """(name, has TF32 tensor cores) of a device; (None, True) for a stand-in without
+    device properties (no tuned choices; the emulator executes the MMAs)."""
     try:
-        name = xp.cuda.runtime.getDeviceProperties(device)["name"]
-    except Exception:  # a stand-in without device properties: no tuned choices
-        return None
-    return name.decode() if isinstance(name, bytes) else str(name)
+        props = xp.cuda.runtime.getDeviceProperties(device)
+    except Exception:
+        return None, True
+    name = props["name"]
+    return (name.decode() if isinstance(name, bytes) else str(name)), props["major"] >= 8
 
 
 def kernels_for(xp):
@@ -62,6 +65,8 @@ def kernels_for(xp):
     device = xp.cuda.runtime.getDevice()
     key = (xp, device)
     if key not in _per_device:
+        name, tensor_cores = _device_facts(xp, device)
         _per_device[key] = Kernels(xp, lambda code, names, options: xp.RawModule(
-            code=code, options=options, name_expressions=names), _device_name(xp, device))
+            code=code, options=options, name_expressions=names), name,
+            tensor_cores=tensor_cores)
     return _per_device[key]

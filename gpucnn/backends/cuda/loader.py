@@ -15,6 +15,7 @@ compiles the same unedited .cu files with g++ (tests/emulator).
 """
 import importlib.resources
 import pathlib
+import re
 from collections import namedtuple
 
 import numpy
@@ -30,11 +31,12 @@ MAX_BLOCKS = 65536  # grid-stride loops cover the rest
 MAX_GRID_YZ = 65535  # the driver's limit on gridDim.y and gridDim.z
 DEFAULT = "default"  # the label of a file's one build where it has one
 
-Build = namedtuple("Build", "options threads shared", defaults=({},))
+Build = namedtuple("Build", "options threads shared types", defaults=({}, tuple(TYPES.values())))
 Build.__doc__ = """One way a kernel file is compiled and launched: its -D options, the
-threads per block each kernel is launched with ({kernel: threads}), and the dynamic
+threads per block each kernel is launched with ({kernel: threads}), the dynamic
 shared memory each kernel launches with, in bytes, from the element size
-({kernel: fn(itemsize)}; a kernel without any is absent)."""
+({kernel: fn(itemsize)}; a kernel without any is absent), and the C types its
+kernels are instantiated for (all of TYPES unless the build is, say, float-only)."""
 
 KernelFile = namedtuple("KernelFile", "filename kernels builds")
 KernelFile.__doc__ = """kernels/<filename>: its kernels (base names, each instantiated for
@@ -50,25 +52,27 @@ expressions, and, per kernel base name, the threads per block its launcher uses
 launches with where it uses some (dynamic_shared, optional)."""
 
 
-def instantiations(file):
-    """Every template instantiation of a KernelFile, e.g. 'conv2d_forward<float>'."""
-    return [f"{k}<{t}>" for k in file.kernels for t in TYPES.values()]
+def instantiations(file, label=None):
+    """Every template instantiation of a KernelFile (of its build `label`; of every
+    type where None), e.g. 'conv2d_forward<float>'."""
+    types = TYPES.values() if label is None else file.builds[label].types
+    return [f"{k}<{t}>" for k in file.kernels for t in types]
 
 
 def _dynamic_shared(build):
     return {f"{k}<{ctype}>": shared(dtype.itemsize)
-            for dtype, ctype in TYPES.items() for k, shared in build.shared.items()}
+            for dtype, ctype in TYPES.items() if ctype in build.types
+            for k, shared in build.shared.items()}
 
 
 def compile_units(files):
     """The CompileUnit of every build of every KernelFile, in order."""
-    return [CompileUnit(f.filename, label, NVRTC_OPTIONS + build.options, instantiations(f),
-                        dict(build.threads), _dynamic_shared(build))
+    return [CompileUnit(f.filename, label, NVRTC_OPTIONS + build.options,
+                        instantiations(f, label), dict(build.threads), _dynamic_shared(build))
             for f in files for label, build in f.builds.items()]
 
 
-def source(filename):
-    """The text of kernels/<filename>, from the installed package or the source tree."""
+def _read(filename):
     try:
         path = importlib.resources.files("gpucnn.kernels").joinpath(filename)
         if path.is_file():
@@ -80,6 +84,22 @@ def source(filename):
         raise FileNotFoundError(f"CUDA source {filename} is missing: looked in the gpucnn.kernels "
                                 f"package data and in {path.parent}")
     return path.read_text()
+
+
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([\w.]+)"[ \t]*$', re.M)
+
+
+def source(filename):
+    """The text of kernels/<filename>, from the installed package or the source tree,
+    with each `#include "x.cuh"` of another file of kernels/ pasted in its place
+    (one level, between #line markers): one self-contained text for NVRTC, whose
+    compile cache (CuPy's) keys on the text alone, and for the emulator."""
+    text = _read(filename)
+
+    def paste(m):
+        line = text.count("\n", 0, m.start()) + 2
+        return f'#line 1 "{m[1]}"\n{_read(m[1])}\n#line {line} "{filename}"'
+    return _INCLUDE.sub(paste, text)
 
 
 def blocks(total):
@@ -125,7 +145,7 @@ class Loader:
                 file = self._files[filename]
                 options = NVRTC_OPTIONS + file.builds[config].options
                 self._modules[filename, config] = self._load_module(
-                    source(filename), instantiations(file), options)
+                    source(filename), instantiations(file, config), options)
             f = self._functions[key] = self._modules[filename, config].get_function(name)
             return f
         except Exception as e:  # CuPy's CompileException holds the NVRTC log
@@ -144,9 +164,10 @@ class Loader:
         names = []
         for unit in compile_units(self.FILES):
             for kernel in self._files[unit.filename].kernels:
-                for dtype in TYPES:
-                    self._function(unit.filename, kernel, dtype, unit.config)
-                    names.append(f"{kernel}<{TYPES[dtype]}> ({unit.config})")
+                for dtype, ctype in TYPES.items():
+                    if f"{kernel}<{ctype}>" in unit.name_expressions:
+                        self._function(unit.filename, kernel, dtype, unit.config)
+                        names.append(f"{kernel}<{ctype}> ({unit.config})")
         return names
 
     def _c(self, a):

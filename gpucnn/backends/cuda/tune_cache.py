@@ -19,12 +19,14 @@ def cache_path():
     return pathlib.Path(base) / "gpucnn" / "tune.json"
 
 
-def entry_key(pass_, g, dtype):
+def entry_key(pass_, g, dtype, precision="fp32"):
     """The key of one tuned choice within a GPU's entries, e.g.
-    'forward N64 C1 H28 W28 K32 R5 S5 stride1x1 pad2,2,2,2 dil1x1 g1 float32'."""
+    'forward N64 C1 H28 W28 K32 R5 S5 stride1x1 pad2,2,2,2 dil1x1 g1 float32'
+    (FP32), with ' tf32' or ' 3xtf32' appended for the tensor-core precisions."""
     return (f"{pass_} N{g.N} C{g.C} H{g.H} W{g.W} K{g.K} R{g.R} S{g.S} "
             f"stride{g.sh}x{g.sw} pad{g.pt},{g.pb},{g.pl},{g.pr} dil{g.dh}x{g.dw} "
-            f"g{g.groups} {numpy.dtype(dtype).name}")
+            f"g{g.groups} {numpy.dtype(dtype).name}" + ("" if precision == "fp32" else
+                                                        f" {precision}"))
 
 
 def load(path=None):
