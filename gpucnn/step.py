@@ -12,19 +12,26 @@ from . import backend
 from . import functional as F
 
 
-def train_step(model, optimizer, x, y, *, label_smoothing=0.0):
+def train_step(model, optimizer, x, y, *, label_smoothing=0.0, reducer=None):
     """Run one SGD/Adam step on the batch (x, y); returns (loss, logits) as device
     arrays: the batch-mean loss (0-d) and the logits, read them when needed. x and y
-    may be any arrays offering __dlpack__ or __array__ (PyTorch tensors among them)."""
+    may be any arrays offering __dlpack__ or __array__ (PyTorch tensors among them).
+    reducer: a gpucnn.distributed.GradientReducer, which averages the gradients
+    across the ranks of a data-parallel run before the optimizer's step (its
+    buckets start during backward); None in a single process."""
     x, y = backend.as_array(x), backend.as_array(y)
     # one section for the whole step: the CPU's threads (and its BLAS held to one
     # thread) are taken once, not pass by pass; nothing on a GPU
     with backend.ops_for(backend.get_array_module(x)).section():
         optimizer.zero_grad()
+        if reducer is not None:
+            reducer.begin()
         logits = model.forward(x)
         kwargs = {"label_smoothing": label_smoothing} if label_smoothing else {}
         loss, dlogits = F.softmax_cross_entropy(logits, y, check_labels=False, **kwargs)
         model.backward(dlogits, need_input_grad=False)
+        if reducer is not None:
+            reducer.finish()
         optimizer.step()
     return loss, logits
 

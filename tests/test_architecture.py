@@ -21,6 +21,7 @@ LAYERS = [
     ("gpucnn.nn",),
     ("gpucnn.optim", "gpucnn.schedules", "gpucnn.augment", "gpucnn.step"),
     ("gpucnn.batches",),
+    ("gpucnn.distributed",),  # data-parallel training over MPI ranks: above nn and step
 ]
 APPLICATION, TOOLS = "gpucnn.app", "gpucnn.tools"
 LONGEST_FUNCTION = 60  # lines, in the library

@@ -80,9 +80,11 @@ def _is_zip(path):
         return False
 
 
-def restore(path, model, optimizer=None):
-    """Load a checkpoint into a model (and optimizer); returns its meta record."""
-    meta, model_state, optim = read(path)
+def restore(path, model, optimizer=None, content=None):
+    """Load a checkpoint into a model (and optimizer); returns its meta record.
+    content: what read(path) returned, where it was read already (by rank 0 of a
+    distributed run, which sends it to the others)."""
+    meta, model_state, optim = read(path) if content is None else content
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in model_state.items()}
     if own != theirs:

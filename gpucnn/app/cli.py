@@ -10,7 +10,7 @@ import numpy
 import gpucnn
 from .. import backend
 from ..backends.cpu import threads
-from . import runs, train as training
+from . import parallel, runs, train as training
 from .config import DEVICES, FIELDS as CONFIG_FIELDS
 from ..errors import ConfigError, DeviceError, UserError
 from ..validate import integer, positive_int
@@ -24,6 +24,7 @@ EPILOG = """examples:
   gpucnn predict runs/fashion/checkpoint.npz shoe.png --top 3
   gpucnn export runs/fashion/checkpoint.npz fashion.onnx   # needs gpucnn[onnx]
   gpucnn info; gpucnn gradcheck --device cuda; gpucnn bench --device cpu
+  mpiexec -n 4 gpucnn train --dataset fashion-mnist   # 4 ranks (GPUs), data parallel
 
 Fashion-MNIST: apt-get install dataset-fashion-mnist (read from
 /usr/share/datasets/fashion-mnist), or --data-dir DIR holding the IDX files.
@@ -40,7 +41,11 @@ TRAIN_DESCRIPTION = (
     "128, sgd lr 1e-1 with the ResNet; folder 10 epochs, batch 32, adam lr 1e-3 with the "
     "LeNet. --model resnet takes its recipe: 10 "
     "epochs, batch 128, SGD momentum 0.9 Nesterov, lr 0.1 cosine to 0 per batch, weight decay "
-    "5e-4, random crop (padding 2) + horizontal flip (crop only on digits and MNIST).")
+    "5e-4, random crop (padding 2) + horizontal flip (crop only on digits and MNIST). "
+    "Several GPUs or machines: start one process per GPU with the MPI launcher, mpiexec -n R "
+    "gpucnn train ... (srun --mpi=pmix under Slurm; needs gpucnn[mpi]); each rank takes GPU "
+    "(its rank on its node) mod (GPUs on the node), --batch-size is per rank (the global "
+    "batch is R times it) and --lr is used as given; rank 0 alone prints and writes OUT.")
 DEVICE_HELP = "default: $GPUCNN_DEVICE or auto"
 
 
@@ -146,6 +151,9 @@ def _tune_parser(sub):
     u.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="the kernels' precision (default float32)")
     u.add_argument("--repeat", type=int, default=5, help="timed launches per configuration")
+    u.add_argument("--precision", metavar="LIST", default="fp32,tf32,3xtf32",
+                   help="float32 conv precisions to tune, comma-separated (fp32, tf32, 3xtf32; "
+                   "default all three; float64 has FP64 only)")
 
 
 def _bench_parser(sub):
@@ -157,21 +165,48 @@ def _bench_parser(sub):
     b.add_argument("--smoke", action="store_true", help="one tiny case of each kind")
     b.add_argument("--modern", action="store_true",
                    help="only BN, a residual block, the ResNet stem pool and a resnet step")
+    b.add_argument("--distributed", action="store_true",
+                   help="under mpiexec -n R: data-parallel training steps (step time, share "
+                   "of communication, overlap) against one process of the global batch")
+    b.add_argument("--precision", nargs="?", const="fp32,tf32,3xtf32", metavar="LIST",
+                   help="each float32 conv precision listed (default fp32,tf32,3xtf32) "
+                   "against cuDNN with the matching TF32 setting, with its error against "
+                   "float64, and the LeNet/ResNet steps at both libraries' defaults")
 
 
 def cmd_train(args):
     config = training.Config(**{field.name: getattr(args, field.name) for field in CONFIG_FIELDS})
     threads.keep_freed_memory()  # this process is a training run
+    world = parallel.world_for(config)
     try:
         training.train(config)
     except training.TrainingDiverged as e:
-        print(f"gpucnn: error: {e}", file=sys.stderr)
+        _alone(world, e, 3)
+        if not parallel.is_quiet(e):  # another rank's, rank 0 says it
+            print(f"gpucnn: error: {e}", file=sys.stderr)
         return 3
-    except runs.Terminated:
+    except runs.Terminated as e:
+        _alone(world, e, 128 + 15)
         return 128 + 15
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        _alone(world, e, 130)
         return 130
+    except UserError as e:
+        if parallel.is_quiet(e):
+            return 2
+        _alone(world, e, 2)
+        raise
+    except Exception as e:
+        _alone(world, e, 1)
+        raise
     return 0
+
+
+def _alone(world, error, code):
+    """An error on one rank of several that the others did not reach with it: every
+    rank ends now (MPI_Abort), not after the timeout."""
+    if world.is_distributed and not parallel.is_agreed(error):
+        parallel.end_world(world, error, code)
 
 
 def cmd_eval(args):
@@ -208,6 +243,7 @@ def cmd_info(args):
     print(f"gpucnn {gpucnn.__version__}, Python {platform.python_version()}, "
           f"NumPy {numpy.__version__}")
     device = _report_device()
+    _report_distributed()
     ok = _compile_kernels()
     if device == "cuda":
         from ..backends import cuda
@@ -236,6 +272,27 @@ def _report_device():
     if why != "cpu requested (argument)":
         print(f"cuda: not usable: {backend.cuda_unavailable_reason()}")
     return device
+
+
+def _report_distributed():
+    """The MPI library (mpiexec -n R gpucnn train), this world's size, NCCL's version."""
+    from .. import distributed
+    try:
+        version = distributed.mpi_library_version()
+    except (RuntimeError, OSError) as e:  # mpi4py there, but no MPI library it can load
+        version = f"not usable ({e})"
+    if version is None:
+        print("MPI: not available (mpi4py is not installed: pip install 'gpucnn[mpi]' and an "
+              "MPI library)")
+    else:
+        import mpi4py
+        print(f"MPI: {' '.join(version.split())} (mpi4py {mpi4py.__version__})")
+    world = distributed.get_world()
+    print(f"world: {world.size} rank{'s' if world.size > 1 else ''}" +
+          ("" if world.is_distributed else " (not started by mpiexec or srun)"))
+    nccl = distributed.nccl_version()
+    print(f"NCCL: {nccl}" if nccl else "NCCL: not available (GPU ranks need it: CuPy with "
+          "nvidia-nccl-cu12 or -cu13)")
 
 
 def _compile_kernels():
@@ -280,12 +337,30 @@ def cmd_tune(args):
     else:
         batch = 64 if args.batch_size is None else args.batch_size
         shapes = tune.model_geometries(args.model, batch)
+    precisions = _tune_precisions(args.precision, args.dtype)
     _tune_device(args.device)
     import cupy
     kernels = cuda.kernels_for(cupy)
-    chosen = tune.tune(kernels, shapes, (numpy.dtype(args.dtype),), args.repeat)
+    chosen = tune.tune(kernels, shapes, (numpy.dtype(args.dtype),), args.repeat,
+                       precisions=precisions)
     print(f"gpucnn: {len(chosen)} choices for {kernels.device_name} saved in {tune.cache_path()}")
     return 0
+
+
+def _tune_precisions(asked, dtype):
+    """The precisions --precision lists; a tensor-core one for float64 is an error."""
+    from ..backends.precision import PRECISIONS, TENSOR_CORE
+    which = [p.strip() for p in asked.split(",") if p.strip()]
+    bad = [p for p in which if p not in PRECISIONS]
+    if bad or not which:
+        raise ConfigError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}, "
+                          f"got {asked!r}")
+    if dtype == "float64":
+        if [p for p in which if p in TENSOR_CORE] and asked != "fp32,tf32,3xtf32":
+            raise ConfigError(f"--precision {asked} with --dtype float64: float64 convolutions "
+                              "compute in FP64 only; leave --precision out or pass fp32")
+        which = ["fp32"]
+    return which
 
 
 def _tune_device(asked):
@@ -307,7 +382,9 @@ def cmd_bench(args):
     return bench.main(["--device", args.device, "--repeat", str(args.repeat)] +
                       (["--json", args.json] if args.json else []) +
                       (["--smoke"] if args.smoke else []) +
-                      (["--modern"] if args.modern else [])) or 0
+                      (["--modern"] if args.modern else []) +
+                      (["--distributed"] if args.distributed else []) +
+                      ([f"--precision={args.precision}"] if args.precision else [])) or 0
 
 
 def main(argv=None):

@@ -10,6 +10,7 @@ import pathlib
 
 from . import checkpoint, data, tensorboard
 from ..augment import Augment
+from ..backends.precision import PRECISIONS
 from ..errors import ConfigError
 from .models import MODELS
 from ..optim import SGD, Adam
@@ -85,6 +86,7 @@ class Config:
     progress: a progress bar; None shows one when stderr is a terminal and otherwise
     (a log file) a plain progress line every 30 s.
     cuda_graph: None replays the step from a CUDA graph where the device is cuda.
+    batch_size is per rank: under mpiexec -n R a step takes R times as many images.
     """
     dataset: str = setting(_listing(f"what to train on (default {DEFAULT_DATASET})",
                                     data.DATASETS),
@@ -107,8 +109,9 @@ class Config:
     model: str = setting(_listing("built-in network (default: lenet for 28x28 images, digits "
                                   "for 8x8)", MODELS), run=True, choices=tuple(MODELS))
     epochs: int = setting("total number of epochs", check=_checked(positive_int))
-    batch_size: int = setting("images per training step (default: the dataset's or the "
-                              "model's recipe)", run=True, check=_checked(positive_int))
+    batch_size: int = setting("images per training step on each rank (default: the dataset's "
+                              "or the model's recipe); under mpiexec -n R the global batch is "
+                              "R times this", run=True, check=_checked(positive_int))
     optimizer: str = setting("the optimizer (default: the dataset's or the model's recipe)",
                              run=True, choices=OPTIMIZERS)
     lr: float = setting("learning rate", run=True,
@@ -149,6 +152,20 @@ class Config:
     tensorboard: bool = setting("also write the epoch metrics as TensorBoard scalars in "
                                 "OUT/tensorboard/ (needs gpucnn[tensorboard]: tensorboardX)",
                                 default=False, action="store_true", check=_tensorboard)
+    sync_bn: bool = setting("under mpiexec: BatchNorm normalises with the statistics of the "
+                            "global batch, all-reduced across the ranks (default: each rank's "
+                            "own batch, as PyTorch DDP; the running statistics are then "
+                            "averaged before each evaluation and checkpoint)", run=True,
+                            fallback=False, action="store_const", const=True)
+    dist_timeout: float = setting("under mpiexec: seconds a rank waits for the others before "
+                                  "the run is ended on every rank, naming the rank that did "
+                                  "not answer (default 300)", metavar="SECONDS", fallback=300.0,
+                                  check=_checked(number, low=0, low_open=True))
+    precision: str = setting("float32 convolutions on a GPU: fp32 (FP32 multiply-adds), tf32 "
+                             "(tensor cores, 10-bit mantissas: PyTorch's default) or 3xtf32 "
+                             "(tensor cores at FP32's accuracy); default tf32, or a resumed "
+                             "run's (docs/precision.md). The CPU computes in FP32",
+                             choices=PRECISIONS)
     cuda_graph: bool = setting("replay the training step from a CUDA graph (default: on with "
                                "--device cuda; with any optimizer, schedule, warmup, "
                                "augmentation or label smoothing; a model with Dropout runs "
@@ -157,8 +174,8 @@ class Config:
     def filled(self):
         """A copy with the defaults in place of unset fields, checked. An unset field
         takes the model's recipe, else the dataset's defaults, else its fallback."""
-        dataset = data.DATASETS[_check("dataset", FALLBACKS["dataset"] if self.dataset is None
-                                       else self.dataset)]
+        name = FALLBACKS["dataset"] if self.dataset is None else self.dataset
+        dataset = data.DATASETS[check_setting("dataset", name)]
         model = self.model if self.model is not None else dataset.defaults["model"]
         recipe = dict(MODELS[model].recipe) if model in MODELS else {}
         if recipe.get("augment") == "crop+flip" and not dataset.flip:
@@ -177,7 +194,7 @@ class Config:
         c = dataclasses.replace(self, **fills)
         for f in FIELDS:
             if getattr(c, f.name) is not None:
-                _check(f.name, getattr(c, f.name))
+                check_setting(f.name, getattr(c, f.name))
         if dataset.needs_data_dir and not c.data_dir:
             raise ConfigError(f"--dataset {dataset.name} needs --data-dir PATH (a folder with "
                               "one subfolder of images per class)")
@@ -192,13 +209,15 @@ class Config:
 FIELDS = dataclasses.fields(Config)
 # Settings only the folder dataset reads; checkpoints from before them lack them.
 FOLDER_KEYS = ("val_split", "channels", "image_size")
+# Run settings added after the first checkpoints: what those checkpoints' runs did.
+LATER_KEYS = {"sync_bn": False}
 # Settings that define a run: a resumed run takes them from its checkpoint.
 RUN_KEYS = tuple(f.name for f in FIELDS if f.metadata["run"])
 # Unset after the model's recipe and the dataset's defaults: plain training.
 FALLBACKS = {f.name: f.metadata["fallback"] for f in FIELDS if f.metadata["fallback"] is not None}
 
 
-def _check(name, value):
+def check_setting(name, value):
     """The value, after its field's check (which raises ConfigError)."""
     check = Config.__dataclass_fields__[name].metadata["check"]
     if check:
@@ -250,7 +269,7 @@ def merge_resume(config, meta):
     out is the checkpoint's folder."""
     saved = meta.get("config")
     if isinstance(saved, dict):
-        saved = {**dict.fromkeys(FOLDER_KEYS), **saved}
+        saved = {**dict.fromkeys(FOLDER_KEYS), **LATER_KEYS, **saved}
     if not isinstance(saved, dict) or any(k not in saved for k in RUN_KEYS + ("epochs",)):
         raise checkpoint.CheckpointError(f"{config.resume} was not written by gpucnn train "
                                          "(its run settings are missing)")

@@ -260,8 +260,9 @@ def load_test(name, data_dir=None, seed=0, stats=None, options=None):
 
 def batches(x, y, batch_size, device, order=None, start=0):
     """Yield (x, y) batches moved to the device once each; `order` is the
-    epoch's permutation (None: in order); `start` skips the first batches."""
-    n = len(y)
+    epoch's permutation, or a rank's share of it (None: all samples in order);
+    `start` skips the first batches."""
+    n = len(y) if order is None else len(order)
     for i in range(start * batch_size, n, batch_size):
         idx = slice(i, i + batch_size) if order is None else order[i:i + batch_size]
         yield backend.to_device(x[idx], device), backend.to_device(y[idx], device)

@@ -231,13 +231,13 @@ class Interrupts:
 
 
 @contextlib.contextmanager
-def interrupts():
-    """Install Interrupts' handler for SIGINT and SIGTERM while training and yield it;
-    the previous handlers come back at the end. Only the main thread can install
-    signal handlers (and receives signals); elsewhere the steps are not guarded. A
-    signal the parent process ignores (SIG_IGN, as a shell does for a job started
-    with &) stays ignored."""
-    guard = Interrupts()
+def interrupts(kind=Interrupts):
+    """Install the handler of an Interrupts (or of the subclass `kind`) for SIGINT
+    and SIGTERM while training and yield it; the previous handlers come back at the
+    end. Only the main thread can install signal handlers (and receives signals);
+    elsewhere the steps are not guarded. A signal the parent process ignores
+    (SIG_IGN, as a shell does for a job started with &) stays ignored."""
+    guard = kind()
     previous = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -2,6 +2,7 @@
 resume, plots, and a clean stop on NaN/inf or Ctrl-C."""
 import contextlib
 import dataclasses
+import functools
 import math
 import pathlib
 import re
@@ -11,13 +12,14 @@ import warnings
 
 import numpy
 
-from .. import backend
-from . import checkpoint, data, plots, runs, tensorboard
+from .. import backend, distributed
+from . import checkpoint, data, parallel, plots, runs, tensorboard
 from ..backends.cpu import threads as cpu_threads
+from ..backends.precision import PRECISIONS, TENSOR_CORE, conv_precision, get_conv_precision
 from .. import functional as F
 from .config import Config  # train.Config: the public name
 from .config import make_augment, make_optimizer, make_schedule, merge_resume
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from .models import MODELS
 from ..random import manual_seed
 from ..step import check_labels, train_step
@@ -31,6 +33,13 @@ def evaluate(model, x, y, batch_size, device, num_classes):
     """(mean loss, accuracy, confusion matrix) of a model on host arrays x, y.
     The sums stay on the device; they are read back once, at the end."""
     check_labels(y, num_classes)
+    total, confusion = evaluate_sums(model, x, y, batch_size, device, num_classes)
+    return total / len(y), float(numpy.trace(confusion)) / len(y), confusion
+
+
+def evaluate_sums(model, x, y, batch_size, device, num_classes):
+    """(summed loss, confusion matrix) of a model on host arrays x, y: what ranks that
+    each evaluate a part of a test set add up (the means of parts would not)."""
     was_training = model.training
     model.eval()
     xp = backend.xp_for(device)
@@ -44,8 +53,7 @@ def evaluate(model, x, y, batch_size, device, num_classes):
                                      minlength=num_classes ** 2)
     finally:
         model.train(was_training)
-    total, confusion = float(total), backend.to_numpy(confusion).reshape(num_classes, -1)
-    return total / len(y), float(numpy.trace(confusion)) / len(y), confusion
+    return float(total), backend.to_numpy(confusion).reshape(num_classes, -1)
 
 
 def _draw_plots(out, history, confusion, classes, config):
@@ -64,19 +72,47 @@ def train(config, model=None, log=print):
     model: a Sequential to train instead of the config's built-in one.
     Before any training the output folder is checked, locked and claimed
     (see Config); a UserError says what is wrong with the settings, files or folder.
+    Under an MPI launcher (mpiexec -n R) each process is one rank of the run
+    (gpucnn.app.parallel); config.batch_size is then each rank's batch.
     """
+    world = parallel.world_for(config)
+    if world.is_distributed:
+        return _train_ranks(config, model, log, world)
+    meta = checkpoint.read(config.resume)[0] if config.resume else None
+    config, plain = _settle(config, model, meta)
+    config, out, created, lock = _claim(config)
+    try:
+        with runs.interrupts() as interrupts:
+            return _run(config, model, log, out, interrupts, plain)
+    except BaseException:
+        lock.release()
+        _remove_unused(out, created)
+        raise
+    finally:
+        lock.release()
+
+
+def _settle(config, model, meta):
+    """(config, plain): a resume's settings merged with its checkpoint's (meta), the
+    defaults filled in, and whether progress goes to a log file as lines."""
     if config.resume:
-        meta = checkpoint.read(config.resume)[0]
         if meta.get("custom_model") and model is None:
             raise checkpoint.CheckpointError(
                 f"{config.resume} holds a model passed in from Python, not a built-in one; "
                 "rebuild that model and pass it: gpucnn.train.train(gpucnn.train.Config("
                 "resume=path, epochs=N), model=net)")
         config = merge_resume(config, meta)
+        if config.precision is None and meta.get("conv_precision") in PRECISIONS:
+            config = dataclasses.replace(config, precision=meta["conv_precision"])
     config = config.filled()
     plain = config.progress is None and not sys.stderr.isatty()  # a log file: lines, no bar
     if config.progress is None:
         config = dataclasses.replace(config, progress=not plain)
+    return config, plain
+
+
+def _claim(config):
+    """(config, out, created, lock): the run folder chosen, checked and locked."""
     default_out = config.out is None
     if default_out:
         config = dataclasses.replace(config, out=str(runs.default_folder()))
@@ -84,40 +120,124 @@ def train(config, model=None, log=print):
     created = default_out or not out.exists()
     here = bool(config.resume) and out.resolve() == pathlib.Path(config.resume).parent.resolve()
     lock = runs.claim(out, resuming_here=here, overwrite=config.overwrite)
-    try:
-        with runs.interrupts() as interrupts:
-            return _run(config, model, log, out, interrupts, plain)
-    except BaseException:
-        lock.release()
-        if created and not runs.holds_run(out):  # e.g. a dataset error or a NaN stop before
-            with contextlib.suppress(OSError):  # the first checkpoint: no empty folder left
-                (out / runs.METRICS).unlink(missing_ok=True)
-                out.rmdir()
-        raise
-    finally:
-        lock.release()
+    return config, out, created, lock
 
 
-def _run(config, model, log, out, interrupts, plain=False):
-    run = _setup(config, model, log, out)
+def _remove_unused(out, created):
+    if created and not runs.holds_run(out):  # e.g. a dataset error or a NaN stop before
+        with contextlib.suppress(OSError):  # the first checkpoint: no empty folder left
+            (out / runs.METRICS).unlink(missing_ok=True)
+            out.rmdir()
+
+
+def _train_ranks(config, model, log, world):
+    """train() as one rank of several: rank 0 reads the resumed checkpoint's record,
+    settles the config and claims the folder; every rank then settles its own config
+    with that record, and the setup's gather compares them."""
+    with runs.interrupts(parallel.AgreedInterrupts) as interrupts:
+        team = parallel.Team(world, log, interrupts)
+        settled = team.from_root(lambda: _settle_root(config, model))
+        root_config, plain, meta, out, created, lock = settled
+        if not team.is_root:
+            try:
+                config = dataclasses.replace(_settle(config, model, meta)[0], out=str(out),
+                                             progress=False)
+            except UserError as e:  # reported at the setup's gather, with the others'
+                team.local_error, config = e, root_config
+            plain = False
+        else:
+            config = root_config
+        try:
+            return _run(config, model, team.log, out, interrupts, plain, team)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+                _remove_unused(out, created)
+            raise
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _settle_root(config, model):
+    meta = checkpoint.read(config.resume)[0] if config.resume else None
+    config, plain = _settle(config, model, meta)
+    config, out, created, lock = _claim(config)
+    return config, plain, meta, out, created, lock
+
+
+def _run(config, model, log, out, interrupts, plain=False, team=None):
+    if team is None:
+        run = _setup(config, model, log, out)
+    else:  # every rank's setup errors and settings, compared before any collective
+        run = team.gather_checked(lambda: _setup(config, model, log, out, team),
+                                  lambda r: parallel.describe(config, r.device, r.ds, r.train_y,
+                                                              r.model))
     run.plain_progress = plain
+    run.precision = _conv_precision(config.precision, run.device, log)
+    # the process-wide setting, for this run only (a caller's own is restored after)
+    with (conv_precision(run.precision) if run.device == "cuda"
+          else contextlib.nullcontext()):
+        return _train_epochs(run, interrupts)
+
+
+def _conv_precision(asked, device, log):
+    """The precision float32 convolutions run with: on a GPU the one asked for, else
+    the process's (gpucnn.set_conv_precision, by default tf32); on the CPU FP32, with
+    one line where a tensor-core precision was asked for."""
+    if device == "cuda":
+        return asked or get_conv_precision()
+    if asked in TENSOR_CORE:
+        log(f"gpucnn: warning: --precision {asked} applies on a GPU only; the CPU computes "
+            "convolutions in FP32")
+    return "fp32"
+
+
+def _train_epochs(run, interrupts):
+    config, log, team, out = run.config, run.log, run.team, run.out
     if config.resume:
         _restore(run)
-    if run.history:  # a resumed run's rows, rebuilt from its checkpoint
-        _write_metrics(run)
-    if run.history and not all((out / name).exists() for name in runs.PLOTS):
-        with runs.writing("the plots", run.survivor):
-            _draw_plots(out, run.history, run.confusion and numpy.array(run.confusion),
-                        run.ds.classes, config)
+    if team is None:
+        _rewrite_outputs(run)
+    else:
+        _join_ranks(run)
     check_labels(run.train_y, len(run.ds.classes), "training labels")  # once, not per step
-    step_fn = _step_function(config, run.device, run.model, run.optimizer, log)
+    step_fn = _step_function(config, run.device, run.model, run.optimizer, log, run.reducer)
     for epoch in range(run.start_epoch, config.epochs):
         row, confusion, train_time = _epoch(run, epoch, interrupts, step_fn)
         run.partial = None
         run.history.append(row)
-        _after_epoch(run, row, confusion, train_time)
+        if team is None:
+            _after_epoch(run, row, confusion, train_time)
+        else:
+            _after_epoch_ranks(run, row, confusion, train_time)
     log(f"gpucnn: done; metrics, checkpoint and plots are in {out}")
     return run.history, run.model
+
+
+def _rewrite_outputs(run):
+    """A resumed run's metrics (rebuilt from its checkpoint) and any missing plots."""
+    if run.history:
+        _write_metrics(run)
+    if run.history and not all((run.out / name).exists() for name in runs.PLOTS):
+        with runs.writing("the plots", run.survivor):
+            _draw_plots(run.out, run.history, run.confusion and numpy.array(run.confusion),
+                        run.ds.classes, run.config)
+
+
+def _join_ranks(run):
+    """Once every rank's setup is known to be good: the communicator, sync-BN, rank 0's
+    weights on every rank, the gradient reducer; rank 0 rewrites a resumed run's
+    outputs. A stop asked for meanwhile ends the run here, before any step."""
+    team, config = run.team, run.config
+    comm = distributed.communicator_for(team.world, backend.xp_for(run.device))
+    if config.sync_bn:
+        distributed.convert_sync_batchnorm(run.model, comm)
+    distributed.broadcast_state(run.model, comm)
+    run.reducer = distributed.GradientReducer(run.model, comm)
+    flags = team.outcome(lambda: _rewrite_outputs(run))
+    if flags:
+        raise parallel.stop_error(flags)
 
 
 @dataclasses.dataclass
@@ -147,6 +267,10 @@ class _Run:
     saved_epoch: int = None  # that of the last complete checkpoint; None: none written
     float_warnings: object = None  # _FloatWarnings, set in __post_init__
     plain_progress: bool = False  # progress lines for a log file instead of the bar
+    team: object = None  # the ranks of a run under mpiexec (parallel.Team); None: one process
+    reducer: object = None  # their gradient average (gpucnn.distributed.GradientReducer)
+    stop_flags: int = 0  # a stop the ranks agreed on at an epoch's end, after its checkpoint
+    precision: str = "fp32"  # what float32 convolutions ran with (docs/precision.md)
 
     def __post_init__(self):
         self.float_warnings = _FloatWarnings(self.log)
@@ -154,6 +278,10 @@ class _Run:
     @property
     def ckpt_path(self):
         return self.out / runs.CHECKPOINT
+
+    @property
+    def ranks(self):
+        return 1 if self.team is None else self.team.size
 
     def survivor(self):
         if self.saved_epoch is None:
@@ -172,6 +300,8 @@ class _Run:
                     input_shape=[int(v) for v in ds.image_shape], data_stats=ds.stats,
                     custom_model=self.custom_model, device=self.device,
                     blas_threads=self.threads, confusion=self.confusion,
+                    world_size=self.ranks, global_batch=self.ranks * self.config.batch_size,
+                    conv_precision=self.precision,
                     **_extras(self.model, self.schedule, self.augment))
         with runs.writing(self.ckpt_path, self.survivor):
             checkpoint.save(self.ckpt_path, self.model, self.optimizer, meta)
@@ -191,10 +321,13 @@ def _dataset_options(settings, spec, input_shape=None):
     return options
 
 
-def _setup(config, model, log, out):
+def _setup(config, model, log, out, team=None):
     """The device, the data, the model (the config's built-in one, or the given
     one), its optimizer, schedule and augmentation, and the shuffling generator,
-    all seeded from config.seed in the order that a resume repeats."""
+    all seeded from config.seed in the order that a resume repeats. One rank of
+    several (team) takes its node's share of the GPUs and its steps per epoch from
+    gpucnn.distributed; nothing here waits for the other ranks."""
+    gpu = parallel.use_local_gpu(team.world, config.device) if team is not None else None
     device, why = backend.resolve_device(config.device)
     log(f"gpucnn: training on {device} ({why})")
     ds = data.load(config.dataset, config.data_dir, seed=config.seed,
@@ -215,28 +348,39 @@ def _setup(config, model, log, out):
                                            input_shape=ds.image_shape)
     model.to(device).train()
     optimizer = make_optimizer(config, model.parameters())
-    nb = data.num_batches(len(train_y), config.batch_size)
+    if team is None:
+        nb = data.num_batches(len(train_y), config.batch_size)
+    else:
+        nb = distributed.steps_per_epoch(len(train_y), team.size, config.batch_size)
+        parallel.check_device(device)
+        parallel.log_world(team, config, len(train_y), nb, device, gpu)
     schedule = make_schedule(config, optimizer, nb)
     augment = make_augment(config, ds.stats, config.seed + 1)
     rng = numpy.random.default_rng(config.seed)
     return _Run(config, out, log, device, ds, train_x, train_y, model, custom_model, optimizer,
-                nb, schedule, augment, rng, cpu_threads.step_blas_threads())
+                nb, schedule, augment, rng, cpu_threads.step_blas_threads(), team=team)
 
 
 def _restore(run):
     """Load the resumed checkpoint into the run: the weights and optimizer state,
     the history, where it stopped, and the shuffling, schedule and augmentation
     states."""
-    config, log = run.config, run.log
-    meta = checkpoint.restore(config.resume, run.model, run.optimizer)
+    config, log, team = run.config, run.log, run.team
+    if team is None:
+        meta = checkpoint.restore(config.resume, run.model, run.optimizer)
+    else:  # read by rank 0 alone, loaded by every rank
+        content = team.from_root(lambda: checkpoint.read(config.resume))
+        meta = team.gather_checked(lambda: checkpoint.restore(config.resume, run.model,
+                                                              run.optimizer, content),
+                                   lambda meta: {})
     run.history, run.start_epoch, run.start_step = meta["history"], meta["epoch"], meta["step"]
     run.rng.bit_generator.state = meta["rng_state"]
     planned = run.schedule.state_dict() if run.schedule is not None else None
     _restore_extras(meta, run.schedule, run.augment)
-    _replan_schedule(run, planned, meta["config"]["epochs"])
+    _replan_schedule(run, planned, meta["config"]["epochs"], _rescale_world(run, meta))
     run.partial = meta.get("partial")
     run.confusion = meta.get("confusion")
-    _warn_environment(meta, run.device, run.threads, log)
+    _warn_environment(meta, run.device, run.threads, log, run.precision)
     if run.start_epoch >= config.epochs and not run.start_step:
         log(f"gpucnn: {config.resume} has finished its {run.start_epoch} epochs; nothing to do "
             f"(pass --epochs N with N > {run.start_epoch} to train further)")
@@ -246,19 +390,46 @@ def _restore(run):
     run.saved_epoch = run.start_epoch
 
 
-def _replan_schedule(run, planned, saved_epochs):
+def _rescale_world(run, meta):
+    """A resume on another number of ranks than the checkpoint's: one line, and the
+    resumed epoch's position carried over in images (its steps are of another global
+    batch). Returns the schedule's step count at that position, None for the same ranks."""
+    before, now = int(meta.get("world_size", 1)), run.ranks
+    if before == now:
+        return None
+    batch = run.config.batch_size
+    run.log(f"gpucnn: {run.config.resume} was trained on {parallel.ranks_text(before)} (a "
+            f"global batch of {before * batch}) and resumes on {parallel.ranks_text(now)} (a "
+            f"global batch of {now * batch}): the order of the data changes from here on, and "
+            "the learning rate stays as it was")
+    if run.start_step:
+        run.start_step = min(run.batches, run.start_step * before // now)
+    return run.start_epoch * run.batches + run.start_step
+
+
+def _replan_schedule(run, planned, saved_epochs, last_step=None):
     """A resume that changes the run's length re-plans its schedule over the new
     total, as if it had been set for it from the start (cosine reaches 0 at the new
     end, step decays every third of it), and says so with the rate's jump. Going on
-    with the old plan instead would make a cosine climb back up past its end."""
+    with the old plan instead would make a cosine climb back up past its end.
+    last_step: the step count the new plan goes on from, where a resume on another
+    number of ranks changed the steps per epoch (None: the checkpoint's)."""
     schedule, epochs = run.schedule, run.config.epochs
-    if schedule is None or epochs == saved_epochs:
+    if schedule is None or (epochs == saved_epochs and last_step is None):
         return
     now = schedule.state_dict()
-    if all(now[k] == v for k, v in planned.items() if k != "last_step"):
+    step = now["last_step"] if last_step is None else last_step
+    if step == now["last_step"] and all(now[k] == v for k, v in planned.items()
+                                        if k != "last_step"):
         return  # a plan that does not depend on the length (warmup alone)
     before = schedule.get_last_lr()
-    schedule.load_state_dict(dict(planned, last_step=now["last_step"]))
+    schedule.load_state_dict(dict(planned, last_step=step))
+    if last_step is not None:
+        run.log(f"gpucnn: its {run.config.schedule} schedule is re-planned for "
+                f"{run.batches} steps per epoch ({epochs * run.batches} in all), as if set "
+                f"for them from the start; the learning rate at the resume point goes from "
+                f"{before:.4g} to {schedule.get_last_lr():.4g}")
+        return
     run.log(f"gpucnn: the run goes on to {epochs} epochs instead of {saved_epochs}: its "
             f"{run.config.schedule} schedule is re-planned over all {epochs} epochs "
             f"({epochs * run.batches} steps), as if set for them from the start; the learning "
@@ -278,6 +449,7 @@ class _Epoch:
     bar: object = None
     sums: object = None
     evaluating: bool = False
+    diverged: str = None  # under mpiexec: this rank's NaN line, until the ranks agree to stop
 
 
 def _epoch(run, epoch, interrupts, step_fn):
@@ -287,23 +459,31 @@ def _epoch(run, epoch, interrupts, step_fn):
     config, ds = run.config, run.ds
     epoch_state = run.rng.bit_generator.state
     e = _Epoch(epoch, run.start_step if epoch == run.start_epoch else 0)
-    if run.partial and e.step:
+    if run.partial and e.step and (run.team is None or run.team.is_root):  # the ranks' sums
         e.loss_sum, e.correct, e.seen, e.train_time = (
             run.partial[k] for k in ("loss_sum", "correct", "seen", "train_time"))
     try:  # from here on a Ctrl-C is answered with a checkpoint and a line
         with run.float_warnings.watch(e):
             _steps(run, e, interrupts, step_fn)
             e.evaluating = True
-            test_loss, test_acc, confusion = evaluate(run.model, ds.test_x, ds.test_y,
-                                                      max(config.batch_size, 256), run.device,
-                                                      len(ds.classes))
+            if run.team is None:
+                test_loss, test_acc, confusion = evaluate(run.model, ds.test_x, ds.test_y,
+                                                          max(config.batch_size, 256),
+                                                          run.device, len(ds.classes))
+            else:
+                test_loss, test_acc, confusion = _end_epoch_ranks(run, e)
         elapsed = (run.history[-1]["elapsed_s"] if run.history else 0.0) + e.train_time
         row = dict(epoch=epoch + 1, train_loss=e.loss_sum / e.seen,
                    train_accuracy=int(e.correct) / e.seen, test_loss=test_loss,
                    test_accuracy=test_acc, images_per_s=e.seen / e.train_time,
-                   elapsed_s=elapsed)
+                   elapsed_s=elapsed, conv_precision=run.precision)
         run.confusion = confusion.tolist()
-        run.save(epoch + 1, 0, run.rng.bit_generator.state, rows=run.history + [row])
+        save = functools.partial(run.save, epoch + 1, 0, run.rng.bit_generator.state,
+                                 rows=run.history + [row])
+        if run.team is None:
+            save()
+        else:  # rank 0 writes, once every rank's sums are in
+            run.stop_flags |= run.team.outcome(save)
     except KeyboardInterrupt:
         _save_interrupted(run, e, epoch_state, interrupts)
         raise
@@ -315,12 +495,16 @@ def _steps(run, e, interrupts, step_fn):
     read back inside a step: the losses and the correct count are read every
     READ_EVERY steps (progress bar, NaN stop), for each plain progress line and at
     the epoch's end."""
-    config = run.config
+    config, team = run.config, run.team
     order = run.rng.permutation(len(run.train_y))
+    if team is not None:  # this rank's share of the same permutation
+        order = distributed.shard(order, team.rank, team.size, config.batch_size)
     desc = f"epoch {e.index + 1}/{config.epochs}"
     e.bar = _progress(run.batches, e.step, desc, config.progress)
     e.sums = _DeviceSums(backend.xp_for(run.device), e.loss_sum, e.correct)
-    plain = _PlainProgress(run.batches, desc, run.log) if run.plain_progress else None
+    plain = (_PlainProgress(run.batches, desc, run.log, run.ranks) if run.plain_progress
+             else None)
+    stop = parallel.StopFlags(team.world) if team is not None else None
     t0 = time.perf_counter()
     for xb, yb in data.batches(run.train_x, run.train_y, config.batch_size, run.device, order,
                                e.step):
@@ -337,15 +521,76 @@ def _steps(run, e, interrupts, step_fn):
         e.train_time += now - t0
         t0 = now
         if e.sums.full():
-            e.loss_sum, e.correct = e.sums.read(e.index, run.ckpt_path, config.lr)
+            _read_sums(run, e)
             e.bar.set_postfix(loss=f"{e.loss_sum / e.seen:.4f}",
-                              img_s=f"{e.seen / e.train_time:.0f}")
+                              img_s=f"{e.seen * run.ranks / e.train_time:.0f}")
         e.bar.update(1)
         if plain is not None and plain.due(now, e.step):
-            e.loss_sum, e.correct = e.sums.read(e.index, run.ckpt_path, config.lr)
+            _read_sums(run, e)
             plain.line(e)
-    e.loss_sum, e.correct = e.sums.read(e.index, run.ckpt_path, config.lr)
+        if stop is not None:  # agreed one step late: the GPU has the next step queued
+            _stop_if_agreed(run, e, stop.after_step(_local_flags(interrupts, e)))
+    _read_sums(run, e)
+    if stop is not None:
+        _stop_if_agreed(run, e, stop.finish())
     e.bar.close()
+
+
+def _read_sums(run, e, check=True):
+    """e's running loss and correct count from the device (a sync). One rank of
+    several keeps a NaN line to itself (e.diverged) until the ranks agree to stop:
+    leaving alone would leave the others waiting in the next step's all-reduce."""
+    if run.team is None:
+        e.loss_sum, e.correct = e.sums.read(e.index, run.ckpt_path, run.config.lr, check)
+        return
+    with run.team.watch("reading the loss"):
+        try:
+            e.loss_sum, e.correct = e.sums.read(e.index, run.ckpt_path, run.config.lr,
+                                                check and e.diverged is None)
+        except TrainingDiverged as diverged:
+            e.diverged = str(diverged)
+            e.loss_sum, e.correct = e.sums.read(e.index, run.ckpt_path, run.config.lr, False)
+
+
+def _local_flags(interrupts, e):
+    return interrupts.flags | (parallel.DIVERGED_FLAG if e.diverged else 0)
+
+
+def _stop_if_agreed(run, e, flags):
+    """Every rank stops here for agreed flags: a NaN loss on any rank (its line, no
+    checkpoint) before a signal (a KeyboardInterrupt, answered with a checkpoint)."""
+    if not flags:
+        return
+    if flags & parallel.DIVERGED_FLAG:
+        lines = run.team.world.allgather_host(e.diverged)
+        raise parallel.agreed(TrainingDiverged(next(line for line in lines if line)),
+                              quiet=not run.team.is_root)
+    raise parallel.stop_error(flags)
+
+
+def _end_epoch_ranks(run, e):
+    """The epoch's end on every rank: the same running statistics everywhere (without
+    sync-BN), this rank's part of the test set, then one gather of every rank's
+    train and test sums, added in rank order; e then holds the epoch's totals.
+    Returns (test loss, test accuracy, confusion matrix). A NaN on any rank stops
+    here; a signal that came meanwhile stops after the epoch's checkpoint."""
+    team, ds, config = run.team, run.ds, run.config
+    if not config.sync_bn:
+        distributed.average_buffers(run.model, team.world)
+    part = distributed.shard_eval(len(ds.test_y), team.rank, team.size)
+    check_labels(ds.test_y[part], len(ds.classes))
+    test_sum, confusion = evaluate_sums(run.model, ds.test_x[part], ds.test_y[part],
+                                        max(config.batch_size, 256), run.device,
+                                        len(ds.classes))
+    flags = _local_flags(team.interrupts, e)
+    totals = team.world.allgather_host((e.loss_sum, int(e.correct), e.seen, test_sum, confusion,
+                                        e.train_time, flags))
+    _stop_if_agreed(run, e, max(t[6] for t in totals) & parallel.DIVERGED_FLAG)
+    e.loss_sum, e.correct, e.seen, test_sum, confusion = parallel.add_up([t[:5] for t in totals])
+    e.train_time = max(t[5] for t in totals)  # the slowest rank's
+    run.stop_flags = max(t[6] for t in totals)
+    n = len(ds.test_y)
+    return test_sum / n, float(numpy.trace(confusion)) / n, confusion
 
 
 def _save_interrupted(run, e, epoch_state, interrupts):
@@ -359,9 +604,20 @@ def _save_interrupted(run, e, epoch_state, interrupts):
                 f"that step was cut short, so nothing was saved. {run.survivor()}")
         return
     if e.sums is not None:
-        e.loss_sum, e.correct = e.sums.read(e.index, run.ckpt_path, run.config.lr, check=False)
-    run.save(e.index, e.step, epoch_state, dict(loss_sum=e.loss_sum, correct=int(e.correct),
-                                                seen=e.seen, train_time=e.train_time))
+        _read_sums(run, e, check=False)
+    part = dict(loss_sum=e.loss_sum, correct=int(e.correct), seen=e.seen,
+                train_time=e.train_time)
+    if run.team is None:
+        run.save(e.index, e.step, epoch_state, part)
+    else:  # every rank stopped after this step: rank 0 saves the ranks' sums
+        if not run.config.sync_bn:
+            distributed.average_buffers(run.model, run.team.world)
+        totals = run.team.world.allgather_host((e.loss_sum, int(e.correct), e.seen,
+                                                e.train_time))
+        loss_sum, correct, seen = parallel.add_up([t[:3] for t in totals])
+        part.update(loss_sum=loss_sum, correct=int(correct), seen=seen,
+                    train_time=max(t[3] for t in totals))
+        run.team.outcome(lambda: run.save(e.index, e.step, epoch_state, part))
     run.log(f"gpucnn: interrupted at epoch {e.index + 1}, step {e.step}; saved {run.ckpt_path} "
             f"(continue with --resume {run.ckpt_path})")
 
@@ -399,6 +655,18 @@ def _after_epoch(run, row, confusion, train_time):
         raise
 
 
+def _after_epoch_ranks(run, row, confusion, train_time):
+    """_after_epoch on rank 0, the others waiting for its outcome; then a stop that any
+    rank was asked for during the epoch's end, with the epoch saved."""
+    flags = run.stop_flags | run.team.outcome(
+        lambda: _after_epoch(run, row, confusion, train_time))
+    run.stop_flags = 0
+    if flags:
+        run.log(f"gpucnn: interrupted after epoch {row['epoch']} was saved in {run.ckpt_path} "
+                f"(continue with --resume {run.ckpt_path})")
+        raise parallel.stop_error(flags)
+
+
 def _extras(model, schedule, augment):
     """The random layers', schedule's and augmentation's state for the checkpoint's meta."""
     return dict(model_rng=model.random_state(),
@@ -417,9 +685,14 @@ def _restore_extras(meta, schedule, augment):
             getattr(obj, restore)(state)
 
 
-def _warn_environment(meta, device, threads, log):
-    """Repeatability holds bit for bit on the same device and BLAS thread count only."""
+def _warn_environment(meta, device, threads, log, precision="fp32"):
+    """Repeatability holds bit for bit on the same device, BLAS thread count and conv
+    precision only."""
     then_threads, then_device = meta.get("blas_threads"), meta.get("device")
+    then_precision = meta.get("conv_precision")
+    if then_precision and then_precision != precision and then_device == device:
+        log(f"gpucnn: warning: this run was trained with conv precision {then_precision} and "
+            f"resumes with {precision}; the weights will not match a straight run bit for bit")
     if then_device and then_device != device:
         log(f"gpucnn: warning: this run was trained on {then_device} and resumes on {device}; "
             "the weights will not match a straight run bit for bit")
@@ -431,20 +704,22 @@ def _warn_environment(meta, device, threads, log):
             f"({how})")
 
 
-def _step_function(config, device, model, optimizer, log):
+def _step_function(config, device, model, optimizer, log, reducer=None):
     """train_step, or on a GPU (unless cuda_graph is False) its CUDA-graph replay.
     The graph serves every option: the schedule and warmup write optimizer.lr, which
     the step reads from the device; label smoothing is fixed for the run; the
-    augmentation has run on the batch before the step gets it."""
+    augmentation has run on the batch before the step gets it. reducer: the ranks'
+    gradient average, inside the step (and so inside the graph)."""
     smoothing = config.label_smoothing
+    step = train_step if reducer is None else functools.partial(train_step, reducer=reducer)
     use_graph = config.cuda_graph if config.cuda_graph is not None else device == "cuda"
     if not use_graph:
-        return lambda model, optimizer, x, y: train_step(model, optimizer, x, y,
-                                                         label_smoothing=smoothing)
+        return lambda model, optimizer, x, y: step(model, optimizer, x, y,
+                                                   label_smoothing=smoothing)
     if device != "cuda":
         raise ConfigError(f"cuda_graph needs device 'cuda', got {device!r}")
     from ..backends.cuda.graph import GraphedStep
-    graphed = GraphedStep(model, optimizer, step=train_step, label_smoothing=smoothing, log=log)
+    graphed = GraphedStep(model, optimizer, step=step, label_smoothing=smoothing, log=log)
     return lambda model, optimizer, x, y: graphed(x, y)
 
 
@@ -518,8 +793,9 @@ class _FloatWarnings:
             except TrainingDiverged as diverged:
                 if self.first is None:
                     raise
-                raise TrainingDiverged(f"{diverged} (NumPy first reported {self.first})") \
-                    from None
+                again = TrainingDiverged(f"{diverged} (NumPy first reported {self.first})")
+                vars(again).update(vars(diverged))  # parallel.agreed's mark, where it is set
+                raise again from None
         if self.first is not None and not self.reported:
             self.reported = True
             self.log(f"gpucnn: warning: NumPy reported {self.first}; the loss stayed finite, "
@@ -535,8 +811,8 @@ class _PlainProgress:
     tqdm's. The running loss is read from the device only for a line: one sync per
     line, none per step."""
 
-    def __init__(self, total, desc, log):
-        self.total, self.desc, self.log = total, desc, log
+    def __init__(self, total, desc, log, ranks=1):
+        self.total, self.desc, self.log, self.ranks = total, desc, log, ranks
         self.next = time.perf_counter() + PLAIN_EVERY_S
 
     def due(self, now, step):
@@ -546,7 +822,8 @@ class _PlainProgress:
         self.next = time.perf_counter() + PLAIN_EVERY_S
         left = (self.total - e.step) * e.train_time / e.step
         self.log(f"{self.desc}: step {e.step}/{self.total} ({100 * e.step // self.total}%), "
-                 f"loss {e.loss_sum / e.seen:.4f}, {e.seen / e.train_time:.0f} images/s, "
+                 f"loss {e.loss_sum / e.seen:.4f}, {e.seen * self.ranks / e.train_time:.0f} "
+                 "images/s, "
                  f"{_duration(left)} left")
 
 

@@ -20,6 +20,20 @@ Backward, with g = dy and mean_c(.) the per-channel mean over the M values:
 The reductions are NumPy/CuPy reductions over fixed axes: the same order on every
 call, so the result is deterministic on a device.
 
+Across R ranks (sync-BN, ``sync=`` a communicator offering allreduce_sum_: the
+layers of gpucnn.distributed), training uses the statistics of the global batch,
+M = sum over the ranks of each rank's M_r, in the same two passes:
+    S_c = allreduce(sum x, M_r)         mu_c = S_c / M
+    Q_c = allreduce(sum (x - mu_c)^2)   var_c = Q_c / M
+(the second pass centred on the global mean, never E[x^2] - E[x]^2), and backward
+    G1_c = allreduce(sum g)   G2_c = allreduce(sum g * x_hat)
+    dx = weight_c / sqrt(var_c + eps) * (g - G1_c / M - x_hat * G2_c / M)
+while dweight and dbias stay this rank's own sums (the data-parallel gradient
+average adds them up). Each rank's g is the gradient of its own batch's mean loss,
+R times its share of the global loss's gradient; the gradient average's 1/R
+undoes that (docs/distributed.md). The running statistics use the global mu and
+var * M / (M - 1), the same on every rank.
+
 What is computed and kept is d = x - mu (the centred input) and inv_std =
 1/sqrt(var + eps), not x_hat = d * inv_std: each x_hat above is d * inv_std with
 inv_std folded into a per-channel factor (y = d * (weight * inv_std) + bias,
@@ -35,7 +49,9 @@ from . import _checks
 
 # What backward needs from forward: the centred input d = x - mean (x's shape),
 # 1/sqrt(var + eps) per channel (shape (C,)), and whether batch statistics were used.
-BatchNormSaved = namedtuple("BatchNormSaved", "centred inv_std training")
+# With sync-BN also the communicator (sync) and the global count M as a (1,) array.
+BatchNormSaved = namedtuple("BatchNormSaved", "centred inv_std training sync count",
+                            defaults=(None, None))
 
 
 def _spatial(a):
@@ -109,7 +125,7 @@ def _checks_all(x, running_mean, running_var, weight, bias, training):
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, workspace=None):
+               momentum=0.1, eps=1e-5, *, workspace=None, sync=None):
     """(y, saved): y has x's shape; saved (BatchNormSaved) goes to batch_norm_backward.
 
     As torch.nn.functional.batch_norm: in training the running statistics (when
@@ -118,8 +134,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     workspace: a layer's Workspace (gpucnn.backends.cpu.workspace) in which the
     centred input (saved) is built, reused from call to call (what the last call
     saved is then overwritten), or None for a fresh array.
+    sync: in training, a communicator (allreduce_sum_(array) in place, the same
+    calls on every rank) over whose ranks the statistics are taken (sync-BN); None
+    for this batch alone.
     """
     xp = _checks_all(x, running_mean, running_var, weight, bias, training)
+    if training and sync is not None:  # every rank joins the sums, even with no sample
+        return _batch_norm_sync(backend.ops_for(xp), x, running_mean, running_var, weight, bias,
+                                momentum, eps, workspace, sync)
     if training and x.size == 0:  # PyTorch: an empty output, the statistics unchanged
         C = x.shape[1]
         saved = BatchNormSaved(x * 1, xp.ones(C, x.dtype), True)
@@ -174,12 +196,14 @@ def _forward_channels(ops, x, running_mean, running_var, weight, bias, training,
 
 def batch_norm_backward(dy, saved, weight=None):
     """(dx, dweight, dbias) for dy of x's shape; dweight/dbias are None without weight."""
-    centred, inv_std, training = saved
+    centred, inv_std, training = saved[:3]
     _checks.float_array(dy, "grad_output")
     _checks.same_dtype("input", centred, grad_output=dy)
     _checks.shape_is(dy, "grad_output", centred.shape)
     xp = backend.get_array_module(dy, centred, weight)
     ops = backend.ops_for(xp)
+    if saved.sync is not None:
+        return _batch_norm_backward_sync(ops, dy, saved, weight)
     C = dy.shape[1]
     dx, dweight, dbias = xp.empty_like(centred), xp.empty(C, dy.dtype), xp.empty(C, dy.dtype)
 
@@ -209,3 +233,57 @@ def _backward_channels(ops, dy, centred, inv_std, weight, training, dx, dweight,
         _channelwise(ops, xp.multiply, dx, scale, dx)
     else:
         _channelwise(ops, xp.multiply, dy, scale, dx)
+
+
+def _batch_norm_sync(ops, x, running_mean, running_var, weight, bias, momentum, eps, workspace,
+                     sync):
+    """batch_norm in training over the global batch of sync's ranks: two all-reduces
+    (the per-channel sums with the count, then the sums of squares about the global
+    mean). Over whole channels, not channel ranges: each collective runs once."""
+    xp, C = ops.xp, x.shape[1]
+    centred = (ops.kept(workspace, "centred", x.shape, x.dtype)
+               if x.flags.c_contiguous else xp.empty_like(x))
+    y, inv_std = xp.empty_like(x), xp.empty(C, x.dtype)
+    stats = xp.empty(C + 1, x.dtype)
+    stats[:C] = _channel_sum(x)
+    stats[C] = x.size // C if C else 0  # this rank's M_r; exact in float32 up to 2**24
+    sync.allreduce_sum_(stats)
+    count = stats[C:]
+    mean = stats[:C] / count
+    _channelwise(ops, xp.subtract, x, mean, centred)
+    squares = _channel_dot(ops, centred, centred) if x.size else xp.zeros(C, x.dtype)
+    sync.allreduce_sum_(squares)
+    var = squares / count
+    if running_mean is not None:
+        running_mean *= 1 - momentum
+        running_mean += momentum * mean
+    if running_var is not None:
+        running_var *= 1 - momentum
+        running_var += (momentum * count / (count - 1)) * var
+    xp.divide(1, xp.sqrt(var + x.dtype.type(eps)), out=inv_std)
+    _channelwise(ops, xp.multiply, centred, inv_std if weight is None else inv_std * weight, y)
+    if bias is not None:
+        _channelwise(ops, xp.add, y, bias, y)
+    return y, BatchNormSaved(centred, inv_std, True, sync, count)
+
+
+def _batch_norm_backward_sync(ops, dy, saved, weight):
+    """batch_norm_backward of a sync-BN forward: one all-reduce of the per-channel
+    sums of g and g * x_hat; dweight and dbias are this rank's own sums."""
+    xp, C = ops.xp, dy.shape[1]
+    centred, inv_std, count = saved.centred, saved.inv_std, saved.count
+    sums = xp.empty(2 * C, dy.dtype)
+    sums[:C] = _channel_sum(dy)
+    sums[C:] = (_channel_dot(ops, dy, centred) if dy.size else 0) * inv_std
+    dbias, dweight = sums[:C].copy(), sums[C:].copy()
+    saved.sync.allreduce_sum_(sums)
+    scale = inv_std if weight is None else inv_std * weight
+    dx = xp.empty_like(centred)
+    # x_hat * G2 / M = centred * (inv_std * G2 / M)
+    _channelwise(ops, xp.multiply, centred, -(inv_std * sums[C:]) / count, dx)
+    dx += dy
+    _channelwise(ops, xp.subtract, dx, sums[:C] / count, dx)
+    _channelwise(ops, xp.multiply, dx, scale, dx)
+    if weight is None:
+        return dx, None, None
+    return dx, dweight, dbias

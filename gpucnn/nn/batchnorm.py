@@ -15,11 +15,23 @@ class BatchNorm2D(Module):
     the running ones (momentum, or the cumulative average when momentum=None);
     eval normalises with the running statistics (with the batch's when
     track_running_stats=False). Equations: gpucnn.functional.batchnorm.
+
+    sync: a gpucnn.distributed Communicator whose ranks share the statistics of
+    the global batch in training (sync-BN; gpucnn.distributed.convert_sync_batchnorm
+    sets it on every BatchNorm2D of a model); None normalises with this process's
+    batch. Eval never communicates.
     """
 
+    sync = None
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True):
+                 track_running_stats=True, sync=None):
         super().__init__()
+        if sync is not None:
+            if not callable(getattr(sync, "allreduce_sum_", None)):
+                raise TypeError(f"sync must be a gpucnn.distributed Communicator or None, got "
+                                f"{type(sync).__name__}")
+            self.sync = sync
         num_features = validate.positive_int(num_features, "num_features")
         eps = validate.number(eps, "eps", 0, low_open=True)
         if momentum is not None:  # kept as given (a float or an int), as PyTorch does
@@ -72,7 +84,8 @@ class BatchNorm2D(Module):
             training=use_batch, momentum=momentum, eps=self.eps,
             # kept memory in training only: an eval forward (Module.summary's, or
             # several threads' running one model) must not write over it
-            workspace=self._workspace if self.training else None)
+            workspace=self._workspace if self.training else None,
+            **({"sync": self.sync} if self.sync is not None and self.training else {}))
         self._keep(ctx)
         return y
 

@@ -2,6 +2,7 @@
 import contextlib
 import math
 import os
+import weakref
 
 import numpy
 
@@ -41,6 +42,30 @@ class Buffer:
     def __init__(self, data):
         self.data = data
         self.grad = None  # lets Module.to treat buffers and parameters alike
+
+
+# module -> the functions to call once its backward has run inside a container (weak:
+# a hook neither keeps a module alive nor travels with it when it is pickled or copied)
+_BACKWARD_DONE_HOOKS = weakref.WeakKeyDictionary()
+
+
+def add_backward_done_hook(module, fn):
+    """Call fn(module) each time a container (Sequential, Residual) has run module's
+    backward: its parameters' gradients (and those of the modules below it) are then
+    final for this step, unless the module is used twice in one forward. A data-
+    parallel reducer starts summing a bucket of gradients across processes from
+    here while backward goes on. Returns a function that removes the hook."""
+    hooks = _BACKWARD_DONE_HOOKS.setdefault(module, [])
+    hooks.append(fn)
+    return lambda: hooks.remove(fn) if fn in hooks else None
+
+
+def backward_done(module):
+    """What a container calls after module.backward: module's hooks, if it has any."""
+    hooks = _BACKWARD_DONE_HOOKS.get(module)
+    if hooks:
+        for fn in list(hooks):
+            fn(module)
 
 
 _RELEASED = type("Released", (), {"__repr__": lambda self: "<released by backward>"})()
@@ -419,6 +444,7 @@ class Sequential(Module):
         for i in range(last, -1, -1):
             with _naming_layer(i, self.layers[i], dy, "gradient"):
                 dy = self.layers[i].backward(dy, need_input_grad=need_input_grad or i > 0)
+            backward_done(self.layers[i])
         return dy
 
     def __repr__(self):

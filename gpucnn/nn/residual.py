@@ -1,7 +1,7 @@
 """Residual(body, shortcut): y = body(x) + shortcut(x), the block of ResNets."""
 from .. import backend
 from .layers import Identity
-from .module import Module, _tree_repr
+from .module import Module, _tree_repr, backward_done
 
 
 class Residual(Module):
@@ -34,7 +34,9 @@ class Residual(Module):
 
     def backward(self, dy, need_input_grad=True):
         dx = self.body.backward(dy, need_input_grad=need_input_grad)
+        backward_done(self.body)
         ds = self.shortcut.backward(dy, need_input_grad=need_input_grad)
+        backward_done(self.shortcut)
         if not need_input_grad:
             return None
         return _add(dx, ds)

@@ -50,7 +50,7 @@ def test_run_keys_are_the_run_defining_fields():
     assert set(config.RUN_KEYS) == {
         "dataset", "model", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "seed",
         "limit", "nesterov", "schedule", "augment", "label_smoothing", "warmup", "val_split",
-        "channels", "image_size"}
+        "channels", "image_size", "sync_bn"}
     for f in config.FIELDS:  # "not given" must be tellable from any value given
         if f.metadata["run"]:
             assert f.default is None, f.name

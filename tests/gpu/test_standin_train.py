@@ -213,3 +213,30 @@ def test_standin_train_uses_the_graph_by_default_on_cuda(standin, tmp_path):
     _, eager = _run(tmp_path, "n", 1, "cuda", cuda_graph=False, **kw)
     for k in eager:
         assert numpy.array_equal(with_graph[k], eager[k]), k
+
+
+def test_standin_train_records_its_conv_precision_and_a_resume_keeps_it(standin, tmp_path):
+    config = dict(QUICK, device="cuda", out=str(tmp_path / "run"), epochs=1, precision="tf32")
+    history, _ = train.train(train.Config(**config), log=quiet)
+    assert history[-1]["conv_precision"] == "tf32"
+    ckpt = tmp_path / "run/checkpoint.npz"
+    assert checkpoint.read(ckpt)[0]["conv_precision"] == "tf32"
+    lines = []
+    resumed = dict(config, epochs=2, resume=str(ckpt), precision=None)
+    history, _ = train.train(train.Config(**resumed), log=lines.append)
+    assert [h["conv_precision"] for h in history] == ["tf32", "tf32"]  # kept, not the default
+    assert not any("conv precision" in line for line in lines)
+    changed = dict(resumed, epochs=3, precision="fp32")
+    history, _ = train.train(train.Config(**changed), log=lines.append)
+    assert history[-1]["conv_precision"] == "fp32"
+    assert sum("trained with conv precision tf32 and resumes with fp32" in line
+               for line in lines) == 1
+    assert gpucnn.get_conv_precision() == "fp32"  # the caller's setting is back
+
+
+def test_cpu_train_says_once_that_tensor_core_precisions_apply_on_a_gpu(tmp_path):
+    lines = []
+    config = dict(QUICK, device="cpu", out=str(tmp_path / "run"), epochs=1, precision="3xtf32")
+    history, _ = train.train(train.Config(**config), log=lines.append)
+    assert sum("--precision 3xtf32 applies on a GPU only" in line for line in lines) == 1
+    assert history[-1]["conv_precision"] == "fp32"
