@@ -23,13 +23,22 @@ class Augment:
     fill: the value padded in; gpucnn's images are standardised, so train() passes
           the standardised value of a black pixel, which is where torchvision's
           RandomCrop pads with zeros before normalisation.
+    rank, ranks: one of `ranks` data-parallel ranks, each holding samples rank,
+          rank + ranks, ... of a global batch (gpucnn.distributed.shard): the draws
+          are made for the global batch and each rank applies its share, so R ranks
+          augment exactly as one process of the global batch does.
     """
 
-    def __init__(self, padding=0, flip=False, fill=0.0, seed=0):
+    def __init__(self, padding=0, flip=False, fill=0.0, seed=0, rank=0, ranks=1):
         self.padding = validate.integer(padding, "padding", 0)
         self.fill = validate.number(fill, "fill", finite=False, error=TypeError, what="a number")
         self.flip = bool(flip)
         self.seed = validate.integer(seed, "seed", 0, type_error=TypeError)
+        self.ranks = validate.positive_int(ranks, "ranks", type_error=TypeError)
+        self.rank = validate.integer(rank, "rank", 0, type_error=TypeError)
+        if self.rank >= self.ranks:
+            raise ValueError(f"rank must lie in [0, {self.ranks - 1}] for {self.ranks} ranks, "
+                             f"got {self.rank}")
         self.calls = 0
 
     def get_rng_state(self):
@@ -50,11 +59,13 @@ class Augment:
         N, C, H, W = x.shape
         p = self.padding
         # All the random numbers in one fixed order (the checkpoints' draws depend on it),
-        # drawn on the host on every device and handed over as arrays of xp (on a GPU an
-        # asynchronous copy of 2N ints and N bools)
-        oy = xp.asarray(gen.integers(0, 2 * p + 1, N)) if p else xp.zeros(N, xp.int64)
-        ox = xp.asarray(gen.integers(0, 2 * p + 1, N)) if p else xp.zeros(N, xp.int64)
-        flip = xp.asarray(gen.random(N) < 0.5) if self.flip else xp.zeros(N, bool)
+        # drawn on the host on every device for the global batch, this rank's share
+        # handed over as arrays of xp (on a GPU an asynchronous copy of 2N ints, N bools)
+        share = slice(self.rank, None, self.ranks)
+        drawn = N * self.ranks
+        oy = xp.asarray(gen.integers(0, 2 * p + 1, drawn)[share]) if p else xp.zeros(N, xp.int64)
+        ox = xp.asarray(gen.integers(0, 2 * p + 1, drawn)[share]) if p else xp.zeros(N, xp.int64)
+        flip = xp.asarray(gen.random(drawn)[share] < 0.5) if self.flip else xp.zeros(N, bool)
         if p:
             x = xp.pad(x, ((0, 0), (0, 0), (p, p), (p, p)), constant_values=self.fill)
         j = xp.arange(W)

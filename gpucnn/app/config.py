@@ -242,9 +242,10 @@ def make_schedule(config, optimizer, steps_per_epoch):
                              gamma=0.1, warmup_steps=config.warmup)
 
 
-def make_augment(config, stats, seed):
+def make_augment(config, stats, seed, rank=0, ranks=1):
     """The batch transform of --augment; pads with the standardised value of a black pixel
-    (grayscale stats) or with the mean colour (per-channel stats)."""
+    (grayscale stats) or with the mean colour (per-channel stats). rank, ranks: this
+    process's share of each global batch under mpiexec."""
     if config.augment == "none":
         return None
     fill = 0.0
@@ -253,7 +254,7 @@ def make_augment(config, stats, seed):
     # Augment pads every channel with one value; with per-channel stats that is 0,
     # the training set's mean colour, since no single value is black in every channel.
     return Augment(padding=CROP_PADDING if "crop" in config.augment else 0,
-                   flip="flip" in config.augment, fill=fill, seed=seed)
+                   flip="flip" in config.augment, fill=fill, seed=seed, rank=rank, ranks=ranks)
 
 
 def make_optimizer(config, params):

@@ -355,7 +355,8 @@ def _setup(config, model, log, out, team=None):
         parallel.check_device(device)
         parallel.log_world(team, config, len(train_y), nb, device, gpu)
     schedule = make_schedule(config, optimizer, nb)
-    augment = make_augment(config, ds.stats, config.seed + 1)
+    augment = make_augment(config, ds.stats, config.seed + 1,
+                           *((team.rank, team.size) if team is not None else ()))
     rng = numpy.random.default_rng(config.seed)
     return _Run(config, out, log, device, ds, train_x, train_y, model, custom_model, optimizer,
                 nb, schedule, augment, rng, cpu_threads.step_blas_threads(), team=team)

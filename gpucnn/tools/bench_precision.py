@@ -15,6 +15,8 @@ time on the 3x3 layers with C and K >= 64; the LeNet (batch 256) and ResNet
 On the CPU only ``fp32`` exists (the table says so); the check then runs at the
 smoke size so that the script cannot rot.
 """
+import contextlib
+
 import numpy
 
 import gpucnn
@@ -68,16 +70,24 @@ def _error(got, exact):
     return float(numpy.linalg.norm(got - exact) / (numpy.linalg.norm(exact) or 1.0))
 
 
+def _cudnn(torch, dev, allow_tf32):
+    """cuDNN's settings for a block (its flags() context, which PyTorch requires where
+    a test harness has frozen the global flags); nothing off a GPU."""
+    if torch is None or dev != "cuda":
+        return contextlib.nullcontext()
+    return torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
+                                      allow_tf32=allow_tf32)
+
+
 def _measure(torch, dev, timer, arrays, ours, p):
     """{pass: row} for one shape at precision p."""
     theirs, exact = {}, {}
     if torch is not None:
-        torch.backends.cudnn.allow_tf32 = p == "tf32"
         theirs = _torch_passes(torch, dev, arrays, torch.float32)
         exact = {k: f().double().cpu().numpy() for k, f in
                  _torch_passes(torch, dev, arrays, torch.float64).items()}
     rows = {}
-    with gpucnn.conv_precision(p):
+    with gpucnn.conv_precision(p), _cudnn(torch, dev, allow_tf32=p == "tf32"):
         for name in PASSES:
             t_ours, t_theirs = timer.pair(ours[name], theirs.get(name))
             rows[name] = dict(gpucnn_ms=t_ours, torch_ms=t_theirs,
@@ -115,9 +125,8 @@ def run(device="auto", repeat=10, smoke=False, out=None, which=precisions.PRECIS
                       f"{bench._fmt(r['torch_ms'], '.3f'):>9}{bench._fmt(r['ratio'], '.2f', 'x'):>7}"
                       f"{bench._fmt(goal, '.1f', 'x'):>6}{bench._fmt(r['gpucnn_error'], '.1e'):>10}"
                       f"{bench._fmt(r['torch_error'], '.1e'):>10}", file=out, flush=True)
-    if torch is not None:
-        torch.backends.cudnn.allow_tf32 = device == "cuda"  # PyTorch's default, for the steps
-    rows += _default_steps(device, repeat, smoke, out, torch, timer, rng)
+    with _cudnn(torch, dev, allow_tf32=True):  # PyTorch's default, for the steps
+        rows += _default_steps(device, repeat, smoke, out, torch, timer, rng)
     return dict(meta=dict(device=device, precisions=which, smoke=smoke), rows=rows)
 
 

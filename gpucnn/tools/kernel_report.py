@@ -282,9 +282,11 @@ LEGEND = """regs: registers per thread; stack: stack frame bytes (local memory);
 bytes of register spills stored/loaded; smem st+dyn: static + dynamic shared memory
 per block (bytes, dynamic as the launcher asks); occupancy: theoretical active warps
 per SM on sm_90 with the launcher's threads per block (thr), and what limits it;
-SASS: instructions (NOPs excluded); FMA: FFMA (DFMA for double) among them; loop:
-instructions of the main loop (of the innermost loops holding FMAs, the one with
-the most) and its FMA share; "-" where no loop holds an FMA."""
+SASS: instructions (NOPs excluded); FMA: FFMA (DFMA for double; in the tensor-core
+builds, configs "... tf32" and "... 3xtf32", the MMAs: HMMA, one per m16n8k8 step
+of a warp) among them; loop: instructions of the main loop (of the innermost loops
+holding FMAs, the one with the most) and its FMA share; "-" where no loop holds an
+FMA."""
 
 
 def main(out=print):

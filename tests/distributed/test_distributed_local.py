@@ -325,3 +325,17 @@ def test_state_digest_sees_every_bit():
     assert dist.state_digest(a) != dist.state_digest(b)
     assert dist.differing_ranks(dist.World(), "x") == []
     assert dist.broadcast_state(a, dist.World()) is a and dist.average_buffers(a, dist.World()) is a
+
+
+def test_ranks_augment_their_shares_of_the_global_batch_exactly():
+    """R ranks (each holding samples r, r + R, ... of a global batch, as shard gives them)
+    crop and flip exactly as one process augmenting the global batch."""
+    x = numpy.random.default_rng(0).standard_normal((12, 2, 6, 5)).astype(numpy.float32)
+    one = gpucnn.Augment(padding=2, flip=True, seed=7)
+    ranks = [gpucnn.Augment(padding=2, flip=True, seed=7, rank=r, ranks=3) for r in range(3)]
+    for _ in range(3):  # the counters advance alike
+        whole = one(x)
+        for r, aug in enumerate(ranks):
+            numpy.testing.assert_array_equal(aug(x[r::3]), whole[r::3])
+    with pytest.raises(ValueError, match=r"rank must lie in \[0, 2\] for 3 ranks, got 3"):
+        gpucnn.Augment(padding=2, rank=3, ranks=3)
