@@ -151,7 +151,7 @@ def _tune_parser(sub):
     u.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="the kernels' precision (default float32)")
     u.add_argument("--repeat", type=int, default=5, help="timed launches per configuration")
-    u.add_argument("--precision", metavar="LIST", default="fp32,tf32,3xtf32",
+    u.add_argument("--precision", metavar="LIST",
                    help="float32 conv precisions to tune, comma-separated (fp32, tf32, 3xtf32; "
                    "default all three; float64 has FP64 only)")
 
@@ -350,16 +350,16 @@ def cmd_tune(args):
 def _tune_precisions(asked, dtype):
     """The precisions --precision lists; a tensor-core one for float64 is an error."""
     from ..backends.precision import PRECISIONS, TENSOR_CORE
+    if asked is None:
+        return ["fp32"] if dtype == "float64" else list(PRECISIONS)
     which = [p.strip() for p in asked.split(",") if p.strip()]
     bad = [p for p in which if p not in PRECISIONS]
     if bad or not which:
         raise ConfigError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}, "
                           f"got {asked!r}")
-    if dtype == "float64":
-        if [p for p in which if p in TENSOR_CORE] and asked != "fp32,tf32,3xtf32":
-            raise ConfigError(f"--precision {asked} with --dtype float64: float64 convolutions "
-                              "compute in FP64 only; leave --precision out or pass fp32")
-        which = ["fp32"]
+    if dtype == "float64" and any(p in TENSOR_CORE for p in which):
+        raise ConfigError(f"--precision {asked} with --dtype float64: float64 convolutions "
+                          "compute in FP64 only; leave --precision out or pass fp32")
     return which
 
 

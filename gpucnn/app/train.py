@@ -15,7 +15,7 @@ import numpy
 from .. import backend, distributed
 from . import checkpoint, data, parallel, plots, runs, tensorboard
 from ..backends.cpu import threads as cpu_threads
-from ..backends.precision import PRECISIONS, TENSOR_CORE, conv_precision, get_conv_precision
+from ..backends.precision import PRECISIONS, conv_precision
 from .. import functional as F
 from .config import Config  # train.Config: the public name
 from .config import make_augment, make_optimizer, make_schedule, merge_resume
@@ -102,8 +102,6 @@ def _settle(config, model, meta):
                 "rebuild that model and pass it: gpucnn.train.train(gpucnn.train.Config("
                 "resume=path, epochs=N), model=net)")
         config = merge_resume(config, meta)
-        if config.precision is None and meta.get("conv_precision") in PRECISIONS:
-            config = dataclasses.replace(config, precision=meta["conv_precision"])
     config = config.filled()
     plain = config.progress is None and not sys.stderr.isatty()  # a log file: lines, no bar
     if config.progress is None:
@@ -174,29 +172,43 @@ def _run(config, model, log, out, interrupts, plain=False, team=None):
                                   lambda r: parallel.describe(config, r.device, r.ds, r.train_y,
                                                               r.model))
     run.plain_progress = plain
-    run.precision = _conv_precision(config.precision, run.device, log)
+    meta = _restore(run) if config.resume else None
+    # --precision, else a resumed GPU run's, else the process's (gpucnn.set_conv_precision)
+    asked = config.precision or _resumed_precision(meta, run.device)
+    run.precision = _conv_precision(asked, run.device, log, config.precision is not None)
+    if meta is not None and meta.get("conv_precision") not in (None, run.precision) \
+            and meta.get("device") == run.device:
+        log(f"gpucnn: warning: this run was trained with conv precision "
+            f"{meta['conv_precision']} and resumes with {run.precision}; the weights will "
+            "not match a straight run bit for bit")
     # the process-wide setting, for this run only (a caller's own is restored after)
-    with (conv_precision(run.precision) if run.device == "cuda"
+    with (conv_precision(asked) if asked and asked == run.precision
           else contextlib.nullcontext()):
         return _train_epochs(run, interrupts)
 
 
-def _conv_precision(asked, device, log):
-    """The precision float32 convolutions run with: on a GPU the one asked for, else
-    the process's (gpucnn.set_conv_precision, by default tf32); on the CPU FP32, with
-    one line where a tensor-core precision was asked for."""
-    if device == "cuda":
-        return asked or get_conv_precision()
-    if asked in TENSOR_CORE:
-        log(f"gpucnn: warning: --precision {asked} applies on a GPU only; the CPU computes "
-            "convolutions in FP32")
-    return "fp32"
+def _resumed_precision(meta, device):
+    if meta is None or meta.get("device") != device:
+        return None  # a CPU run's fp32 says nothing about what a GPU should use
+    precision = meta.get("conv_precision")
+    return precision if precision in PRECISIONS else None
+
+
+def _conv_precision(asked, device, log, said):
+    """The precision float32 convolutions run with on this device (what the backend
+    makes of the one asked for: FP32 on the CPU and on a GPU without TF32 tensor
+    cores); one line where --precision (said) asked for one it cannot run."""
+    ops = backend.ops_for(backend.xp_for(device))
+    with conv_precision(asked) if asked else contextlib.nullcontext():
+        effective = ops.conv_precision(numpy.float32)
+    if said and asked != effective:
+        log(f"gpucnn: warning: --precision {asked} needs a GPU with TF32 tensor cores "
+            f"(compute capability 8.0 or later); convolutions on {device} compute in FP32")
+    return effective
 
 
 def _train_epochs(run, interrupts):
     config, log, team, out = run.config, run.log, run.team, run.out
-    if config.resume:
-        _restore(run)
     if team is None:
         _rewrite_outputs(run)
     else:
@@ -365,7 +377,7 @@ def _setup(config, model, log, out, team=None):
 def _restore(run):
     """Load the resumed checkpoint into the run: the weights and optimizer state,
     the history, where it stopped, and the shuffling, schedule and augmentation
-    states."""
+    states; returns the checkpoint's record."""
     config, log, team = run.config, run.log, run.team
     if team is None:
         meta = checkpoint.restore(config.resume, run.model, run.optimizer)
@@ -381,7 +393,7 @@ def _restore(run):
     _replan_schedule(run, planned, meta["config"]["epochs"], _rescale_world(run, meta))
     run.partial = meta.get("partial")
     run.confusion = meta.get("confusion")
-    _warn_environment(meta, run.device, run.threads, log, run.precision)
+    _warn_environment(meta, run.device, run.threads, log)
     if run.start_epoch >= config.epochs and not run.start_step:
         log(f"gpucnn: {config.resume} has finished its {run.start_epoch} epochs; nothing to do "
             f"(pass --epochs N with N > {run.start_epoch} to train further)")
@@ -389,6 +401,7 @@ def _restore(run):
         log(f"gpucnn: resumed from {config.resume} at epoch {run.start_epoch + 1}, "
             f"step {run.start_step}")
     run.saved_epoch = run.start_epoch
+    return meta
 
 
 def _rescale_world(run, meta):
@@ -686,14 +699,10 @@ def _restore_extras(meta, schedule, augment):
             getattr(obj, restore)(state)
 
 
-def _warn_environment(meta, device, threads, log, precision="fp32"):
-    """Repeatability holds bit for bit on the same device, BLAS thread count and conv
-    precision only."""
+def _warn_environment(meta, device, threads, log):
+    """Repeatability holds bit for bit on the same device and BLAS thread count only
+    (and conv precision: _run)."""
     then_threads, then_device = meta.get("blas_threads"), meta.get("device")
-    then_precision = meta.get("conv_precision")
-    if then_precision and then_precision != precision and then_device == device:
-        log(f"gpucnn: warning: this run was trained with conv precision {then_precision} and "
-            f"resumes with {precision}; the weights will not match a straight run bit for bit")
     if then_device and then_device != device:
         log(f"gpucnn: warning: this run was trained on {then_device} and resumes on {device}; "
             "the weights will not match a straight run bit for bit")

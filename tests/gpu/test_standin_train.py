@@ -234,9 +234,15 @@ def test_standin_train_records_its_conv_precision_and_a_resume_keeps_it(standin,
     assert gpucnn.get_conv_precision() == "fp32"  # the caller's setting is back
 
 
-def test_cpu_train_says_once_that_tensor_core_precisions_apply_on_a_gpu(tmp_path):
+def test_cpu_train_says_once_that_tensor_core_precisions_apply_on_a_gpu(standin, tmp_path):
     lines = []
     config = dict(QUICK, device="cpu", out=str(tmp_path / "run"), epochs=1, precision="3xtf32")
     history, _ = train.train(train.Config(**config), log=lines.append)
-    assert sum("--precision 3xtf32 applies on a GPU only" in line for line in lines) == 1
+    assert sum("--precision 3xtf32 needs a GPU with TF32 tensor cores" in line
+               for line in lines) == 1
     assert history[-1]["conv_precision"] == "fp32"
+    # a CPU run's fp32 does not bind a GPU resume: it takes the process's setting
+    resumed = dict(QUICK, device="cuda", epochs=2, resume=str(tmp_path / "run/checkpoint.npz"))
+    with gpucnn.conv_precision("3xtf32"):
+        history, _ = train.train(train.Config(**resumed), log=lines.append)
+    assert [h["conv_precision"] for h in history] == ["fp32", "3xtf32"]

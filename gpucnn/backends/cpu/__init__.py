@@ -56,6 +56,10 @@ class CpuOps:
         return _workspace_empty(numpy, workspace, slot, shape, dtype)
 
     # convolution (conv.py)
+    def conv_precision(self, dtype):
+        """What float32 (and float64) convolutions compute in here: NumPy's FP32/FP64."""
+        return "fp32"
+
     def conv2d_forward(self, x, weight, bias, g, workspace=None):
         if precision.explicit() in precision.TENSOR_CORE:
             warnings.warn(f"conv precision {precision.explicit()!r} applies on a GPU only: the "

@@ -52,6 +52,11 @@ class CudaOps:
         return self.xp.empty(shape, dtype)  # CuPy's memory pool reuses the memory already
 
     # convolution (conv.py)
+    def conv_precision(self, dtype):
+        """What convolutions of this dtype compute in on this GPU at the current setting
+        (gpucnn.set_conv_precision): FP32 for float64 and where there is no TF32."""
+        return self.kernels.precision_for(dtype)
+
     def conv2d_forward(self, x, weight, bias, g, workspace=None):
         return self.kernels.conv2d_forward(x, weight, bias, g), None
 

@@ -84,7 +84,10 @@ def smem_bytes(config, itemsize, precision="fp32"):
 
 
 def _build(config, precision):
-    threads = dict.fromkeys(CONV_KERNELS, config_threads(CONV_CONFIGS[config]))
+    c, (wm, wn) = CONV_CONFIGS[config], WARP_TILES[config]
+    # the kernel counts its threads from the warp tiles: one warp per warp tile
+    assert 32 * (c.bm // wm) * (c.bn // wn) == config_threads(c), (config, WARP_TILES[config])
+    threads = dict.fromkeys(CONV_KERNELS, config_threads(c))
     shared = dict.fromkeys(CONV_KERNELS, functools.partial(smem_bytes, config,
                                                            precision=precision))
     types = ("float", "double") if precision == "fp32" else ("float",)
@@ -205,9 +208,11 @@ class ConvLaunchers:
 
     def precision_for(self, dtype, precision=None):
         """The precision a convolution of this dtype runs with here."""
+        if precision is not None:
+            choice(precision, "precision", precision_module.PRECISIONS)
         if precision is None or not self.tensor_cores or numpy.dtype(dtype) != numpy.float32:
             return precision_module.for_dtype(dtype, self.tensor_cores)
-        return choice(precision, "precision", precision_module.PRECISIONS)
+        return precision
 
     def config_for(self, pass_, g, dtype, precision="fp32"):
         """The configuration a pass runs with for this shape, dtype and precision: the
