@@ -169,6 +169,17 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
 MIN_CHANNELS_A_THREAD = 2
 
 
+def _update_running(running_mean, running_var, mean, var, momentum, n):
+    """The running statistics' update in place, from the batch's mean and biased var
+    over n values (the unbiased var, var * n / (n - 1), goes into running_var)."""
+    if running_mean is not None:
+        running_mean *= 1 - momentum
+        running_mean += momentum * mean
+    if running_var is not None:
+        running_var *= 1 - momentum
+        running_var += (momentum * n / (n - 1)) * var
+
+
 def _forward_channels(ops, x, running_mean, running_var, weight, bias, training, momentum, eps,
                       y, centred, inv_std):
     """batch_norm for a range of channels, into y, centred and inv_std (views)."""
@@ -178,12 +189,7 @@ def _forward_channels(ops, x, running_mean, running_var, weight, bias, training,
         mean = _channel_sum(x) / x.dtype.type(M)
         _channelwise(ops, xp.subtract, x, mean, centred)
         var = _channel_dot(ops, centred, centred) / x.dtype.type(M)
-        if running_mean is not None:
-            running_mean *= 1 - momentum
-            running_mean += momentum * mean
-        if running_var is not None:
-            running_var *= 1 - momentum
-            running_var += (momentum * M / (M - 1)) * var
+        _update_running(running_mean, running_var, mean, var, momentum, M)
     else:
         mean, var = running_mean, running_var
         _channelwise(ops, xp.subtract, x, mean, centred)
@@ -254,12 +260,7 @@ def _batch_norm_sync(ops, x, running_mean, running_var, weight, bias, momentum, 
     squares = _channel_dot(ops, centred, centred) if x.size else xp.zeros(C, x.dtype)
     sync.allreduce_sum_(squares)
     var = squares / count
-    if running_mean is not None:
-        running_mean *= 1 - momentum
-        running_mean += momentum * mean
-    if running_var is not None:
-        running_var *= 1 - momentum
-        running_var += (momentum * count / (count - 1)) * var
+    _update_running(running_mean, running_var, mean, var, momentum, count)
     xp.divide(1, xp.sqrt(var + x.dtype.type(eps)), out=inv_std)
     _channelwise(ops, xp.multiply, centred, inv_std if weight is None else inv_std * weight, y)
     if bias is not None:
