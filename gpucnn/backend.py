@@ -11,13 +11,13 @@ import numpy
 from .backends import cpu, cuda
 from .backends.device import (  # noqa: F401  (the device functions, from here)
     DEVICES, as_array, cuda_available, cuda_unavailable_reason, device_of, from_dlpack,
-    get_array_module, graph_capture_replays, is_cupy_array, resolve_device, set_cupy_module,
-    to_device, to_numpy, xp_for)
+    get_array_module, gpu_count, graph_capture_replays, is_cupy_array, resolve_device,
+    set_cupy_module, to_device, to_numpy, use_gpu, xp_for)
 
 __all__ = ["DEVICES", "as_array", "cuda_available", "cuda_unavailable_reason", "device_of",
-           "from_dlpack", "get_array_module", "graph_capture_replays", "is_cupy_array",
-           "resolve_device", "set_cupy_module", "to_device", "to_numpy", "xp_for",
-           "ops_for"]
+           "from_dlpack", "get_array_module", "gpu_count", "graph_capture_replays",
+           "is_cupy_array", "resolve_device", "set_cupy_module", "to_device", "to_numpy",
+           "use_gpu", "xp_for", "ops_for"]
 
 
 def ops_for(xp):

@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 
 import numpy
@@ -187,9 +188,11 @@ def cmd_train(args):
         return 3
     except runs.Terminated as e:
         _alone(world, e, 128 + 15)
+        _ignore_repeats(world)
         return 128 + 15
     except KeyboardInterrupt as e:
         _alone(world, e, 130)
+        _ignore_repeats(world)
         return 130
     except UserError as e:
         if parallel.is_quiet(e):
@@ -200,6 +203,16 @@ def cmd_train(args):
         _alone(world, e, 1)
         raise
     return 0
+
+
+def _ignore_repeats(world):
+    """One rank of several stopped by an agreed signal, its checkpoint saved: the
+    launcher may still forward the same SIGTERM (MPICH's mpiexec passes on every one),
+    which would kill the rank inside MPI_Finalize, after Python has put back the
+    default handlers, and turn its status into a death by signal. SIG_IGN survives
+    that; SIGKILL and MPI_Abort still end the process."""
+    if world.is_distributed:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _alone(world, error, code):

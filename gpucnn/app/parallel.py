@@ -25,6 +25,7 @@ once (MPI_Abort) with its line.
 import contextlib
 import os
 import signal
+import time
 import traceback
 import zlib
 
@@ -32,6 +33,7 @@ import numpy
 
 import gpucnn
 
+from .. import backend
 from ..distributed import DistributedError, get_world, nccl_version
 from ..errors import ConfigError, UserError
 from . import runs
@@ -86,20 +88,40 @@ def end_world(world, error, code):
 class AgreedInterrupts(runs.Interrupts):
     """Ctrl-C and SIGTERM on one rank of several: the signal is only noted (a flag the
     ranks agree on at the next step boundary, see StopFlags), never raised where it
-    lands, since a rank leaving a collective would leave the others waiting. A second
-    signal raises at once (a run that hangs can still be stopped; the cli then ends
-    every rank, and nothing is saved)."""
+    lands, since a rank leaving a collective would leave the others waiting.
+
+    A second signal raises at once (a run that hangs can still be stopped; the cli
+    then ends every rank, and nothing is saved) only where it is a person asking
+    again: a second SIGINT, or any signal REPEAT_GRACE_S after the first. A SIGTERM
+    within that grace is the first one again: MPICH's mpiexec forwards every SIGTERM
+    it gets to every rank, and Slurm (scancel, a time limit) signals the launcher and
+    the ranks alike, so one request reaches a rank twice, milliseconds apart. SIGINT
+    is not repeated so: the launcher forwards a Ctrl-C once (a second one makes it
+    kill the ranks itself), and the ranks run outside the terminal's process group."""
+
+    REPEAT_GRACE_S = 5.0
 
     def __init__(self):
         super().__init__()
-        self.flags = 0
+        self.flags, self.first = 0, None
 
     def handler(self, signum, frame):
-        if self.flags:
+        now = time.monotonic()
+        if self.flags and ((signum == signal.SIGINT and self.flags & SIGINT_FLAG)
+                           or now - self.first > self.REPEAT_GRACE_S):
             self.cut_short = True
             raise KeyboardInterrupt() if signum == signal.SIGINT else runs.Terminated(
                 f"signal {signum}")
+        if not self.flags:
+            self.first = now
         self.flags |= SIGINT_FLAG if signum == signal.SIGINT else SIGTERM_FLAG
+
+    @property
+    def stopping(self):
+        """A stop is under way: runs.interrupts leaves this handler in place, so that
+        the launcher's repeat of the signal, landing after the checkpoint, does not
+        kill the rank on its way out (status 15, not 143)."""
+        return bool(self.flags)
 
     @contextlib.contextmanager
     def step(self):
@@ -148,7 +170,8 @@ class Team:
         result = error = None
         if self.is_root:
             try:
-                result = work()
+                with self.world.busy("rank 0's part of the setup"):
+                    result = work()
             except UserError as e:
                 error = e
         error, shared = self.world.bcast_host((error, _shareable(result)))
@@ -164,7 +187,8 @@ class Team:
         try:
             if self.local_error is not None:
                 raise self.local_error
-            result, error = work(), None
+            with self.world.busy("its setup"):  # a slow decode is not a rank gone silent
+                result, error = work(), None
         except UserError as e:
             result, error = None, e
         self.local_error = None
@@ -200,7 +224,8 @@ class Team:
         error = None
         if self.is_root:
             try:
-                work()
+                with self.world.busy("writing the run's files"):
+                    work()
             except UserError as e:
                 error = e
         answers = self.world.allgather_host((error, self.interrupts.flags))
@@ -261,17 +286,11 @@ def use_local_gpu(world, asked):
     asked = (asked or os.environ.get("GPUCNN_DEVICE") or "auto").lower()
     if not world.is_distributed or asked == "cpu":
         return None
-    # what gpucnn.backends.device sets before CuPy loads (the same bits on every stream)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    try:
-        import cupy
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # noqa: BLE001 - no CuPy or no device: resolve_device reports it
-        return None
+    count = backend.gpu_count()
     if count < 1:
         return None
     index = world.device_index(count)
-    cupy.cuda.Device(index).use()
+    backend.use_gpu(index)
     return index
 
 
@@ -288,20 +307,30 @@ def ranks_text(n):
     return "1 process" if n == 1 else f"{n} ranks"
 
 
-def check_device(device):
+def check_device(device, world):
     """NCCL must be there before the ranks meet on a GPU (the communicator is made
-    after the setup's gather, where a rank failing alone would hang the others)."""
-    if device == "cuda" and nccl_version() is None:
+    after the setup's gather, where a rank failing alone would hang the others), and
+    a GPU for each of the node's ranks: NCCL refuses two ranks on one GPU."""
+    if device != "cuda":
+        return
+    if nccl_version() is None:
         raise DistributedError("several ranks on GPUs sum their gradients with NCCL, which "
                                "CuPy cannot load here; install it (pip install "
                                "nvidia-nccl-cu12, or -cu13) or train with --device cpu")
+    gpus = backend.gpu_count()
+    if world.local_size > gpus:
+        raise DistributedError(
+            f"{world.local_size} ranks run on this node but it has {gpus} GPU"
+            f"{'s' if gpus != 1 else ''}, and NCCL cannot put two ranks on one GPU; start "
+            f"at most {gpus} rank{'s' if gpus != 1 else ''} per node (mpiexec -n, Slurm's "
+            "--ntasks-per-node) or train with --device cpu")
 
 
 def log_world(team, config, n_train, steps, device, gpu):
     """Rank 0's line on how the work is shared out and what a step takes."""
     batch = config.batch_size
     left = n_train - steps * team.size * batch
-    where = (f"each on GPU (local rank mod {_gpus()})" if gpu is not None
+    where = (f"each on GPU (local rank mod {backend.gpu_count()})" if gpu is not None
              else f"each on {device}")
     team.log(f"gpucnn: {team.size} ranks, {where}: batch {batch} per rank, a global batch of "
              f"{team.size * batch} per step (--lr {config.lr:g} is used as given, not scaled "
@@ -309,7 +338,3 @@ def log_world(team, config, n_train, steps, device, gpu):
              + (f", the {left} training images that fill no global batch left out (another "
                 "set each epoch)" if left else ""))
 
-
-def _gpus():
-    import cupy
-    return cupy.cuda.runtime.getDeviceCount()

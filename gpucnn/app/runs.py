@@ -249,7 +249,8 @@ def interrupts(kind=Interrupts):
         yield guard
     finally:
         for sig, handler in previous.items():
-            if handler is not None:  # None: a handler installed from C, not restorable
+            # None: a handler installed from C, not restorable
+            if handler is not None and not getattr(guard, "stopping", False):
                 signal.signal(sig, handler)
 
 

@@ -12,7 +12,7 @@ import warnings
 
 import numpy
 
-from .. import backend, distributed
+from .. import backend, distributed, nn
 from . import checkpoint, data, parallel, plots, runs, tensorboard
 from ..backends.cpu import threads as cpu_threads
 from ..backends.precision import PRECISIONS, conv_precision
@@ -223,6 +223,8 @@ def _train_epochs(run, interrupts):
             _after_epoch(run, row, confusion, train_time)
         else:
             _after_epoch_ranks(run, row, confusion, train_time)
+    if run.reducer is not None:  # the model goes back to the caller without its hooks
+        run.reducer.close()
     log(f"gpucnn: done; metrics, checkpoint and plots are in {out}")
     return run.history, run.model
 
@@ -245,6 +247,9 @@ def _join_ranks(run):
     comm = distributed.communicator_for(team.world, backend.xp_for(run.device))
     if config.sync_bn:
         distributed.convert_sync_batchnorm(run.model, comm)
+    for _, module in run.model.named_modules():  # each rank its rows of the global masks
+        if isinstance(module, nn.Dropout):
+            module.set_share(team.rank, team.size)
     distributed.broadcast_state(run.model, comm)
     run.reducer = distributed.GradientReducer(run.model, comm)
     flags = team.outcome(lambda: _rewrite_outputs(run))
@@ -364,7 +369,7 @@ def _setup(config, model, log, out, team=None):
         nb = data.num_batches(len(train_y), config.batch_size)
     else:
         nb = distributed.steps_per_epoch(len(train_y), team.size, config.batch_size)
-        parallel.check_device(device)
+        parallel.check_device(device, team.world)
         parallel.log_world(team, config, len(train_y), nb, device, gpu)
     schedule = make_schedule(config, optimizer, nb)
     augment = make_augment(config, ds.stats, config.seed + 1,
@@ -617,8 +622,8 @@ def _save_interrupted(run, e, epoch_state, interrupts):
         run.log(f"gpucnn: interrupted twice inside step {e.step + 1} of epoch {e.index + 1}; "
                 f"that step was cut short, so nothing was saved. {run.survivor()}")
         return
-    if e.sums is not None:
-        _read_sums(run, e, check=False)
+    if e.sums is not None:  # several ranks: a NaN since the stop was agreed sets e.diverged
+        _read_sums(run, e, check=run.team is not None)
     part = dict(loss_sum=e.loss_sum, correct=int(e.correct), seen=e.seen,
                 train_time=e.train_time)
     if run.team is None:
@@ -627,7 +632,10 @@ def _save_interrupted(run, e, epoch_state, interrupts):
         if not run.config.sync_bn:
             distributed.average_buffers(run.model, run.team.world)
         totals = run.team.world.allgather_host((e.loss_sum, int(e.correct), e.seen,
-                                                e.train_time))
+                                                e.train_time, e.diverged))
+        diverged = [t[4] for t in totals if t[4]]
+        if diverged:  # the model is NaN now: the last good checkpoint stays
+            raise parallel.agreed(TrainingDiverged(diverged[0]), quiet=not run.team.is_root)
         loss_sum, correct, seen = parallel.add_up([t[:3] for t in totals])
         part.update(loss_sum=loss_sum, correct=int(correct), seen=seen,
                     train_time=max(t[3] for t in totals))

@@ -96,6 +96,47 @@ def _probe(cupy):
     return None
 
 
+def _fix_cublas_workspace():
+    """cuBLAS gives the same bits on every stream only with a fixed workspace; the
+    CUDA-graph step replays on a side stream and must match the eager steps (a
+    resume runs eagerly where the straight run replayed). Before CuPy loads."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _cupy_unprobed():
+    """The module playing CuPy, imported but not probed (a process picks its GPU
+    before anything runs on one), or None where CuPy is not installed."""
+    if _stand_in is not None:
+        return _stand_in
+    _fix_cublas_workspace()
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
+def gpu_count():
+    """How many CUDA devices this process sees: 0 without CuPy, a driver or a device
+    (resolve_device says which). Runs nothing on a device."""
+    module = _cupy_unprobed()
+    if module is None:
+        return 0
+    try:
+        return int(module.cuda.runtime.getDeviceCount())
+    except Exception:  # noqa: BLE001 - CuPy raises several kinds here; _probe names them
+        return 0
+
+
+def use_gpu(index):
+    """Make CUDA device `index` (of gpu_count()) this process's current one: before
+    anything runs on a GPU, so that every array and kernel of the process is there."""
+    count = gpu_count()
+    if not 0 <= index < count:
+        raise DeviceError(f"GPU index must be in [0, {count}), got {index}")
+    _cupy_unprobed().cuda.Device(index).use()
+
+
 def _import_cupy():
     """Return the module playing CuPy where it can run kernels here, or None;
     remember why not (the check runs once per module and process)."""
@@ -104,10 +145,7 @@ def _import_cupy():
     if module is None:
         if _cupy is not None or _cupy_error is not None:
             return _cupy
-        # cuBLAS gives the same bits on every stream only with a fixed workspace; the
-        # CUDA-graph step replays on a side stream and must match the eager steps (a
-        # resume runs eagerly where the straight run replayed). Before CuPy loads it.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        _fix_cublas_workspace()
         try:
             import cupy as module
         except ImportError as e:  # not installed

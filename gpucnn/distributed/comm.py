@@ -19,7 +19,8 @@ names the CuPy stand-in.
 """
 import numpy
 
-from .world import DistributedError, _mpi
+from .. import backend
+from .world import DistributedError, World, _mpi
 
 # NCCL's ncclDataType_t and ncclRedOp_t values (nccl.h), which cupy.cuda.nccl exports
 _NCCL_TYPES = {"int8": 0, "uint8": 1, "int32": 2, "uint32": 3, "int64": 4, "uint64": 5,
@@ -203,3 +204,16 @@ def communicator_for(world, xp):
 
 
 _made = {}  # (the world's gradient communicator, xp) -> its Communicator
+
+
+def model_communicator(model, comm_or_world, accepted="a World or a Communicator"):
+    """comm_or_world as a Communicator: itself, or a World's communicator for the
+    array module of the model's parameters (NumPy for a model without any)."""
+    if isinstance(comm_or_world, Communicator):
+        return comm_or_world
+    if isinstance(comm_or_world, World):
+        params = model.parameters()
+        xp = backend.get_array_module(params[0].data) if params else numpy
+        return communicator_for(comm_or_world, xp)
+    raise DistributedError(f"comm_or_world must be {accepted}, got "
+                           f"{type(comm_or_world).__name__}")

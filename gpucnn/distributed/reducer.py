@@ -19,6 +19,7 @@ The buffers are made once and reused every step (fixed addresses, which a CUDA
 graph of the step needs).
 """
 import time
+import weakref
 
 from .. import backend, validate
 from ..nn.module import Module, add_backward_done_hook
@@ -83,6 +84,16 @@ def plan_buckets(named_params, bucket_bytes):
     return buckets
 
 
+def _weak_hook(reducer):
+    ref = weakref.ref(reducer)
+
+    def hook(module):
+        alive = ref()
+        if alive is not None:
+            alive._module_done(module)
+    return hook
+
+
 class GradientReducer:
     """Averages a model's gradients across the ranks of a communicator, bucket by
     bucket, the buckets started during backward (see the module's docstring).
@@ -111,11 +122,14 @@ class GradientReducer:
                         for i, params in enumerate(plan_buckets(named, self.bucket_bytes))]
         self._where = {id(p): bucket for bucket in self.buckets for _, p in bucket.params}
         self._owned = {}  # module -> its own parameters
+        # held weakly: the model outlives a reducer dropped without close(), whose
+        # hooks then do nothing instead of keeping it (and its buffers) alive
+        hook, self._removers = _weak_hook(self), []
         for _, m in model.named_modules():
             own = [p for p in m._params.values() if p is not None]
             if own:
                 self._owned[m] = own
-                add_backward_done_hook(m, self._module_done)
+                self._removers.append(add_backward_done_hook(m, hook))
         self._armed, self._next, self._final = False, 0, set()
         self.timings = {"steps": 0, "wait_s": 0.0, "started_in_backward": 0, "buckets": 0}
 
@@ -168,6 +182,13 @@ class GradientReducer:
         t["steps"] += 1
         t["started_in_backward"] += early
         t["buckets"] += len(self.buckets)
+
+    def close(self):
+        """Remove the reducer's hooks from the model (the model can then train alone or
+        under another reducer without this one's hooks running)."""
+        for remove in self._removers:
+            remove()
+        self._removers, self._armed = [], False
 
     def __repr__(self):
         sizes = [b.numel for b in self.buckets]

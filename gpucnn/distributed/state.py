@@ -5,25 +5,14 @@ import hashlib
 import numpy
 
 from .. import backend
-from .comm import Communicator, communicator_for
+from .comm import model_communicator
 from .world import DistributedError, World
-
-
-def _communicator(model, comm_or_world):
-    if isinstance(comm_or_world, Communicator):
-        return comm_or_world
-    if isinstance(comm_or_world, World):
-        params = model.parameters()
-        xp = backend.get_array_module(params[0].data) if params else numpy
-        return communicator_for(comm_or_world, xp)
-    raise DistributedError(f"comm_or_world must be a World or a Communicator, got "
-                           f"{type(comm_or_world).__name__}")
 
 
 def broadcast_state(model, comm_or_world, root=0):
     """Every parameter and buffer <- root's, in place (state_dict's order), so that
     every rank starts from the same model. Returns model."""
-    comm = _communicator(model, comm_or_world)
+    comm = model_communicator(model, comm_or_world)
     if comm.size == 1:
         return model
     for _, item in model._named_state():
@@ -43,18 +32,21 @@ def average_buffers(model, world):
     rank holds the same bits afterwards. Where all ranks hold the same value already
     (sync-BN) it is kept as it is (the mean of R equal floats need not round back to
     it). Integer buffers (batch counts) are the same on every rank and are left.
-    Once per evaluation or checkpoint: it reads the buffers to the host."""
+    Once per evaluation or checkpoint: it reads the buffers to the host, and every
+    rank's reach every rank in one gather, summed there in rank order."""
     if not isinstance(world, World):
         raise DistributedError(f"world must be a World, got {type(world).__name__}")
     if not world.is_distributed:
         return model
-    for _, buf in model.named_buffers():
-        if buf.data.dtype.kind != "f":
-            continue
-        own = backend.to_numpy(buf.data)
-        total = world.allreduce_host(own, "sum")
-        high, low = world.allreduce_host(own, "max"), world.allreduce_host(own, "min")
-        mean = numpy.where(high == low, own, total / own.dtype.type(world.size))
+    bufs = [buf for _, buf in model.named_buffers() if buf.data.dtype.kind == "f"]
+    everyone = world.allgather_host([backend.to_numpy(buf.data) for buf in bufs])
+    for i, buf in enumerate(bufs):
+        values = [theirs[i] for theirs in everyone]
+        total, same = values[0], numpy.ones(values[0].shape, bool)
+        for v in values[1:]:
+            total, same = total + v, same & (v == values[0])
+        own = values[world.rank]
+        mean = numpy.where(same, own, total / own.dtype.type(world.size))
         buf.data[...] = backend.to_device(mean.astype(own.dtype), backend.device_of(buf.data))
     return model
 

@@ -1,10 +1,6 @@
 """Sync-BN: every BatchNorm2D of a model normalising with the global batch's statistics."""
-import numpy
-
-from .. import backend
 from ..nn.batchnorm import BatchNorm2D
-from .comm import Communicator, communicator_for
-from .world import DistributedError, World
+from .comm import model_communicator
 
 
 def convert_sync_batchnorm(model, comm_or_world):
@@ -12,14 +8,8 @@ def convert_sync_batchnorm(model, comm_or_world):
     summed over (a World: communicator_for(world, the model's array module)); None
     takes it away again. In a world of one nothing changes. Call it after the model
     is on its device; returns model. Equations: gpucnn.functional.batchnorm."""
-    comm = comm_or_world
-    if isinstance(comm_or_world, World):
-        params = model.parameters()
-        xp = backend.get_array_module(params[0].data) if params else numpy
-        comm = communicator_for(comm_or_world, xp) if comm_or_world.is_distributed else None
-    elif comm is not None and not isinstance(comm, Communicator):
-        raise DistributedError(f"comm_or_world must be a World, a Communicator or None, got "
-                               f"{type(comm_or_world).__name__}")
+    comm = None if comm_or_world is None else model_communicator(
+        model, comm_or_world, "a World, a Communicator or None")
     if comm is not None and comm.size == 1:
         comm = None
     for m in model.modules():

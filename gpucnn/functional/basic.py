@@ -158,18 +158,23 @@ def flatten_backward(dy, input_shape):
     return dy.reshape(input_shape)
 
 
-def dropout_forward(x, p, stream=None):
+def dropout_forward(x, p, stream=None, share=(0, 1)):
     """(y, mask): inverted dropout, each element zeroed with probability p and the
     rest scaled by 1/(1-p). stream: (seed, counter) of the gpucnn.random stream
     whose draw is the mask, or None for the identity (eval, or p = 0): y is then
-    x itself and the mask 1."""
+    x itself and the mask 1. share: (rank, ranks) of a data-parallel run whose
+    rank holds rows rank, rank + ranks, ... of the global batch: the mask is drawn
+    for the global batch and this rank takes its rows, as one process would."""
     _checks.float_array(x, "input")
     if stream is None:
         return x, 1
     xp = backend.get_array_module(x)
+    rank, ranks = share
     # drawn and compared on the host, as on every device (gpucnn.random.host_generator);
     # the GPU gets the bools asynchronously
-    keep = xp.asarray(random.host_generator(*stream).random(x.shape, dtype=x.dtype) >= p)
+    drawn = random.host_generator(*stream).random((x.shape[0] * ranks,) + x.shape[1:],
+                                                  dtype=x.dtype)
+    keep = xp.asarray((drawn if ranks == 1 else drawn[rank::ranks]) >= p)
     scale = 0.0 if p == 1 else 1 / (1 - p)
     mask = keep.astype(x.dtype) * x.dtype.type(scale)
     return x * mask, mask

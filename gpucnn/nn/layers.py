@@ -70,6 +70,18 @@ class Dropout(Module):
         self.p = validate.number(p, "p", 0, 1, what="a probability in [0, 1]")
         self.seed = int(random.host_rng().integers(2**63))
         self.calls = 0  # masks drawn so far: with the seed, the whole random state
+        self.share = (0, 1)  # (rank, ranks): see set_share
+
+    def set_share(self, rank, ranks):
+        """One of `ranks` data-parallel ranks, holding rows rank, rank + ranks, ... of
+        each global batch (gpucnn.distributed.shard): the masks are drawn for the
+        global batch and this rank applies its rows, so that R ranks drop what one
+        process of the global batch would (and not the same mask on every rank)."""
+        ranks = validate.positive_int(ranks, "ranks", type_error=TypeError)
+        rank = validate.integer(rank, "rank", 0, type_error=TypeError)
+        if rank >= ranks:
+            raise ValueError(f"rank must lie in [0, {ranks - 1}] for {ranks} ranks, got {rank}")
+        self.share = (rank, ranks)
 
     def get_rng_state(self):
         return {"seed": self.seed, "calls": self.calls}
@@ -79,7 +91,8 @@ class Dropout(Module):
 
     def forward(self, x):
         draws = self.training and self.p != 0
-        y, ctx = F.basic.dropout_forward(x, self.p, (self.seed, self.calls) if draws else None)
+        y, ctx = F.basic.dropout_forward(x, self.p, (self.seed, self.calls) if draws else None,
+                                         self.share)
         if draws:
             self.calls += 1
         self._keep(ctx)

@@ -108,6 +108,7 @@ def _ranks_case(world, name, batch, device, repeat):
     t = reducer.timings
     wait = (max(world.allgather_host(t["wait_s"] / t["steps"] * 1e3)) if device == "cpu"
             else max(0.0, step - compute))
+    reducer.close()
     return step, compute, alone, wait, len(reducer.buckets)
 
 

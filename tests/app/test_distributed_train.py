@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy
 import pytest
@@ -209,6 +210,31 @@ def test_sigterm_to_one_rank_stops_all_after_one_step_and_resume_is_exact(tmp_pa
     _assert_same_bits(out / "checkpoint.npz", tmp_path / "straight/checkpoint.npz")
 
 
+def test_sigterm_twice_to_mpiexec_saves_once_and_resume_is_exact(tmp_path, ranks):
+    # mpiexec forwards each SIGTERM to every rank: two requests milliseconds apart on
+    # each rank are one stop, answered with one checkpoint, not an abort saving nothing
+    out = tmp_path / "cut"
+    proc = ranks(2, "train", "--epochs", "500", "--out", out, *QUICK, wait=False)
+    _wait_for_rows(out, proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    # rank 0's one line, one save; a repeat landing after it did not kill a rank (status 15)
+    assert stdout.count("gpucnn: interrupted") == 1 and stdout.count("saved") == 1, stdout
+    assert "every rank ends now" not in stderr and "saving nothing" not in stderr, stderr
+    names = {p.name for p in out.iterdir()}  # no second or temporary checkpoint
+    assert {"checkpoint.npz", "metrics.jsonl"} <= names <= {"checkpoint.npz", "metrics.jsonl",
+                                                          "confusion.png", "curves.png"}, names
+    epochs = checkpoint.read(out / "checkpoint.npz")[0]["epoch"] + 1
+    done = ranks(2, "train", "--resume", out / "checkpoint.npz", "--epochs", epochs, *QUICK)
+    assert done.returncode == 0, done.stderr
+    straight = ranks(2, "train", "--epochs", epochs, "--out", tmp_path / "straight", *QUICK)
+    assert straight.returncode == 0, straight.stderr
+    _assert_same_bits(out / "checkpoint.npz", tmp_path / "straight/checkpoint.npz")
+
+
 def test_kill_9_of_one_rank_keeps_the_checkpoint_and_a_resume_on_3_ranks_finishes(tmp_path,
                                                                                   ranks):
     out = tmp_path / "run"
@@ -293,6 +319,14 @@ def test_info_names_the_mpi_library_and_the_world(capsys):
     printed = capsys.readouterr().out
     assert "MPI: " in printed and "(mpi4py " in printed
     assert "world: 1 rank (not started by mpiexec or srun)" in printed and "NCCL: " in printed
+    # a plain process reads the library's version without starting MPI
+    code = ("from gpucnn.app import cli; cli._report_distributed(); "
+            "from mpi4py import MPI; print('initialized', MPI.Is_initialized())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(ROOT)}, timeout=60, check=False)
+    assert done.returncode == 0 and "MPI: " in done.stdout, done.stderr
+    assert "initialized False" in done.stdout, done.stdout
 
 
 def test_ranks_on_the_gpu_path_sum_with_nccl_standin(tmp_path, ranks, standin):
@@ -301,7 +335,7 @@ def test_ranks_on_the_gpu_path_sum_with_nccl_standin(tmp_path, ranks, standin):
     args = ["--limit", "64", "--epochs", "1", "--optimizer", "sgd", "--lr", "0.1",
             "--no-progress", "--device", "cuda"]
     done = ranks(2, "train", *args, "--batch-size", "16", "--out", tmp_path / "two",
-                 STANDIN="1")
+                 STANDIN="1", STANDIN_GPUS="2")
     assert done.returncode == 0, done.stderr
     assert "training on cuda" in done.stdout and done.stdout.count("gpucnn: done") == 1
     # each rank: the 8 parameters broadcast from rank 0, one bucket all-reduced per step
@@ -313,3 +347,44 @@ def test_ranks_on_the_gpu_path_sum_with_nccl_standin(tmp_path, ranks, standin):
     one, two = _arrays(tmp_path / "one/checkpoint.npz"), _arrays(tmp_path / "two/checkpoint.npz")
     for k in one:
         numpy.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_more_ranks_than_gpus_on_a_node_is_one_error_line(tmp_path, ranks):
+    # two ranks would share the stand-in's one GPU, which NCCL refuses on every rank
+    done = ranks(2, "train", "--limit", "64", "--epochs", "1", "--no-progress", "--device",
+                 "cuda", "--out", tmp_path / "run", STANDIN="1")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "gpucnn: error: 2 ranks run on this node but it has 1 GPU, and NCCL cannot put two "
+        "ranks on one GPU; start at most 1 rank per node (mpiexec -n, Slurm's "
+        "--ntasks-per-node) or train with --device cpu\n"), done.stderr
+    assert ranks.nccl_calls(0) == [] and not (tmp_path / "run").exists()
+
+
+def test_a_stop_agreed_while_a_rank_diverged_saves_nothing():
+    """The ranks agreed on a signal after step k, and rank 1 found a NaN at step k+1:
+    the interrupted save is skipped (the model is NaN; the last good checkpoint
+    stays) and every rank raises the NaN line instead; without a NaN it saves."""
+    saved = []
+
+    class World:
+        def __init__(self, theirs):
+            self.theirs = theirs
+
+        def allgather_host(self, mine):
+            return [mine, mine[:4] + (self.theirs,)]
+
+    def run_for(theirs):
+        team = types.SimpleNamespace(world=World(theirs), is_root=True,
+                                     outcome=lambda work: work())
+        return types.SimpleNamespace(
+            team=team, config=types.SimpleNamespace(sync_bn=True), log=_quiet,
+            ckpt_path="ckpt", save=lambda *args: saved.append(args))
+
+    interrupts = types.SimpleNamespace(cut_short=False)
+    e = train._Epoch(0, 3, loss_sum=1.0, correct=2, seen=8)
+    with pytest.raises(train.TrainingDiverged, match="loss is nan on rank 1"):
+        train._save_interrupted(run_for("loss is nan on rank 1"), e, None, interrupts)
+    assert saved == []
+    train._save_interrupted(run_for(None), e, None, interrupts)
+    assert len(saved) == 1 and saved[0][3]["seen"] == 16

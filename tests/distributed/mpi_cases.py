@@ -246,6 +246,16 @@ def case_timeout_rank0(world):
     return {}
 
 
+def case_busy_rank0(world):
+    """Rank 0 is busy in work of its own (writing files, say) past rank 1's 1 s timeout."""
+    world = dist.get_world(timeout=1.0)
+    if world.rank == 0:
+        with world.busy("writing the checkpoint"):
+            time.sleep(30)
+    world.allreduce_host(1)
+    return {}
+
+
 def main(out, cases):
     gpucnn.set_num_threads(1)
     world = dist.get_world(timeout=float(os.environ.get("GPUCNN_TEST_TIMEOUT", "60")))

@@ -1,10 +1,12 @@
 """gpucnn.distributed in one process (no MPI needed): the world of one, the rules for
 shards and buckets, the backward-done hook, the reducer's single-process bits, and
 sync-BN's equations with ranks played by threads."""
+import gc
 import os
 import subprocess
 import sys
 import threading
+import weakref
 
 import mpi_cases as cases
 import numpy
@@ -339,3 +341,62 @@ def test_ranks_augment_their_shares_of_the_global_batch_exactly():
             numpy.testing.assert_array_equal(aug(x[r::3]), whole[r::3])
     with pytest.raises(ValueError, match=r"rank must lie in \[0, 2\] for 3 ranks, got 3"):
         gpucnn.Augment(padding=2, rank=3, ranks=3)
+
+
+def test_ranks_drop_their_rows_of_the_global_batchs_masks():
+    """R ranks' Dropout (same seed, set_share) drop exactly what one process drops on
+    the global batch, rows r, r + R, ...; without set_share every rank would draw the
+    same mask, and the unshared layer keeps its single-process draws."""
+    x = numpy.random.default_rng(0).standard_normal((12, 3, 4)) + 5.0
+    one = nn.Dropout(0.5)
+    ranks = [nn.Dropout(0.5) for _ in range(3)]
+    for r, layer in enumerate(ranks):
+        layer.set_rng_state(one.get_rng_state())
+        layer.set_share(r, 3)
+    for _ in range(3):  # the counters advance alike
+        whole = one.forward(x)
+        parts = [layer.forward(x[r::3]) for r, layer in enumerate(ranks)]
+        for r, part in enumerate(parts):
+            numpy.testing.assert_array_equal(part, whole[r::3])
+        assert not numpy.array_equal(parts[0] == 0, parts[1] == 0)
+    with pytest.raises(ValueError, match=r"rank must lie in \[0, 2\] for 3 ranks, got 3"):
+        nn.Dropout().set_share(3, 3)
+
+
+def test_a_closed_or_dropped_reducer_hooks_nothing():
+    """close() removes the reducer's hooks; one dropped without close() is freed (the
+    model holds its hooks weakly) and its hooks run nothing."""
+    calls = []
+
+    class Counting(dist.GradientReducer):
+        def _module_done(self, module):
+            calls.append(module)
+            super()._module_done(module)
+
+    x, y = cases.data()
+    model = cases.lenet()
+    reducer = Counting(model, dist.LocalCommunicator())
+    cases.train(model, x, y, cases.batches(0, 1, 8, 1), reducer)
+    assert len(calls) == 3  # the two convs and the Linear
+    reducer.close()
+    cases.train(model, x, y, cases.batches(0, 1, 8, 1))
+    assert len(calls) == 3
+    dropped = weakref.ref(Counting(model, dist.LocalCommunicator()))
+    gc.collect()
+    assert dropped() is None
+    cases.train(model, x, y, cases.batches(0, 1, 8, 1))
+    assert len(calls) == 3
+
+
+def test_ranks_pick_their_gpu_through_the_backends_cupy(standin, monkeypatch):
+    """gpu_count and use_gpu go through the module playing CuPy (the stand-in here),
+    as the rest of the backend does; an index past the count is an error."""
+    from gpucnn import backend
+    from gpucnn.errors import DeviceError
+    monkeypatch.setenv("STANDIN_GPUS", "2")
+    monkeypatch.setattr(standin.Device, "current", 0)
+    assert backend.gpu_count() == 2
+    backend.use_gpu(dist.World(local_rank=3, local_size=4).device_index(backend.gpu_count()))
+    assert standin.cuda.runtime.getDevice() == 1
+    with pytest.raises(DeviceError, match=r"GPU index must be in \[0, 2\), got 2"):
+        backend.use_gpu(2)

@@ -280,3 +280,17 @@ def test_a_rank_that_stops_answering_ends_the_world_naming_it(tmp_path, silent, 
     assert len(ours) == 1, said
     assert f"rank {silent} did not answer within 1 s" in ours[0], said
     assert f"rank {waiting} waiting in" in ours[0], said
+
+
+def test_a_busy_rank_is_named_busy_not_silent(tmp_path):
+    """Rank 0 writing files inside world.busy past rank 1's deadline: the one line
+    says where rank 0 is, and does not blame it for not answering."""
+    t0 = time.monotonic()
+    run = launch(tmp_path, 2, ["busy_rank0"], timeout=60)
+    elapsed = time.monotonic() - t0
+    ours = [line for line in run.stderr.splitlines() if line.startswith("gpucnn:")]
+    said = f"after {elapsed:.1f} s, exit status {run.returncode}, stderr:\n{run.stderr}"
+    assert run.returncode != 0 and elapsed < 20 and len(ours) == 1, said
+    assert "did not answer" not in ours[0], said
+    assert "rank 1 waiting in allreduce_host(sum)" in ours[0], said
+    assert "rank 0 is in writing the checkpoint" in ours[0], said

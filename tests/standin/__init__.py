@@ -25,6 +25,7 @@ tests/conftest.py does that); nothing in gpucnn is patched.
 import contextlib
 import inspect
 import operator
+import os
 import time
 import types
 import weakref
@@ -520,25 +521,31 @@ _PROPERTIES = {"name": b"gpucnn CuPy stand-in (CPU, kernel emulator)", "major": 
 
 
 def _get_device():
-    return 0
+    return Device.current
 
 
 def _get_device_count():
-    return 1
+    # one GPU, or STANDIN_GPUS of them for ranks that each need one of their own
+    return int(os.environ.get("STANDIN_GPUS", "1"))
 
 
 def _get_device_properties(device):
-    if device != 0:
+    if not 0 <= device < _get_device_count():
         raise CUDARuntimeError(f"cudaErrorInvalidDevice: invalid device ordinal {device}")
     return dict(_PROPERTIES)
 
 
 class Device:
+    current = 0  # the device use() made current
+
     def __init__(self, device=0):
         self.id = device
 
     def synchronize(self):
         _sync()
+
+    def use(self):
+        Device.current = self.id
 
     @property
     def compute_capability(self):
@@ -604,6 +611,11 @@ class Stream:
 
     def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
         self._capturing = False
+
+    @property
+    def ptr(self):
+        """The cudaStream_t handle NCCL takes: here the stream's id, the null stream's 0."""
+        return 0 if self is Stream.null else id(self)
 
     def __enter__(self):
         return self

@@ -22,8 +22,6 @@ import secrets
 
 import numpy
 
-import standin
-
 NCCL_INT8, NCCL_UINT8, NCCL_INT32, NCCL_UINT32, NCCL_INT64, NCCL_UINT64 = 0, 1, 2, 3, 4, 5
 NCCL_FLOAT16, NCCL_FLOAT32, NCCL_FLOAT64 = 6, 7, 8
 NCCL_SUM, NCCL_PROD, NCCL_MAX, NCCL_MIN = 0, 1, 2, 3
@@ -32,12 +30,6 @@ _TYPES = {NCCL_INT8: numpy.int8, NCCL_UINT8: numpy.uint8, NCCL_INT32: numpy.int3
           NCCL_FLOAT16: numpy.float16, NCCL_FLOAT32: numpy.float32, NCCL_FLOAT64: numpy.float64}
 available = True
 calls = []  # (operation, count, dtype, op or root, stream handle) of every collective
-
-# CuPy's streams have .ptr, the cudaStream_t handle NCCL takes; the CuPy stand-in's
-# streams are plain objects, so each one's handle here is its id (the null stream's 0).
-if not hasattr(standin.Stream, "ptr"):
-    standin.Stream.ptr = property(lambda self: 0 if self is standin.Stream.null else id(self))
-
 
 class NcclError(RuntimeError):
     pass
