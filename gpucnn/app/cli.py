@@ -390,14 +390,17 @@ def _tune_device(asked):
 
 
 def cmd_bench(args):
-    from ..tools import bench
+    from ..tools import bench, bench_precision
     positive_int(args.repeat, "--repeat", error=ConfigError)
-    return bench.main(["--device", args.device, "--repeat", str(args.repeat)] +
-                      (["--json", args.json] if args.json else []) +
-                      (["--smoke"] if args.smoke else []) +
-                      (["--modern"] if args.modern else []) +
-                      (["--distributed"] if args.distributed else []) +
-                      ([f"--precision={args.precision}"] if args.precision else [])) or 0
+    common = (["--device", args.device, "--repeat", str(args.repeat)] +
+              (["--json", args.json] if args.json else []) + (["--smoke"] if args.smoke else []))
+    if args.precision:
+        if args.modern or args.distributed:
+            raise ConfigError("--precision times its own cases; leave --modern and "
+                              "--distributed out")
+        return bench_precision.main(common + [f"--precision={args.precision}"]) or 0
+    return bench.main(common + (["--modern"] if args.modern else []) +
+                      (["--distributed"] if args.distributed else [])) or 0
 
 
 def main(argv=None):

@@ -389,27 +389,9 @@ def main(argv=None):
     parser.add_argument("--distributed", action="store_true", help="under mpiexec: data-"
                         "parallel steps on the ranks against one process (gpucnn.tools."
                         "bench_distributed)")
-    parser.add_argument("--precision", nargs="?", const="fp32,tf32,3xtf32", metavar="LIST",
-                        help="time each float32 conv precision (fp32, tf32, 3xtf32; default all) "
-                        "against cuDNN with the matching TF32 setting, with its error against "
-                        "float64, and the LeNet/ResNet steps at both libraries' defaults "
-                        "(gpucnn.tools.bench_precision)")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error(f"--repeat must be a positive int, got {args.repeat}")
-    if args.precision is not None:
-        from ..backends.precision import PRECISIONS
-        from . import bench_precision
-        which = [p.strip() for p in args.precision.split(",") if p.strip()]
-        bad = [p for p in which if p not in PRECISIONS]
-        if bad or not which:
-            parser.error(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}, "
-                         f"got {args.precision!r}")
-        results = bench_precision.run(args.device, args.repeat, args.smoke, which=which)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
-        return None
     if args.distributed:
         if args.modern:
             parser.error("--distributed times its own cases; leave --modern out")

@@ -2,7 +2,8 @@
 against cuDNN with the matching setting, time and accuracy, plus the LeNet and ResNet
 steps with both libraries' defaults.
 
-    python -m gpucnn.tools.bench --precision [fp32,tf32,3xtf32] [--device cuda] [--json FILE]
+    python -m gpucnn.tools.bench_precision [--precision fp32,tf32,3xtf32] [--device cuda]
+        [--repeat N] [--smoke] [--json FILE]       (gpucnn bench --precision [LIST])
 
 For every 3x3 benchmark shape with C and K >= 64 (and LeNet's layers), each pass at
 each precision is timed (CUDA events, median after warm-up) next to PyTorch with
@@ -15,7 +16,10 @@ time on the 3x3 layers with C and K >= 64; the LeNet (batch 256) and ResNet
 On the CPU only ``fp32`` exists (the table says so); the check then runs at the
 smoke size so that the script cannot rot.
 """
+import argparse
 import contextlib
+import json
+import sys
 
 import numpy
 
@@ -100,7 +104,6 @@ def _measure(torch, dev, timer, arrays, ours, p):
 
 def run(device="auto", repeat=10, smoke=False, out=None, which=precisions.PRECISIONS):
     """Every shape at every precision; prints the table, returns {"meta", "rows"}."""
-    import sys
     out = out or sys.stdout
     device, why = backend.resolve_device(device)
     xp, torch = backend.xp_for(device), bench._torch(device)
@@ -180,3 +183,29 @@ def _default_steps(device, repeat, smoke, out, torch, timer, rng):
     finally:
         gpucnn.set_conv_precision(previous)
     return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="gpucnn bench --precision",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--repeat", type=int, default=10, help="timed runs per case (median)")
+    parser.add_argument("--json", help="also write the results as JSON to this file")
+    parser.add_argument("--smoke", action="store_true", help="one tiny shape: checks that it runs")
+    parser.add_argument("--precision", default=",".join(precisions.PRECISIONS), metavar="LIST",
+                        help="the precisions to time, comma-separated (default all three)")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be a positive int, got {args.repeat}")
+    which = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if not which or any(p not in precisions.PRECISIONS for p in which):
+        parser.error(f"--precision takes a comma-separated list of "
+                     f"{', '.join(precisions.PRECISIONS)}, got {args.precision!r}")
+    results = run(args.device, args.repeat, args.smoke, which=which)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
