@@ -132,6 +132,11 @@ def test_heuristic_picks_narrow_tiles_for_narrow_layers():
     for p in cuda_conv.PASSES:
         assert cuda_conv.heuristic_config(p, big) == "128x128"
     assert cuda_conv.heuristic_config("forward", g(2, 64, 8, 64, 3, padding=1)) == "64x64"
+    # C and K = 64 on a big batch: half of a 128-wide tile would be empty
+    wide64 = g(32, 64, 56, 64, 3, padding=1)
+    assert cuda_conv.heuristic_config("forward", wide64) == "128x64"        # K = 64 columns
+    assert cuda_conv.heuristic_config("backward_data", wide64) == "128x64"  # C = 64 columns
+    assert cuda_conv.heuristic_config("backward_filter", wide64) == "64x128"  # K = 64 rows
 
 
 def test_a_configuration_once_chosen_stays(kernels):

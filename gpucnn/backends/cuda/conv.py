@@ -27,6 +27,8 @@ from .loader import DEFAULT, MAX_GRID_YZ, THREADS, Build, KernelFile, cdiv, i32
 TileConfig = namedtuple("TileConfig", "bm bn bk bk_double tm tn unroll")
 CONV_CONFIGS = {
     "128x128": TileConfig(128, 128, 16, 8, 8, 8, 2),  # big layers: 256 threads, 8x8 outputs each
+    "128x64": TileConfig(128, 64, 16, 8, 8, 8, 2),    # big layers with C or K = 64: 128 threads
+    "64x128": TileConfig(64, 128, 16, 8, 8, 8, 2),    # K = 64 rows of backward-filter: 128 threads
     "64x64": TileConfig(64, 64, 8, 4, 8, 8, 4),       # mid-size: 4x the blocks, of 64 threads
     "128x32": TileConfig(128, 32, 8, 4, 8, 8, 4),     # few GEMM columns (C or K <= 32): 64 threads
     "32x128": TileConfig(32, 128, 8, 2, 8, 8, 4),     # few GEMM rows (K <= 32, backward-filter)
@@ -35,8 +37,8 @@ CONV_CONFIGS = {
 # The tensor-core builds of each configuration (precision tf32 and 3xtf32, float
 # only): the same block tile, threads and stages, one warp per warp tile (wm x wn)
 # of (wm/16) x (wn/8) m16n8k8 MMAs; each thread then holds wm/8 x wn/4 outputs.
-WARP_TILES = {"128x128": (64, 32), "64x64": (64, 32), "128x32": (64, 32), "32x128": (32, 64),
-              "32x32": (32, 32)}
+WARP_TILES = {"128x128": (64, 32), "128x64": (64, 32), "64x128": (64, 32), "64x64": (64, 32),
+              "128x32": (64, 32), "32x128": (32, 64), "32x32": (32, 32)}
 MMA = {"fp32": 0, "tf32": 1, "3xtf32": 3}  # -DCONV_MMA of each precision
 SMEM_PAD = 4         # floats of padding per shared-memory row (-DCONV_PAD): rows are bm+4
                      # and bn+4 long, the 8 k-rows a warp stores at once on different banks
@@ -124,7 +126,9 @@ def gemm_shape(pass_, g):
 def heuristic_config(pass_, g):
     """The tile configuration for a pass and shape when none was tuned: narrow tiles
     where a GEMM side is <= 32, else the big tile when its blocks fill a large GPU once
-    (backward-filter always, its split-K fills the GPU) and 64x64 when they do not."""
+    (backward-filter always, its split-K fills the GPU) and 64x64 when they do not; a
+    side of at most 64 takes the big tile's half (128x64, 64x128), which a 128-wide
+    tile would leave half empty."""
     rows, cols, _, count = gemm_shape(pass_, g)
     if rows <= 32 and cols <= 32:
         return "32x32"
@@ -133,9 +137,14 @@ def heuristic_config(pass_, g):
     if rows <= 32:
         return "32x128"
     if pass_ == "backward_filter":
-        return "128x128" if rows >= 128 and cols >= 128 else "64x64"
-    big = cdiv(rows, 128) * cdiv(cols, 128) * count
-    return "128x128" if big >= TARGET_BLOCKS // 2 else "64x64"  # a full wave of big tiles
+        if cols >= 128:
+            return "128x128" if rows >= 128 else "64x128" if rows <= 64 else "64x64"
+        return "64x64"
+    wide = 128 if cols > 64 else 64
+    big = cdiv(rows, 128) * cdiv(cols, wide) * count
+    if big < TARGET_BLOCKS // 2:  # no full wave of big tiles
+        return "64x64"
+    return "128x128" if wide == 128 else "128x64"
 
 
 def filter_slices(g, config):
