@@ -440,6 +440,29 @@ def torch_resnet(torch):
                          GlobalAvgPool(), tn.Linear(64, 10))
 
 
+def resnet_steps(device, torch, x, y):
+    """(ours, theirs or None): the ResNet recipe's SGD step (Nesterov, weight decay) on
+    the host batch (x, y), gpucnn's on `device` and torch's beside it."""
+    xp = backend.xp_for(device)
+    gpucnn.manual_seed(0)
+    net = models.resnet().to(device)
+    opt = gpucnn.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    xd, yd = xp.asarray(x), xp.asarray(y)
+    theirs = None
+    if torch is not None:
+        dev = "cuda" if device == "cuda" else "cpu"
+        tnet = torch_resnet(torch).to(dev)
+        topt = torch.optim.SGD(tnet.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                               weight_decay=5e-4)
+        tx, ty = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
+
+        def theirs():
+            topt.zero_grad()
+            torch.nn.functional.cross_entropy(tnet(tx), ty).backward()
+            topt.step()
+    return (lambda: training_step(net, opt, xd, yd)), theirs
+
+
 def run_modern(device="auto", repeat=10, out=sys.stdout):
     """BN forward+backward, a residual block, the 3x3 stride-2 padding-1 max pool of
     ResNet stems, and a resnet SGD step (batch 128) next to torch: [rows]."""
@@ -497,24 +520,8 @@ def run_modern(device="auto", repeat=10, out=sys.stdout):
             tx_pool, 3, 2, 1).backward(tdy_pool)
     cases.append(("max pool 3x3 s2 p1 fwd+bwd 128,16,28,28", pool_ours, theirs))
 
-    gpucnn.manual_seed(0)
-    net = models.resnet().to(device)
-    opt = gpucnn.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    x_net, y_net = arr(128, 1, 28, 28), xp.asarray(rng.integers(0, 10, 128))
-
-    def step_ours():
-        train_step(net, opt, x_net, y_net)
-    theirs = None
-    if torch is not None:
-        tnet = torch_resnet(torch).to(dev)
-        topt = torch.optim.SGD(tnet.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                               weight_decay=5e-4)
-        tx_net, ty_net = tens(x_net), tens(y_net)
-
-        def theirs():
-            topt.zero_grad()
-            torch.nn.functional.cross_entropy(tnet(tx_net), ty_net).backward()
-            topt.step()
+    step_ours, theirs = resnet_steps(device, torch, rng.standard_normal(
+        (128, 1, 28, 28)).astype(numpy.float32), rng.integers(0, 10, 128))
     cases.append(("resnet SGD step, batch 128", step_ours, theirs))
 
     print(f"gpucnn benchmark (BN, residual block, stem pool, resnet step) on {device} ({why}); float32; median of {repeat}"

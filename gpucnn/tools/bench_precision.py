@@ -133,44 +133,20 @@ def run(device="auto", repeat=10, smoke=False, out=None, which=precisions.PRECIS
     return dict(meta=dict(device=device, precisions=which, smoke=smoke), rows=rows)
 
 
-def _resnet_steps(device, torch, batch, rng):
-    """(ours, theirs) of the ResNet recipe's SGD step at this batch."""
-    from ..app import models
-    xp = backend.xp_for(device)
-    gpucnn.manual_seed(0)
-    net = models.resnet().to(device)
-    opt = gpucnn.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    x, y = bench._step_batch(batch, rng)
-    xd, yd = xp.asarray(x), xp.asarray(y)
-    theirs = None
-    if torch is not None:
-        dev = "cuda" if device == "cuda" else "cpu"
-        tnet = bench.torch_resnet(torch).to(dev)
-        topt = torch.optim.SGD(tnet.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                               weight_decay=5e-4)
-        tx, ty = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
-
-        def theirs():
-            topt.zero_grad()
-            torch.nn.functional.cross_entropy(tnet(tx), ty).backward()
-            topt.step()
-    return (lambda: bench.training_step(net, opt, xd, yd)), theirs
-
-
 def _default_steps(device, repeat, smoke, out, torch, timer, rng):
     """The LeNet (batch 256) and ResNet (batch 128) steps with each library's defaults
     (gpucnn: tf32 on a GPU; PyTorch: cuDNN's TF32 convolutions), goal: faster."""
     rows = []
     previous = gpucnn.set_conv_precision(None)
     try:
-        for name, batch, make in (("LeNet", 256, None), ("ResNet", 128, _resnet_steps)):
+        for name, batch in (("LeNet", 256), ("ResNet", 128)):
             batch = bench.SMOKE["batch"] if smoke else batch
-            if make is None:
-                x, y = bench._step_batch(batch, rng)
+            x, y = bench._step_batch(batch, rng)
+            if name == "ResNet":
+                ours, theirs = bench.resnet_steps(device, torch, x, y)
+            else:
                 ours = bench._our_step(device, x, y)
                 theirs = bench._their_step(torch, device, x, y) if torch is not None else None
-            else:
-                ours, theirs = make(device, torch, batch, rng)
             t_ours, t_theirs = timer.pair(ours, theirs)
             ratio = t_ours / t_theirs if t_theirs else None
             rows.append(dict(case=f"{name} SGD step, batch {batch}, defaults",
