@@ -154,11 +154,11 @@ class _NcclPending:
 class NcclCommunicator(Communicator):
     """NCCL through CuPy on CuPy arrays: ncclCommInitRank with a unique id made on
     rank 0 and broadcast over MPI. All-reduces run on the communicator's stream,
-    ordered after the current stream's work by an event; nothing waits on the host."""
+    ordered after the current stream's work by an event; nothing waits on the host.
+    A world of one is allowed (training uses LocalCommunicator there): NCCL then
+    runs one rank, which is how gpu-check proves this path on a single GPU."""
 
     def __init__(self, world, xp):
-        if not world.is_distributed:
-            raise DistributedError("NcclCommunicator needs a world of more than one rank")
         nccl = self.nccl = nccl_module()
         self.world, self.xp, self.rank, self.size = world, xp, world.rank, world.size
         uid = world.bcast_host(nccl.get_unique_id() if world.rank == 0 else None)

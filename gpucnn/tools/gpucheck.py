@@ -6,6 +6,7 @@
     python -m gpucnn.tools.gpucheck cuda-skips JUNIT_XML
     python -m gpucnn.tools.gpucheck sanitizer-log LOG
     python -m gpucnn.tools.gpucheck determinism --device cuda [--batch 64] [--steps 20]
+    python -m gpucnn.tools.gpucheck data-parallel [--batch 32] [--steps 8]
     python -m gpucnn.tools.gpucheck train-report RUN_DIR [--min-accuracy 0.87]
 
 Each prints what it found and exits nonzero when its check fails. Loaded as a
@@ -15,6 +16,7 @@ an out-of-bounds access that the pool would hide inside a larger chunk.
 """
 import argparse
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import os
@@ -32,6 +34,8 @@ import numpy
 import gpucnn
 from .. import backend
 from ..backends import cuda, precision
+from .. import distributed
+from ..backends.cuda.graph import GraphedStep
 from . import bench, nvrtc
 from ..app import models
 
@@ -202,18 +206,24 @@ def compile_all(jobs=None, files=None, gpu=None, out=None):
     return not failed
 
 
-def _lenet_run(device, dtype, batch, steps, seed=0):
+def _lenet_run(device, dtype, batch, steps, seed=0, make_step=None):
     """Train a seeded LeNet with SGD + momentum for `steps` steps on a fixed stream of
-    random batches; return its parameters as host arrays."""
+    random batches; return its parameters as host arrays. make_step(net, opt): the
+    function that trains on one batch (x, y) (default: bench.training_step)."""
     gpucnn.manual_seed(seed)
     net = models.lenet().to(device, dtype)
     opt = gpucnn.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    step = (make_step or _plain_step)(net, opt)
     rng = numpy.random.default_rng(seed)
     for _ in range(steps):
         x = backend.to_device(rng.standard_normal((batch, 1, 28, 28)).astype(dtype), device)
         y = backend.to_device(rng.integers(0, 10, batch), device)
-        bench.training_step(net, opt, x, y)
+        step(x, y)
     return {k: backend.to_numpy(v) for k, v in net.state_dict().items()}
+
+
+def _plain_step(net, opt):
+    return functools.partial(bench.training_step, net, opt)
 
 
 # One step's update (weights after minus before) in float32 against float64, from the
@@ -257,6 +267,48 @@ def _determinism_at(p, device, batch, steps, out):
     print(f"[{p}] one float32 step on {device} vs float64 on cpu: worst {worst:.2e} "
           f"(limit {PARITY_RTOL[p]:g}): {'pass' if parity else 'FAIL'}", file=out)
     return not differ and parity
+
+
+def data_parallel(batch=32, steps=8, out=None):
+    """The data-parallel step on this one GPU: the GradientReducer's buckets summed by
+    NCCL (a communicator of one rank), eagerly and replayed from a CUDA graph, against
+    the plain step, eager and graphed. One rank's sum is its own gradient and 1/R is
+    1, so all four runs must end on the same bits, and both graphed runs must have
+    captured their step: NCCL inside a CUDA graph is what a run of several GPUs
+    replays. Returns True when all hold."""
+    out = out or sys.stdout
+    world = distributed.get_world()
+    print(f"data parallel on one GPU: world of {world.size}, NCCL "
+          f"{distributed.nccl_version()}, LeNet, batch {batch}, {steps} steps", file=out)
+    graphed = []  # the GraphedSteps made, each asked afterwards whether it captured
+
+    def run(reduce, graph):
+        def make_step(net, opt):
+            step = gpucnn.train_step
+            if reduce:
+                xp = backend.get_array_module(net.parameters()[0].data)
+                comm = distributed.NcclCommunicator(world, xp)
+                step = functools.partial(step, reducer=distributed.GradientReducer(net, comm))
+            if not graph:
+                return lambda x, y: step(net, opt, x, y)
+            graphed.append(GraphedStep(net, opt, step=step,
+                                       log=lambda line: print(line, file=out)))
+            return graphed[-1]
+        return _lenet_run("cuda", numpy.float32, batch, steps, make_step=make_step)
+
+    states = {f"{'NCCL' if reduce else 'plain'}, {'graphed' if graph else 'eager'}":
+              run(reduce, graph) for reduce in (False, True) for graph in (False, True)}
+    captured = [g.graph is not None and backend.graph_capture_replays(g.xp) for g in graphed]
+    ok = all(captured)
+    print(f"graphed runs replayed a captured step: {captured}", file=out)
+    reference = states["plain, eager"]
+    for name, state in states.items():
+        differ = [k for k in reference if not numpy.array_equal(reference[k], state[k])]
+        print(f"{name:<15} " + ("bitwise equal to plain, eager" if not differ else
+                                f"DIFFERS from plain, eager in {', '.join(differ)}"), file=out)
+        ok = ok and not differ
+    print(f"data parallel on one GPU: {'pass' if ok else 'FAIL'}", file=out)
+    return ok
 
 
 def train_report(run_dir, min_accuracy=None, out=None):
@@ -308,6 +360,10 @@ def main(argv=None):
     d.add_argument("--device", default="cuda", choices=["auto", "cpu", "cuda"])
     d.add_argument("--batch", type=int, default=64)
     d.add_argument("--steps", type=int, default=20)
+    m = sub.add_parser("data-parallel", help="one rank's NCCL gradient all-reduce, eager "
+                       "and in a CUDA graph, bitwise equal to the plain step")
+    m.add_argument("--batch", type=int, default=32)
+    m.add_argument("--steps", type=int, default=8)
     t = sub.add_parser("train-report", help="accuracy and images/s of a gpucnn train run")
     t.add_argument("run_dir")
     t.add_argument("--min-accuracy", type=float, help="fail below this final test accuracy")
@@ -336,6 +392,8 @@ def main(argv=None):
             print(f"... and {len(skipped) - 10} more")
         print(f"{len(skipped)} cuda test(s) skipped" + (": FAIL" if skipped else ""))
         return 1 if skipped else 0
+    if args.command == "data-parallel":
+        return 0 if data_parallel(args.batch, args.steps) else 1
     if args.command == "train-report":
         return 0 if train_report(args.run_dir, args.min_accuracy) else 1
     return 0 if determinism(args.device, args.batch, args.steps) else 1

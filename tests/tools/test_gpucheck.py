@@ -1,6 +1,7 @@
 """The pieces of .ci/gpu-check that can be checked without a GPU: the skipped-cuda
 test finder, the training report, the benchmark's shape list and the documented call.
 CI runs `.ci/gpu-check --dry-run` itself (.ci/run)."""
+import ctypes
 import json
 import pathlib
 import re
@@ -106,7 +107,7 @@ def test_every_step_is_documented_with_its_budget():
     steps, total = _script_steps()
     docs = (ROOT / "docs" / "gpu" / "README.md").read_text()
     assert [name for name, _ in steps] == ["preflight", "compile", "gputests", "memcheck",
-                                           "bench", "determinism", "precision", "sanitizers",
+                                           "bench", "determinism", "precision", "parallel", "sanitizers",
                                            "tune", "train"]
     for name, budget in steps:
         assert re.search(rf"\*\*{name}\*\* \[{budget}\]", docs), f"{name} [{budget}] undocumented"
@@ -180,3 +181,55 @@ def test_preflight_stops_where_cupy_does_not_import(capsys):
         assert "cupy: does not import" in out and "FAIL" in out
     else:
         assert gpucheck.main(["preflight"]) == (0 if gpucheck.backend.cuda_available() else 1)
+
+
+class _OneRankNccl:
+    """cupy.cuda.nccl for a world of one, in the stand-in's memory: allReduce sums one
+    rank's buffer, which leaves it as it is; `scale` plants a wrong sum."""
+
+    def __init__(self, scale=1.0):
+        self.scale, self.calls = scale, []
+        outer = self
+
+        class NcclCommunicator:
+            def __init__(self, ndev, commId, rank):
+                assert (ndev, rank, len(commId)) == (1, 0, 128)
+
+            def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
+                assert (datatype, op) == (7, 0) and stream != 0  # float32 sum, off stream 0
+                outer.calls.append(count)
+                memory = (ctypes.c_float * count).from_address(recvbuf)
+                data = numpy.frombuffer(memory, numpy.float32)
+                data[...] = numpy.frombuffer((ctypes.c_float * count).from_address(sendbuf),
+                                             numpy.float32) * outer.scale
+
+        self.NcclCommunicator = NcclCommunicator
+
+    @staticmethod
+    def get_unique_id():
+        return (0,) * 128
+
+    @staticmethod
+    def get_version():
+        return 22304
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_data_parallel_check_on_the_standins(standin, capsys, scale):
+    """gpu-check's data-parallel step on the CuPy stand-in and a one-rank NCCL: every
+    gradient goes through NCCL, and a wrong sum is a difference it reports. The
+    stand-in captures nothing, so the check must fail on exactly that and nothing else
+    where the sum is right."""
+    from gpucnn import distributed
+    nccl = _OneRankNccl(scale)
+    previous = distributed.set_nccl_module(nccl)
+    try:
+        assert not gpucheck.data_parallel(batch=4, steps=5)
+    finally:
+        distributed.set_nccl_module(previous)
+    out = capsys.readouterr().out
+    assert "graphed runs replayed a captured step: [False, False]" in out
+    assert len(nccl.calls) == 2 * 5 and len(set(nccl.calls)) == 1  # one bucket a step, 2 runs
+    assert out.count("bitwise equal to plain, eager") == (4 if scale == 1 else 2)
+    for run in ("NCCL, eager", "NCCL, graphed"):
+        assert (f"{run:<15} DIFFERS from plain, eager in 0.weight" in out) == (scale != 1)
