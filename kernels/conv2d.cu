@@ -483,10 +483,40 @@ __device__ __forceinline__ void gemm_tile(OpA& a, OpB& b,
     }
 }
 
-// out[rows(m).off + col_base + n*col_stride] = acc (+ bias[n], 0 if null) for the thread's
-// in-range outputs. A thread's rows come in runs of 4 adjacent ones: the first
-// of a run is located, the next three are one step further each.
+// Four adjacent outputs in one 16-byte store; p must be 16-byte aligned (the
+// emulator checks it: the GPU faults on a misaligned vector store).
+__device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
+#ifdef GPUCNN_EMULATOR
+    emu::check_aligned(p, 16, "store4");
+#endif
+    float4 v;
+    v.x = a; v.y = b; v.z = c; v.w = d;
+    *reinterpret_cast<float4*>(p) = v;
+}
+__device__ __forceinline__ void store4(double* p, double a, double b, double c, double d) {
+#ifdef GPUCNN_EMULATOR
+    emu::check_aligned(p, 16, "store4");
+#endif
+    double2 u, v;
+    u.x = a; u.y = b; v.x = c; v.y = d;
+    reinterpret_cast<double2*>(p)[0] = u;
+    reinterpret_cast<double2*>(p)[1] = v;
+}
+
+// An output with its bias; without one, acc itself (acc + 0 would turn -0 into +0).
 template <bool HAS_BIAS, typename T>
+__device__ __forceinline__ T biased(T acc, T bias) { return HAS_BIAS ? acc + bias : acc; }
+
+// out[rows(m).off + col_base + n*col_stride] = acc (+ bias[n], 0 if null) for the thread's
+// in-range outputs. A thread's rows come in runs of 4 adjacent ones: the first of a
+// run is located, the next three are one step further each. Its columns come in
+// runs of 4 too (n % 4 == 0 at a run's first): with COLUMN_RUNS, where every run is 4
+// adjacent outputs in memory, 16 bytes aligned (backward-filter's partial sums with
+// C/groups*R*S a multiple of 4), one vector store writes a run. Only backward-filter
+// asks for it: split-K stores its outputs once per slice, and the other passes'
+// extra store path would cost their one-warp kernels spills or their FFMA share
+// (docs/benchmarks.md). The test is the same for the whole block: no divergence.
+template <bool COLUMN_RUNS, bool HAS_BIAS, typename T>
 __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const IndexMap& rows,
                                            int m0, int M, long long col_base, int col_stride,
                                            int n0, int Ncols, const T* bias) {
@@ -500,6 +530,8 @@ __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const
         col[j] = (unsigned)(col_base + (long long)n * col_stride);
         if (HAS_BIAS) b[j] = bias != nullptr && n < Ncols ? bias[n] : T(0);
     }
+    const bool runs = COLUMN_RUNS && col_stride == 1 && Ncols % 4 == 0 && col_base % 4 == 0 &&
+        rows.base % 4 == 0 && rows.s0 % 4 == 0 && rows.s1 % 4 == 0 && rows.s2 % 4 == 0;
     const Step one = unit_step(rows);
     Cursor r;
 #pragma unroll
@@ -508,10 +540,20 @@ __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const
         if (m >= M) break;  // rows only grow with i
         if (i % 4 == 0) r = locate(rows, m);
         else advance(r, rows, one);
+        if (runs) {
 #pragma unroll
-        for (int j = 0; j < TN; ++j)
-            if (n0 + thread_col(j) < Ncols)
-                out[r.off + col[j]] = HAS_BIAS ? acc[i][j] + b[j] : acc[i][j];
+            for (int j = 0; j < TN; j += 4)
+                if (n0 + thread_col(j) < Ncols)  // then the run's other 3 are too
+                    store4(out + r.off + col[j], biased<HAS_BIAS>(acc[i][j], b[j]),
+                           biased<HAS_BIAS>(acc[i][j + 1], b[j + 1]),
+                           biased<HAS_BIAS>(acc[i][j + 2], b[j + 2]),
+                           biased<HAS_BIAS>(acc[i][j + 3], b[j + 3]));
+        } else {
+#pragma unroll
+            for (int j = 0; j < TN; ++j)
+                if (n0 + thread_col(j) < Ncols)
+                    out[r.off + col[j]] = biased<HAS_BIAS>(acc[i][j], b[j]);
+        }
     }
 }
 
@@ -546,7 +588,7 @@ conv2d_forward(const T* __restrict__ x, const T* __restrict__ w, const T* __rest
     T acc[TM][TN];
     gemm_tile(a, b, Jg, acc, smem);
     const IndexMap rows = index_map(1, PQ, (long long)K * PQ, 0, 1, 0);  // (n, pq)
-    store_tile<true>(y, acc, rows, m0, M, (long long)g * Kg * PQ, PQ, n0, Kg,
+    store_tile<false, true>(y, acc, rows, m0, M, (long long)g * Kg * PQ, PQ, n0, Kg,
                has_bias ? bias + g * Kg : (const T*)nullptr);
 }
 
@@ -592,7 +634,7 @@ conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __res
     }
     T acc[TM][TN];
     gemm_tile(a, b, klen, acc, smem);  // klen == 0 (no tap reaches this phase): zeros
-    store_tile<false>(dx, acc, index_map(Hph, Wph, C * HW, (long long)sh * W, sw,
+    store_tile<false, false>(dx, acc, index_map(Hph, Wph, C * HW, (long long)sh * W, sw,
                                          (long long)h1st * W + w1st),
                       m0, M, g * Cg * HW, (int)HW, n0, Cg, (const T*)nullptr);
 }
@@ -603,9 +645,9 @@ conv2d_backward_data(const T* __restrict__ dy, const T* __restrict__ w, T* __res
 // `slices` consecutive ranges of slice_len (a multiple of BK):
 // blockIdx.z = g * slices + slice writes partial[slice] (K, Cg*R*S); with one
 // slice, partial is dw itself; else conv2d_sum_slices adds the slices in order.
-// (partial too has fewer than 2**31 elements, as the 32-bit offsets need: with
-// slices > 1 the tiles number fewer than TARGET_BLOCKS, so it is under
-// 2*TARGET_BLOCKS*BM*BN.)
+// (partial too has fewer than 2**31 elements, as the 32-bit offsets need: where
+// filter_slices splits, its grid is under 14 waves (the first plan 7/8 full is
+// taken), and a wave's blocks hold at most 2**22 outputs: under 2**26 in all.)
 // Grid (ceil(K/groups/BM), ceil(Cg*R*S/BN), groups*slices).
 template <typename T>
 __global__ void __launch_bounds__(conv::THREADS, conv::MinBlocks<T>::value)
@@ -630,6 +672,6 @@ conv2d_backward_filter(const T* __restrict__ dy, const T* __restrict__ x, T* __r
     T acc[TM][TN];
     gemm_tile(a, b, klen, acc, smem);
     const long long out0 = ((long long)slice * K + g * Kg) * Jg;
-    store_tile<false>(partial, acc, index_map(1, 1, Jg, 0, 0, out0), m0,
+    store_tile<true, false>(partial, acc, index_map(1, 1, Jg, 0, 0, out0), m0,
                Kg, 0, 1, n0, Jg, (const T*)nullptr);
 }

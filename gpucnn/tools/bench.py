@@ -1,6 +1,7 @@
 """Benchmark: each conv pass, both pools and a LeNet training step, next to
 PyTorch measured in the same run (where torch is installed), with the ratio and
-the goal it is held to; on a GPU also the peak memory of a LeNet step.
+the goal it is held to; on a GPU also the step replayed from a CUDA graph (each
+library's own capture) and the peak memory of a LeNet step.
 
     python -m gpucnn.tools.bench [--device cpu|cuda|auto] [--repeat N] [--json FILE] [--smoke]
 
@@ -252,6 +253,56 @@ def _step_cases(batch, torch, device, rng):
     return ours, ({} if torch is None else {"training step": _their_step(torch, device, x, y)})
 
 
+def _our_graphed_step(x, y):
+    """gpucnn's LeNet step replayed from a CUDA graph, as `gpucnn train` runs it on a
+    GPU (GraphedStep copies each batch into its static inputs)."""
+    from ..backends.cuda.graph import GraphedStep
+    gpucnn.manual_seed(0)
+    net = models.lenet().to("cuda")
+    opt = gpucnn.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    graphed = GraphedStep(net, opt, step=train_step,
+                          log=lambda line: print(line, file=sys.stderr))
+    x, y = backend.to_device(x, "cuda"), backend.to_device(y, "cuda")
+    return lambda: graphed(x, y)
+
+
+def _their_graphed_step(torch, x, y):
+    """PyTorch's LeNet step in a CUDA graph, by its documented whole-network capture:
+    warm-up on a side stream, gradients set to None, one captured step replayed, each
+    batch copied into the static inputs first."""
+    tnet = _torch_lenet(torch, "cuda")
+    topt = torch.optim.SGD(tnet.parameters(), lr=0.01, momentum=0.9)
+    tx, ty = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
+    static_x, static_y = tx.clone(), ty.clone()
+
+    def step():
+        torch.nn.functional.cross_entropy(tnet(static_x), static_y).backward()
+        topt.step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            topt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    topt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step()
+
+    def replay():
+        static_x.copy_(tx)
+        static_y.copy_(ty)
+        graph.replay()
+    return replay
+
+
+def _graphed_step_cases(batch, torch, rng):
+    x, y = _step_batch(batch, rng)
+    ours = {"training step": _our_graphed_step(x, y)}
+    return ours, ({} if torch is None else {"training step": _their_graphed_step(torch, x, y)})
+
+
 def _peak_hook(cp):
     """A public cupy.cuda.MemoryHook that records the peak of the bytes handed out by
     CuPy's memory pool while it is installed (the pool keeps no peak of its own)."""
@@ -359,6 +410,9 @@ def run(device="auto", repeat=10, out=None, smoke=False):
               (f", torch {batch / step['torch_ms'] * 1e3:.0f}; gpucnn/torch "
                f"{step['torch_ms'] / step['gpucnn_ms']:.2f}x" if step["torch_ms"] else "") +
               f" (batch {batch})", file=out)
+        if device == "cuda":  # as `gpucnn train` runs it: one graph launch a step
+            report(f"LeNet SGD step in a CUDA graph, batch {batch}",
+                   *_graphed_step_cases(batch, torch, rng))
     memory = None
     if device == "cuda":
         batch = SMOKE["batch"] if smoke else MEMORY_BATCH

@@ -211,6 +211,16 @@ inline std::size_t dynamic_bytes = 0;      // dynamic shared memory of this laun
 inline std::size_t shared_limit = 0;       // static + dynamic allowed for this launch
 inline std::string launch_error;
 
+// A vector access's address must be a multiple of its size, or the GPU faults
+// ("misaligned address"): the launch fails, naming the access.
+inline void check_aligned(const void* p, std::size_t bytes, const char* what) {
+    if (reinterpret_cast<std::uintptr_t>(p) % bytes != 0 && launch_error.empty())
+        launch_error = std::string("misaligned address: ") + what + " of " +
+                       std::to_string(bytes) + " bytes at an address " +
+                       std::to_string(reinterpret_cast<std::uintptr_t>(p) % bytes) +
+                       " bytes past a multiple of " + std::to_string(bytes);
+}
+
 inline void shared_static(void* at, std::size_t bytes) {
     StaticShared* s = nullptr;
     for (auto& e : statics)

@@ -131,10 +131,13 @@ def test_standin_gradcheck_device_cuda(standin, capsys):
 
 
 def test_standin_bench_smoke(standin, capsys):
+    captures = standin.Stream.captures
     assert main(["bench", "--device", "cuda", "--smoke", "--repeat", "1"]) == 0
+    assert standin.Stream.captures == captures + 1  # the graphed step's one capture
     out = capsys.readouterr().out
     assert "benchmark on cuda" in out and "LeNet SGD step, batch 2" in out
     assert "LeNet images/s: gpucnn" in out
+    assert "LeNet SGD step in a CUDA graph, batch 2 training step" in out
 
 
 def test_standin_info_reports_the_device_and_the_test_kernel(standin, capsys):

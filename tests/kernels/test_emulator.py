@@ -487,6 +487,25 @@ def test_a_thread_that_exits_while_others_wait_is_refused(barriers, mode, barrie
     assert (out == 1).all()
 
 
+# ---- vector stores: a misaligned one faults on a GPU ------------------------------------
+VECTOR_STORE = r"""
+__global__ void store_at(float* out, int offset) {
+    emu::check_aligned(out + offset, 16, "a float4 store");
+    *reinterpret_cast<float4*>(out + offset) = float4{1.0f, 2.0f, 3.0f, 4.0f};
+}
+"""
+
+
+def test_a_misaligned_vector_store_fails_the_launch():
+    store = EmulatedModule(VECTOR_STORE, ["store_at"]).get_function("store_at")
+    out = numpy.zeros(12, numpy.float32)  # NumPy's data is 16-byte aligned, as CuPy's is
+    store((1,), (1,), (out, numpy.int32(4)))
+    assert out[4:8].tolist() == [1, 2, 3, 4]
+    with pytest.raises(LaunchError, match="misaligned address: a float4 store of 16 bytes at an "
+                                          "address 8 bytes past a multiple of 16"):
+        store((1,), (1,), (out, numpy.int32(2)))
+
+
 # ---- float32 denormals: CuPy compiles with -ftz=true ---------------------------------
 DENORMALS = r"""
 template <typename T>

@@ -97,6 +97,22 @@ def test_tensor_core_main_kernels_meet_their_targets(kernels, precision):
 
 
 @needs_nvrtc
+def test_split_k_plans_with_each_builds_resident_blocks(kernels):
+    """The launcher's RESIDENT_BLOCKS, with which split-K sizes its waves, is what the
+    compiled backward-filter kernels of each build fit on an sm_90 SM."""
+    found = {(k.config, k.name): k for k in kernels if k.name.startswith("conv2d_backward_filter")}
+    for config in cuda_conv.CONV_CONFIGS:
+        for precision, dtype in [("fp32", "float"), ("tf32", "float"), ("3xtf32", "float"),
+                                 ("fp32", "double")]:
+            k = found[(cuda_conv.build_label(config, precision),
+                       f"conv2d_backward_filter<{dtype}>")]
+            blocks = round(k.occupancy * kr.SM90.max_warps * kr.SM90.warp_size / k.threads)
+            itemsize = 8 if dtype == "double" else 4
+            assert cuda_conv.resident_blocks(config, precision, itemsize) == blocks, (
+                config, precision, dtype, k.registers)
+
+
+@needs_nvrtc
 def test_both_disassemblers_agree():
     found = kr.tools()
     if not (found["cuobjdump"] and found["nvdisasm"]):

@@ -139,6 +139,49 @@ def test_heuristic_picks_narrow_tiles_for_narrow_layers():
     assert cuda_conv.heuristic_config("backward_filter", wide64) == "64x128"  # K = 64 rows
 
 
+def _wave_fill(g, config, precision, itemsize, slices):
+    c = cuda_conv.CONV_CONFIGS[config]
+    rows, cols, _, count = cuda_conv.gemm_shape("backward_filter", g)
+    blocks = -(-rows // c.bm) * -(-cols // c.bn) * count * slices
+    wave = cuda_conv.WAVE_SMS * cuda_conv.resident_blocks(config, precision, itemsize)
+    return blocks / (wave * -(-blocks // wave))
+
+
+@pytest.mark.parametrize("precision, itemsize", [("fp32", 4), ("tf32", 4), ("3xtf32", 4),
+                                                 ("fp32", 8)])
+def test_split_k_fills_whole_waves(precision, itemsize):
+    """Backward-filter's grid is planned in waves of the build's resident blocks: the
+    fewest slices whose waves are 7/8 full, where the reduction is long enough for
+    any such; never a last wave of a few blocks. The 3x3 layer with C = K = 64 at
+    batch 32 took 53 slices of 5 tiles before (265 blocks: a second wave of one)."""
+    shapes = [(32, 64, 56, 64, 3), (64, 32, 14, 64, 5), (32, 128, 28, 128, 3),
+              (32, 256, 14, 256, 3), (32, 512, 7, 512, 3), (128, 16, 32, 16, 3),
+              (128, 64, 16, 128, 3), (256, 1, 28, 32, 5), (8, 3, 224, 64, 7)]
+    for N, C, H, K, R in shapes:
+        g = conv.geometry(numpy.zeros((N, C, H, H)), numpy.zeros((K, C, R, R)), None,
+                          padding=R // 2)
+        length = N * g.P * g.Q
+        for config in cuda_conv.CONV_CONFIGS:
+            slices, slice_len = cuda_conv.filter_slices(g, config, precision, itemsize)
+            assert slice_len % 16 == 0 and (slices - 1) * slice_len < length <= slices * slice_len
+            fill = _wave_fill(g, config, precision, itemsize, slices)
+            c = cuda_conv.CONV_CONFIGS[config]
+            wave = cuda_conv.WAVE_SMS * cuda_conv.resident_blocks(config, precision, itemsize)
+            assert wave * c.bm * c.bn <= 2 ** 22  # conv2d_backward_filter's bound on partial
+            rows, cols, _, _ = cuda_conv.gemm_shape("backward_filter", g)
+            tiles = -(-rows // c.bm) * -(-cols // c.bn)
+            assert slices == 1 or tiles * slices < 14 * wave, (g, config, slices)
+            fewer = [_wave_fill(g, config, precision, itemsize, s) for s in range(1, slices)
+                     if -(-length // (-(-length // s + 15) // 16 * 16)) == s]  # whole stages
+            if fill >= cuda_conv.WAVE_FILL:
+                assert all(f < cuda_conv.WAVE_FILL for f in fewer), (g, config, slices)
+            else:  # the reduction is too short for a full plan: the fullest of its plans
+                assert slice_len == cuda_conv.MIN_SLICE or slices == 1, (g, config, slices)
+                assert all(f <= fill for f in fewer), (g, config, slices)
+    g = conv.geometry(numpy.zeros((32, 64, 56, 56)), numpy.zeros((64, 64, 3, 3)), None, padding=1)
+    assert _wave_fill(g, "64x128", "fp32", 4, cuda_conv.filter_slices(g, "64x128")[0]) > 0.85
+
+
 def test_a_configuration_once_chosen_stays(kernels):
     g = conv.geometry(numpy.zeros((2, 3, 8, 8)), numpy.zeros((4, 3, 3, 3)), None)
     first = kernels.config_for("forward", g, numpy.float64)

@@ -5,6 +5,7 @@ import ctypes
 import json
 import pathlib
 import re
+import warnings
 
 import numpy
 import pytest
@@ -233,3 +234,17 @@ def test_data_parallel_check_on_the_standins(standin, capsys, scale):
     assert out.count("bitwise equal to plain, eager") == (4 if scale == 1 else 2)
     for run in ("NCCL, eager", "NCCL, graphed"):
         assert (f"{run:<15} DIFFERS from plain, eager in 0.weight" in out) == (scale != 1)
+
+
+def test_determinism_check_on_the_standin(standin, capsys):
+    """gpu-check's determinism step as a GPU runs it, on the CuPy stand-in: every
+    precision in turn, two runs compared bit for bit and one step against float64,
+    the CPU's reference computed without a warning about a GPU-only precision."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gpucheck.determinism("cuda", batch=2, steps=1)
+    out = capsys.readouterr().out
+    for p in ("fp32", "tf32", "3xtf32"):
+        assert f"[{p}] two runs of 1 steps: bitwise equal" in out
+        assert re.search(rf"\[{p}\] one float32 step on cuda vs float64 on cpu: worst \S+ "
+                         rf"\(limit \S+\): pass", out)

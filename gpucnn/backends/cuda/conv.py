@@ -45,9 +45,18 @@ SMEM_PAD = 4         # floats of padding per shared-memory row (-DCONV_PAD): row
 MMA_SMEM_PAD = 8     # the tensor-core builds': rows 8 mod 32 words apart put the float4
                      # fragment reads of 8 lanes (4 k-rows, 2 runs) on distinct banks
 REDUCE_LANES = 8     # slice lanes per output in conv2d_sum_slices (blockDim.y)
-TARGET_BLOCKS = 264  # ~2 blocks per SM of a 132-SM GPU: the split-K and bias grids aim here;
-                     # a constant, so that a shape's summation order is the same on every GPU
+TARGET_BLOCKS = 264  # ~2 blocks per SM of a 132-SM GPU: the bias grid aims here; a
+                     # constant, so that a shape's summation order is the same on every GPU
 MIN_SLICE = 256      # reduction values per split-K slice, at least (16 float stages)
+WAVE_SMS = 132       # the SMs split-K plans its waves for (H100, H200), a constant likewise
+WAVE_FILL = 7 / 8    # split-K takes the fewest slices whose waves are this full on average
+# Blocks of each build's backward-filter kernel that one sm_90 SM holds at once (its
+# registers limit them; tests/kernels/test_kernel_report.py holds every entry to the
+# compiled kernel): a wave of split-K's grid is WAVE_SMS times as many blocks.
+#                     float: fp32 tf32 3xtf32   double
+RESIDENT_BLOCKS = {"128x128": (1, 1, 1, 1), "128x64": (3, 3, 2, 2), "64x128": (2, 2, 2, 2),
+                   "64x64": (6, 6, 6, 4), "128x32": (6, 6, 6, 4), "32x128": (4, 4, 4, 4),
+                   "32x32": (16, 16, 16, 12)}
 PASSES = ("forward", "backward_data", "backward_filter")
 
 
@@ -142,22 +151,43 @@ def heuristic_config(pass_, g):
         return "64x64"
     wide = 128 if cols > 64 else 64
     big = cdiv(rows, 128) * cdiv(cols, wide) * count
-    if big < TARGET_BLOCKS // 2:  # no full wave of big tiles
+    if big < WAVE_SMS:  # no full wave of big tiles
         return "64x64"
     return "128x128" if wide == 128 else "128x64"
 
 
-def filter_slices(g, config):
-    """(slices, slice_len) of backward-filter's split of its N*P*Q reduction: enough
-    slices that the grid reaches TARGET_BLOCKS, each at least MIN_SLICE long; a
-    function of the shape and configuration alone, so the summation order is fixed."""
+def resident_blocks(config, precision="fp32", itemsize=4):
+    """RESIDENT_BLOCKS of a configuration's build for a precision and element size."""
+    fp32, tf32, tf32x3, double = RESIDENT_BLOCKS[config]
+    return double if itemsize == 8 else {"fp32": fp32, "tf32": tf32, "3xtf32": tf32x3}[precision]
+
+
+@functools.lru_cache(maxsize=None)
+def filter_slices(g, config, precision="fp32", itemsize=4):
+    """(slices, slice_len) of backward-filter's split of its N*P*Q reduction into
+    slices of whole stages, each at least MIN_SLICE long. The grid of tiles x slices
+    blocks runs in waves of WAVE_SMS x resident_blocks: the plan is the fewest slices
+    whose waves are at least WAVE_FILL full on average (a last wave of a few blocks
+    costs as much as a full one), else the fullest. A function of the shape and the
+    build alone, so the summation order is fixed."""
     c = CONV_CONFIGS[config]
     rows, cols, length, count = gemm_shape("backward_filter", g)
     tiles = cdiv(rows, c.bm) * cdiv(cols, c.bn) * count
-    slices = max(1, min(cdiv(TARGET_BLOCKS, tiles), cdiv(length, MIN_SLICE),
-                        MAX_GRID_YZ // g.groups))
-    slice_len = cdiv(cdiv(length, slices), 16) * 16  # whole stages
-    return cdiv(length, slice_len), slice_len
+    wave = WAVE_SMS * resident_blocks(config, precision, itemsize)
+    most = max(1, min(cdiv(length, MIN_SLICE), MAX_GRID_YZ // g.groups))
+
+    def plan(asked):  # (slices, slice_len, fill of the waves) for `asked` slices
+        slice_len = cdiv(cdiv(length, asked), 16) * 16
+        slices = cdiv(length, slice_len)
+        return slices, slice_len, tiles * slices / (wave * cdiv(tiles * slices, wave))
+
+    best = plan(1)
+    for asked in range(1, most + 1):
+        p = plan(asked)
+        if p[2] >= WAVE_FILL:
+            return p[:2]
+        best = p if p[2] > best[2] else best
+    return best[:2]
 
 
 def dgrad_phases(g):
@@ -284,7 +314,7 @@ class ConvLaunchers:
             return self.xp.zeros(shape, dtype=dy.dtype)
         precision = self.precision_for(dy.dtype, precision)
         config = config or self.config_for("backward_filter", g, dy.dtype, precision)
-        slices, slice_len = filter_slices(g, config)
+        slices, slice_len = filter_slices(g, config, precision, numpy.dtype(dy.dtype).itemsize)
         rows, cols, _, count = gemm_shape("backward_filter", g)
         partial = self.xp.empty((slices, *shape), dtype=dy.dtype)
         self._conv("conv2d_backward_filter", "backward_filter", dy.dtype, g, config,
