@@ -487,7 +487,7 @@ __device__ __forceinline__ void gemm_tile(OpA& a, OpB& b,
 // emulator checks it: the GPU faults on a misaligned vector store).
 __device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
 #ifdef GPUCNN_EMULATOR
-    emu::check_aligned(p, 16, "store4");
+    if (!emu::check_aligned(p, 16, "store4")) return;
 #endif
     float4 v;
     v.x = a; v.y = b; v.z = c; v.w = d;
@@ -495,7 +495,7 @@ __device__ __forceinline__ void store4(float* p, float a, float b, float c, floa
 }
 __device__ __forceinline__ void store4(double* p, double a, double b, double c, double d) {
 #ifdef GPUCNN_EMULATOR
-    emu::check_aligned(p, 16, "store4");
+    if (!emu::check_aligned(p, 16, "store4")) return;
 #endif
     double2 u, v;
     u.x = a; u.y = b; v.x = c; v.y = d;
@@ -503,7 +503,8 @@ __device__ __forceinline__ void store4(double* p, double a, double b, double c, 
     reinterpret_cast<double2*>(p)[1] = v;
 }
 
-// An output with its bias; without one, acc itself (acc + 0 would turn -0 into +0).
+// An output with its bias; for a pass without bias, acc itself (acc + 0 would turn
+// -0 into +0).
 template <bool HAS_BIAS, typename T>
 __device__ __forceinline__ T biased(T acc, T bias) { return HAS_BIAS ? acc + bias : acc; }
 
@@ -528,7 +529,7 @@ __device__ __forceinline__ void store_tile(T* out, const T (&acc)[TM][TN], const
     for (int j = 0; j < TN; ++j) {
         const int n = n0 + thread_col(j);
         col[j] = (unsigned)(col_base + (long long)n * col_stride);
-        if (HAS_BIAS) b[j] = bias != nullptr && n < Ncols ? bias[n] : T(0);
+        b[j] = HAS_BIAS && bias != nullptr && n < Ncols ? bias[n] : T(0);
     }
     const bool runs = COLUMN_RUNS && col_stride == 1 && Ncols % 4 == 0 && col_base % 4 == 0 &&
         rows.base % 4 == 0 && rows.s0 % 4 == 0 && rows.s1 % 4 == 0 && rows.s2 % 4 == 0;

@@ -35,6 +35,7 @@ import gpucnn
 from .. import backend
 from ..backends import cuda, precision
 from .. import distributed
+from ..distributed.comm import nccl_module
 from ..backends.cuda.graph import GraphedStep
 from . import bench, nvrtc
 from ..app import models
@@ -275,9 +276,16 @@ def data_parallel(batch=32, steps=8, out=None):
     NCCL (a communicator of one rank), eagerly and replayed from a CUDA graph, against
     the plain step, eager and graphed. One rank's sum is its own gradient and 1/R is
     1, so all four runs must end on the same bits, and both graphed runs must have
-    captured their step: NCCL inside a CUDA graph is what a run of several GPUs
-    replays. Returns True when all hold."""
+    captured their step: the reducer's buckets, events and streams under capture, as
+    a run of several GPUs replays them (NCCL's own kernels need two GPUs: one rank's
+    in-place sum queues nothing). Returns True when all hold, UNAVAILABLE where
+    CuPy has no NCCL."""
     out = out or sys.stdout
+    try:
+        nccl_module()
+    except distributed.DistributedError as e:
+        print(f"NCCL unavailable on this machine ({e})", file=out)
+        return UNAVAILABLE
     world = distributed.get_world()
     print(f"data parallel on one GPU: world of {world.size}, NCCL "
           f"{distributed.nccl_version()}, LeNet, batch {batch}, {steps} steps", file=out)
@@ -394,7 +402,8 @@ def main(argv=None):
         print(f"{len(skipped)} cuda test(s) skipped" + (": FAIL" if skipped else ""))
         return 1 if skipped else 0
     if args.command == "data-parallel":
-        return 0 if data_parallel(args.batch, args.steps) else 1
+        result = data_parallel(args.batch, args.steps)
+        return result if result is UNAVAILABLE else (0 if result else 1)
     if args.command == "train-report":
         return 0 if train_report(args.run_dir, args.min_accuracy) else 1
     return 0 if determinism(args.device, args.batch, args.steps) else 1

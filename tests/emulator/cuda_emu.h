@@ -212,13 +212,16 @@ inline std::size_t shared_limit = 0;       // static + dynamic allowed for this 
 inline std::string launch_error;
 
 // A vector access's address must be a multiple of its size, or the GPU faults
-// ("misaligned address"): the launch fails, naming the access.
-inline void check_aligned(const void* p, std::size_t bytes, const char* what) {
-    if (reinterpret_cast<std::uintptr_t>(p) % bytes != 0 && launch_error.empty())
+// ("misaligned address"): the launch fails, naming the access, and the access must
+// not run (the host's aligned vector instructions would fault too). Returns whether
+// it may.
+inline bool check_aligned(const void* p, std::size_t bytes, const char* what) {
+    const std::size_t past = reinterpret_cast<std::uintptr_t>(p) % bytes;
+    if (past != 0 && launch_error.empty())
         launch_error = std::string("misaligned address: ") + what + " of " +
-                       std::to_string(bytes) + " bytes at an address " +
-                       std::to_string(reinterpret_cast<std::uintptr_t>(p) % bytes) +
+                       std::to_string(bytes) + " bytes at an address " + std::to_string(past) +
                        " bytes past a multiple of " + std::to_string(bytes);
+    return past == 0;
 }
 
 inline void shared_static(void* at, std::size_t bytes) {

@@ -139,6 +139,13 @@ def test_heuristic_picks_narrow_tiles_for_narrow_layers():
     assert cuda_conv.heuristic_config("backward_filter", wide64) == "64x128"  # K = 64 rows
 
 
+def _whole_stages(length, slices):
+    """Whether `slices` slices of whole 16-value stages can split `length`: the slice
+    length they round to gives that many slices again."""
+    slice_len = (-(-length // slices) + 15) // 16 * 16
+    return -(-length // slice_len) == slices
+
+
 def _wave_fill(g, config, precision, itemsize, slices):
     c = cuda_conv.CONV_CONFIGS[config]
     rows, cols, _, count = cuda_conv.gemm_shape("backward_filter", g)
@@ -151,12 +158,14 @@ def _wave_fill(g, config, precision, itemsize, slices):
                                                  ("fp32", 8)])
 def test_split_k_fills_whole_waves(precision, itemsize):
     """Backward-filter's grid is planned in waves of the build's resident blocks: the
-    fewest slices whose waves are 7/8 full, where the reduction is long enough for
-    any such; never a last wave of a few blocks. The 3x3 layer with C = K = 64 at
+    fewest slices whose waves are 7/8 full, where the reduction is long enough and
+    MAX_SLICES enough for any such, else the fullest; never a last wave of a few
+    blocks. The 3x3 layer with C = K = 64 at
     batch 32 took 53 slices of 5 tiles before (265 blocks: a second wave of one)."""
     shapes = [(32, 64, 56, 64, 3), (64, 32, 14, 64, 5), (32, 128, 28, 128, 3),
               (32, 256, 14, 256, 3), (32, 512, 7, 512, 3), (128, 16, 32, 16, 3),
-              (128, 64, 16, 128, 3), (256, 1, 28, 32, 5), (8, 3, 224, 64, 7)]
+              (128, 64, 16, 128, 3), (256, 1, 28, 32, 5), (8, 3, 224, 64, 7),
+              (3, 1280, 16, 1280, 1)]  # 100 big tiles, 3 slices at most: 1 is as full
     for N, C, H, K, R in shapes:
         g = conv.geometry(numpy.zeros((N, C, H, H)), numpy.zeros((K, C, R, R)), None,
                           padding=R // 2)
@@ -172,12 +181,15 @@ def test_split_k_fills_whole_waves(precision, itemsize):
             tiles = -(-rows // c.bm) * -(-cols // c.bn)
             assert slices == 1 or tiles * slices < 14 * wave, (g, config, slices)
             fewer = [_wave_fill(g, config, precision, itemsize, s) for s in range(1, slices)
-                     if -(-length // (-(-length // s + 15) // 16 * 16)) == s]  # whole stages
+                     if _whole_stages(length, s)]
+            assert slices <= cuda_conv.MAX_SLICES
             if fill >= cuda_conv.WAVE_FILL:
                 assert all(f < cuda_conv.WAVE_FILL for f in fewer), (g, config, slices)
-            else:  # the reduction is too short for a full plan: the fullest of its plans
-                assert slice_len == cuda_conv.MIN_SLICE or slices == 1, (g, config, slices)
-                assert all(f <= fill for f in fewer), (g, config, slices)
+            else:  # too short, or too few tiles, for a full plan: the fullest of them
+                cap = min(-(-length // cuda_conv.MIN_SLICE), cuda_conv.MAX_SLICES)
+                plans = [_wave_fill(g, config, precision, itemsize, s) for s in range(1, cap + 1)
+                         if _whole_stages(length, s)]
+                assert max(plans) == fill and all(f < fill for f in fewer), (g, config, slices)
     g = conv.geometry(numpy.zeros((32, 64, 56, 56)), numpy.zeros((64, 64, 3, 3)), None, padding=1)
     assert _wave_fill(g, "64x128", "fp32", 4, cuda_conv.filter_slices(g, "64x128")[0]) > 0.85
 

@@ -48,6 +48,8 @@ REDUCE_LANES = 8     # slice lanes per output in conv2d_sum_slices (blockDim.y)
 TARGET_BLOCKS = 264  # ~2 blocks per SM of a 132-SM GPU: the bias grid aims here; a
                      # constant, so that a shape's summation order is the same on every GPU
 MIN_SLICE = 256      # reduction values per split-K slice, at least (16 float stages)
+MAX_SLICES = 256     # split-K slices at most: conv2d_sum_slices adds an output's slices one
+                     # by one, REDUCE_LANES lanes each, so that sum stays short
 WAVE_SMS = 132       # the SMs split-K plans its waves for (H100, H200), a constant likewise
 WAVE_FILL = 7 / 8    # split-K takes the fewest slices whose waves are this full on average
 # Blocks of each build's backward-filter kernel that one sm_90 SM holds at once (its
@@ -165,16 +167,16 @@ def resident_blocks(config, precision="fp32", itemsize=4):
 @functools.lru_cache(maxsize=None)
 def filter_slices(g, config, precision="fp32", itemsize=4):
     """(slices, slice_len) of backward-filter's split of its N*P*Q reduction into
-    slices of whole stages, each at least MIN_SLICE long. The grid of tiles x slices
-    blocks runs in waves of WAVE_SMS x resident_blocks: the plan is the fewest slices
-    whose waves are at least WAVE_FILL full on average (a last wave of a few blocks
-    costs as much as a full one), else the fullest. A function of the shape and the
-    build alone, so the summation order is fixed."""
+    slices of whole stages, each at least MIN_SLICE long, MAX_SLICES at most. The
+    grid of tiles x slices blocks runs in waves of WAVE_SMS x resident_blocks: the
+    plan is the fewest slices whose waves are at least WAVE_FILL full on average (a
+    last wave of a few blocks costs as much as a full one), else the fullest. A
+    function of the shape and the build alone, so the summation order is fixed."""
     c = CONV_CONFIGS[config]
     rows, cols, length, count = gemm_shape("backward_filter", g)
     tiles = cdiv(rows, c.bm) * cdiv(cols, c.bn) * count
     wave = WAVE_SMS * resident_blocks(config, precision, itemsize)
-    most = max(1, min(cdiv(length, MIN_SLICE), MAX_GRID_YZ // g.groups))
+    most = max(1, min(cdiv(length, MIN_SLICE), MAX_GRID_YZ // g.groups, MAX_SLICES))
 
     def plan(asked):  # (slices, slice_len, fill of the waves) for `asked` slices
         slice_len = cdiv(cdiv(length, asked), 16) * 16
