@@ -156,7 +156,8 @@ class NcclCommunicator(Communicator):
     rank 0 and broadcast over MPI. All-reduces run on the communicator's stream,
     ordered after the current stream's work by an event; nothing waits on the host.
     A world of one is allowed (training uses LocalCommunicator there): NCCL then
-    runs one rank, which is how gpu-check proves this path on a single GPU."""
+    runs one rank, whose sum queues no work, and gpu-check runs the reducer's path
+    through it on a single GPU."""
 
     def __init__(self, world, xp):
         nccl = self.nccl = nccl_module()
