@@ -8,45 +8,25 @@
 // Every output element is written once by the thread that accumulated it, in a
 // fixed order: no atomics, bitwise repeatable for a given configuration.
 //
-// The tile configuration comes from the loader as -D options (gpucnn/backends/cuda/conv.py
-// owns the named configurations); the defaults below let the file compile alone.
-#ifndef CONV_BM
-#define CONV_BM 128  // rows of the block tile
-#endif
-#ifndef CONV_BN
-#define CONV_BN 128  // columns of the block tile
-#endif
-#ifndef CONV_BK
-#define CONV_BK 16   // reduction depth of one shared-memory stage, float
-#endif
-#ifndef CONV_BK_DOUBLE
-#define CONV_BK_DOUBLE (CONV_BK / 2)  // the same for double
-#endif
-#ifndef CONV_TM
-#define CONV_TM 8    // rows per thread (a multiple of 4)
-#endif
-#ifndef CONV_TN
-#define CONV_TN 8    // columns per thread (a multiple of 4)
-#endif
-#ifndef CONV_PAD
-#define CONV_PAD 4   // elements of padding per shared-memory row (see conv::PAD)
-#endif
-#ifndef CONV_UNROLL
-#define CONV_UNROLL 2  // stages per main-loop iteration (even: the two shared stages alternate)
-#endif
-// The float32 arithmetic of the main loop: 0 FP32 FFMA on the CUDA cores; 1 TF32 on
-// the tensor cores (operands rounded to TF32, one mma.sync); 3 "3xTF32": each operand
-// split into a TF32 big part and a TF32 small part, big*big + big*small + small*big,
-// which recovers FP32-level accuracy. Tensor-core builds are float-only (double keeps
-// the FFMA/DFMA loop in the builds without CONV_MMA).
-#ifndef CONV_MMA
-#define CONV_MMA 0
-#endif
-#ifndef CONV_WM
-#define CONV_WM 64   // rows of a warp's tile, tensor-core builds (a multiple of 32)
-#endif
-#ifndef CONV_WN
-#define CONV_WN 32   // columns of a warp's tile, tensor-core builds (a multiple of 32)
+// The tile configuration comes from the loader as -D options, and only from there:
+// gpucnn/backends/cuda/conv.py owns the named configurations (conv_options).
+//   CONV_BM, CONV_BN   rows, columns of the block tile
+//   CONV_BK            reduction depth of one shared-memory stage, float;
+//   CONV_BK_DOUBLE     the same for double
+//   CONV_TM, CONV_TN   rows, columns per thread (multiples of 4)
+//   CONV_PAD           elements of padding per shared-memory row (see conv::PAD)
+//   CONV_UNROLL        stages per main-loop iteration (even: the two shared stages alternate)
+//   CONV_MMA           the float32 arithmetic of the main loop: 0 FP32 FFMA on the CUDA
+//                      cores; 1 TF32 on the tensor cores (operands rounded to TF32, one
+//                      mma.sync); 3 "3xTF32": each operand split into a TF32 big part and
+//                      a TF32 small part, big*big + big*small + small*big, which recovers
+//                      FP32-level accuracy. Tensor-core builds are float-only (double
+//                      keeps the DFMA loop of the builds with CONV_MMA 0);
+//   CONV_WM, CONV_WN   with CONV_MMA 1 or 3: rows, columns of a warp's tile (multiples of 32)
+#if !defined(CONV_BM) || !defined(CONV_BN) || !defined(CONV_BK) || !defined(CONV_BK_DOUBLE) || \
+    !defined(CONV_TM) || !defined(CONV_TN) || !defined(CONV_PAD) || !defined(CONV_UNROLL) || \
+    !defined(CONV_MMA) || (CONV_MMA && (!defined(CONV_WM) || !defined(CONV_WN)))
+#error "kernels/conv2d.cu takes its tile configuration as -D options: compile it through gpucnn/backends/cuda/conv.py (conv_options, compile_units)"
 #endif
 #if CONV_MMA
 #include "tensor_core.cuh"
@@ -111,13 +91,16 @@ constexpr bool GATHER_K_FAST = THREADS == 32;
 template <typename T>
 struct MinBlocks { static constexpr int value = THREADS == 32 && sizeof(T) == 4 ? 16 : 1; };
 
-constexpr int MMA = CONV_MMA, WM = CONV_WM, WN = CONV_WN;
+constexpr int MMA = CONV_MMA;
 static_assert(MMA == 0 || MMA == 1 || MMA == 3, "CONV_MMA must be 0, 1 or 3");
+#if CONV_MMA
+constexpr int WM = CONV_WM, WN = CONV_WN;
 // A tensor-core thread holds the outputs of (WM/16) x (WN/8) m16n8 tiles, 4 each.
-static_assert(MMA == 0 || (WM % 32 == 0 && WN % 32 == 0 && BM % WM == 0 && BN % WN == 0 &&
-                           TM == WM / 8 && TN == WN / 4 && THREADS == 32 * (BM / WM) * (BN / WN)),
+static_assert(WM % 32 == 0 && WN % 32 == 0 && BM % WM == 0 && BN % WN == 0 &&
+                  TM == WM / 8 && TN == WN / 4 && THREADS == 32 * (BM / WM) * (BN / WN),
               "a tensor-core build needs TM = WM/8, TN = WN/4 and one warp per warp tile");
-static_assert(MMA == 0 || CONV_BK % 8 == 0, "a tensor-core stage is whole k8 steps");
+static_assert(CONV_BK % 8 == 0, "a tensor-core stage is whole k8 steps");
+#endif
 static_assert(CONV_UNROLL % 2 == 0 && CONV_UNROLL > 0, "CONV_UNROLL must be even");
 static_assert(TM % 4 == 0 && TN % 4 == 0, "TM and TN must be multiples of 4");
 static_assert(BM % TM == 0 && BN % TN == 0, "the block tile must split into thread tiles");

@@ -3,8 +3,10 @@
 // sum runs in one order that depends on the shape alone, so results are bitwise
 // repeatable. Layouts: dy (N,K,P,Q); partial (slices, count); contiguous.
 
+// REDUCE_LANES, the slice lanes per output in conv2d_sum_slices (blockDim.y), comes
+// from the loader as a -D option (gpucnn/backends/cuda/conv.py), and only from there.
 #ifndef REDUCE_LANES
-#define REDUCE_LANES 8  // slice lanes per output in conv2d_sum_slices (blockDim.y)
+#error "kernels/conv2d_reduce.cu takes REDUCE_LANES as a -D option: compile it through gpucnn/backends/cuda/conv.py (compile_units)"
 #endif
 
 // out[o] = sum over slices z of partial[z][o]: lane y of a block adds the slices

@@ -309,8 +309,9 @@ def _report_distributed():
 
 
 def _compile_kernels():
-    """Compile every kernel source with NVRTC (no GPU needed) and print the outcome;
-    False where one fails."""
+    """Compile every kernel source with NVRTC (no GPU needed), in its first build (a
+    file's tile configuration comes from its launcher), and print the outcome; False
+    where one fails. `gpucnn info --kernels` compiles every build."""
     from ..backends import cuda
     from ..tools import nvrtc
     if nvrtc.library() is None:
@@ -319,12 +320,15 @@ def _compile_kernels():
         return True
     ok = True
     major, minor = nvrtc.version()
-    for filename in sorted(cuda.KERNELS):
-        good, log, _ = nvrtc.compile(cuda.source(filename), cuda.name_expressions(filename),
-                                     options=cuda.NVRTC_OPTIONS, filename=filename)
+    first = {}
+    for unit in cuda.compile_units():
+        first.setdefault(unit.filename, unit)
+    for filename, unit in sorted(first.items()):
+        good, log, _ = nvrtc.compile(cuda.source(filename), unit.name_expressions,
+                                     options=unit.options, filename=filename)
         ok &= good
         print(f"kernels/{filename}: {'compiles' if good else 'FAILS'} with NVRTC "
-              f"{major}.{minor} (compute_90)" + ("" if good else f"\n{log}"))
+              f"{major}.{minor} (compute_90, build {unit.config})" + ("" if good else f"\n{log}"))
     return ok
 
 

@@ -27,10 +27,17 @@ def test_compiles_every_instantiation_and_configuration(unit, arch):
 
 
 @pytest.mark.parametrize("filename", sorted(cuda.KERNELS))
-def test_compiles_alone_with_its_defaults(filename):
+def test_a_configuration_comes_from_the_launcher_only(filename):
+    """A file with -D options takes them from its launcher alone: compiled without
+    them it fails, naming where they come from (no default repeats a Python constant);
+    a file without any compiles alone."""
     ok, log, _ = nvrtc.compile(cuda.source(filename), cuda.name_expressions(filename),
                                options=cuda.NVRTC_OPTIONS, filename=filename)
-    assert ok, log
+    configured = any(len(u.options) > len(cuda.NVRTC_OPTIONS)
+                     for u in cuda.compile_units() if u.filename == filename)
+    assert ok == (not configured), log
+    if configured:
+        assert f"kernels/{filename} takes" in log and "gpucnn/backends/cuda/conv.py" in log
 
 
 def test_compile_units_name_every_file_and_kernel():

@@ -81,10 +81,11 @@ def conv_options(config, precision="fp32"):
     if precision != "fp32":
         wm, wn = WARP_TILES[config]
         tm, tn, pad = wm // 8, wn // 4, MMA_SMEM_PAD
-        extra = (f"-DCONV_MMA={MMA[precision]}", f"-DCONV_WM={wm}", f"-DCONV_WN={wn}")
+        extra = (f"-DCONV_WM={wm}", f"-DCONV_WN={wn}")
     return (f"-DCONV_BM={c.bm}", f"-DCONV_BN={c.bn}", f"-DCONV_BK={c.bk}",
             f"-DCONV_BK_DOUBLE={c.bk_double}", f"-DCONV_TM={tm}", f"-DCONV_TN={tn}",
-            f"-DCONV_UNROLL={c.unroll}", f"-DCONV_PAD={pad}", *extra)
+            f"-DCONV_UNROLL={c.unroll}", f"-DCONV_PAD={pad}", f"-DCONV_MMA={MMA[precision]}",
+            *extra)
 
 
 def smem_bytes(config, itemsize, precision="fp32"):

@@ -6,8 +6,9 @@ double) and its builds: the ways the loader compiles it, each with its -D option
 the dynamic shared memory each launches with. The launchers declare their files'
 records next to them (conv.py, pool.py); kernels.py collects them. One RawModule
 per file and build is compiled once per device, every template instantiation
-named up front (name_expressions), as in CuPy's examples/gemm; each .cu also
-compiles alone with its #ifndef defaults.
+named up front (name_expressions), as in CuPy's examples/gemm; a .cu file with
+options has no defaults of its own (it stops with an #error without them), so
+every constant of a configuration is written here once.
 
 The Loader takes the array module and the module loader as arguments, so that
 the tests can run the very same launchers on the CPU, through an emulator that
